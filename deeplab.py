@@ -1,0 +1,434 @@
+"""DeepLabV3 with VoVNet, ResNet and DenseNet backbones, faithful to the released checkpoints.
+
+Chen, Papandreou, Schroff, Adam, "Rethinking Atrous Convolution for Semantic Image Segmentation"
+(arXiv:1706.05587). Reimplements the models of github.com/stigma0617/VoVNet-DeepLabV3 (itself built on
+github.com/chenxi116/DeepLabv3.pytorch): the same module names, so `state_dict` keys equal those of the released
+`.pth` files once their `module.` prefix is removed, and the same arithmetic, so they give the same logits.
+
+One public builder per backbone, with the original's signature:
+`vovnet39`, `vovnet57`, `resnet50`, `resnet101`, `densenet161`, `densenet201`.
+"""
+import functools
+import logging
+import os
+import re
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import vovnet
+from utils import UserError, load_checkpoint, strip_prefixes
+
+log = logging.getLogger(__name__)
+
+BACKBONES = ('vovnet39', 'vovnet57', 'resnet50', 'resnet101', 'densenet161', 'densenet201')
+OUTPUT_STRIDES = (8, 16)
+ASPP_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
+ASPP_DEPTH = 256
+RESNET_BN_MOMENTUM = 0.05
+# The original ASPP calls `norm(channels, 0.0003)`. For ResNet `norm` is a lambda whose second parameter is the
+# momentum; for VoVNet and DenseNet it is BatchNorm2d itself, whose second parameter is eps. The released
+# checkpoints were trained (and their running statistics accumulated) with exactly these settings.
+RESNET_ASPP_BN = dict(eps=1e-5, momentum=0.0003)
+OTHER_ASPP_BN = dict(eps=0.0003, momentum=0.1)
+VOVNET_PRETRAINED = 'data/pretrained/{name}_statedict_norm.pth'
+
+NormLayer = Callable[[int], nn.Module]
+
+
+class ASPP(nn.Module):
+    """Atrous spatial pyramid pooling and the classifier, as in the original (`aspp1`..`aspp5`, `conv2`, `conv3`).
+
+    Args:
+        in_channels: channels of the backbone features.
+        num_classes: output channels of the final 1x1 conv (the only conv with a bias).
+        rates: dilations of the three 3x3 branches.
+        norm_layer: builds the norm after each conv from a channel count.
+        depth: channels of each branch and of the projection.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, rates: tuple[int, int, int], norm_layer: NormLayer,
+                 depth: int = ASPP_DEPTH):
+        super().__init__()
+        self.aspp1 = nn.Conv2d(in_channels, depth, 1, bias=False)
+        self.aspp2, self.aspp3, self.aspp4 = (
+            nn.Conv2d(in_channels, depth, 3, padding=r, dilation=r, bias=False) for r in rates)
+        self.aspp5 = nn.Conv2d(in_channels, depth, 1, bias=False)  # image pooling branch
+        for i in range(1, 6):
+            self.add_module(f'aspp{i}_bn', norm_layer(depth))
+        self.conv2 = nn.Conv2d(5 * depth, depth, 1, bias=False)
+        self.bn2 = norm_layer(depth)
+        self.conv3 = nn.Conv2d(depth, num_classes, 1)
+        self.relu = nn.ReLU(inplace=True)
+        vovnet.init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        branches = [self.relu(self.aspp1_bn(self.aspp1(x))),
+                    self.relu(self.aspp2_bn(self.aspp2(x))),
+                    self.relu(self.aspp3_bn(self.aspp3(x))),
+                    self.relu(self.aspp4_bn(self.aspp4(x)))]
+        pooled = self.relu(self.aspp5_bn(self.aspp5(F.adaptive_avg_pool2d(x, 1))))  # (N, depth, 1, 1)
+        # The original upsamples the 1x1 map bilinearly with align_corners=True, which copies it exactly.
+        branches.append(pooled.expand(-1, -1, x.shape[2], x.shape[3]))
+        x = self.relu(self.bn2(self.conv2(torch.cat(branches, dim=1))))
+        return self.conv3(x)
+
+
+class WSConv2d(nn.Conv2d):
+    """Conv2d with weight standardisation (Qiao et al., arXiv:1903.10520), as the original's `--weight_std`:
+    the kernel minus its mean, divided by its (unbiased) standard deviation plus 1e-5."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        w = w - w.mean(dim=(1, 2, 3), keepdim=True)
+        w = w / (w.flatten(1).std(dim=1).view(-1, 1, 1, 1) + 1e-5)
+        return self._conv_forward(x, w, self.bias)
+
+
+def convert_weight_std(module: nn.Module, skip: tuple[nn.Module, ...] = ()) -> nn.Module:
+    """Turn every plain Conv2d below `module` (except those in `skip`) into a WSConv2d sharing its parameters."""
+    for _name, child in module.named_children():
+        if type(child) is nn.Conv2d and child not in skip:
+            child.__class__ = WSConv2d  # same attributes and parameters, standardised forward
+        else:
+            convert_weight_std(child, skip)
+    return module
+
+
+class DeepLabV3(nn.Sequential):
+    """Backbone stages, then `aspp`, then bilinear upsampling of the logits to the input size (align_corners).
+
+    The backbone's stages are registered at the top level, as in the original, so the state-dict keys read
+    `stem.*`/`stage2.*` (VoVNet), `conv1.*`/`layer1.*` (ResNet) or `features.*` (DenseNet), then `aspp.*`.
+
+    Args:
+        backbone: a Sequential of named stages with an `out_channels` attribute.
+        num_classes: number of output classes.
+        aspp_norm: builds the ASPP's norm layers from a channel count.
+        output_stride: 8 or 16; picks the ASPP rates.
+        name: backbone name, kept for checkpoints and messages.
+    """
+
+    def __init__(self, backbone: nn.Sequential, num_classes: int, aspp_norm: NormLayer, output_stride: int,
+                 name: str):
+        layers = OrderedDict(backbone.named_children())
+        layers['aspp'] = ASPP(backbone.out_channels, num_classes, ASPP_RATES[output_stride], aspp_norm)
+        super().__init__(layers)
+        self.backbone_name = name
+        self.num_classes = num_classes
+        self.output_stride = output_stride
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Backbone features, (N, C, H/os, W/os)."""
+        for name, module in self.named_children():
+            if name != 'aspp':
+                x = module(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.aspp(self.forward_features(x))  # (N, classes, H/os, W/os)
+        return F.interpolate(logits, size=x.shape[-2:], mode='bilinear', align_corners=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backbones
+
+
+def _vovnet_backbone(name: str, num_groups: int | None, output_stride: int) -> nn.Sequential:
+    norm = nn.BatchNorm2d if num_groups is None else functools.partial(_group_norm, num_groups)
+    return vovnet.VoVNet(name, norm_layer=norm, output_stride=output_stride)
+
+
+def _resnet_backbone(name: str, weights, num_groups: int | None, beta: bool,
+                     output_stride: int) -> nn.Sequential:
+    norm = (functools.partial(nn.BatchNorm2d, momentum=RESNET_BN_MOMENTUM) if num_groups is None
+            else functools.partial(_group_norm, num_groups))
+    net = getattr(torchvision.models, name)(weights=weights, norm_layer=norm,
+                                            replace_stride_with_dilation=[False, output_stride == 8, True])
+    if beta:  # three 3x3 convs, no norm between them, in place of the 7x7
+        net.conv1 = nn.Sequential(nn.Conv2d(3, 64, 3, stride=2, padding=1, bias=False),
+                                  nn.Conv2d(64, 64, 3, padding=1, bias=False),
+                                  nn.Conv2d(64, 64, 3, padding=1, bias=False))
+        vovnet.init_weights(net.conv1)
+    if weights is None:
+        vovnet.init_weights(net)
+    stages = OrderedDict((n, m) for n, m in net.named_children() if n not in ('avgpool', 'fc'))
+    backbone = nn.Sequential(stages)
+    backbone.out_channels = net.fc.in_features
+    return backbone
+
+
+def _densenet_backbone(name: str, weights, output_stride: int) -> nn.Sequential:
+    features = getattr(torchvision.models, name)(weights=weights).features
+    # The last transition keeps the resolution and the last block is dilated (output stride 16); at output
+    # stride 8 the one before too.
+    dilated = {'transition3': ('denseblock4', 2)} if output_stride == 16 else {
+        'transition2': ('denseblock3', 2), 'transition3': ('denseblock4', 4)}
+    for transition, (block, dilation) in dilated.items():
+        del getattr(features, transition).pool
+        for layer in getattr(features, block).children():
+            layer.conv2.dilation = (dilation, dilation)
+            layer.conv2.padding = (dilation, dilation)
+    backbone = nn.Sequential(OrderedDict(features=features, relu=nn.ReLU(inplace=True)))
+    backbone.out_channels = features.norm5.num_features
+    return backbone
+
+
+def _group_norm(num_groups: int, channels: int) -> nn.GroupNorm:
+    if channels % num_groups:
+        raise UserError(f'--groups {num_groups} does not divide the {channels} channels of a layer; '
+                        f'choose a number of groups that divides 64, 128, 256, ... (e.g. 16 or 32).')
+    return nn.GroupNorm(num_groups, channels)
+
+
+def _torchvision_weights(name: str):
+    """torchvision's ImageNet weights for `name`, fetched into torch's hub cache, or a clear error."""
+    weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
+    cached = os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(weights.url))
+    try:
+        weights.get_state_dict(progress=False, check_hash=True)  # a no-op read when cached
+    except Exception as e:  # no network, a refused download, a corrupt cached file
+        raise UserError(
+            f'the ImageNet weights of {name} are needed but could not be read or downloaded ({e}). '
+            f'Download {weights.url} to {cached} (or set TORCH_HOME), or add --scratch to train without them.'
+        ) from None
+    return weights
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Builders
+
+
+def _create_deeplab(backbone: str, pretrained: bool = False, num_classes: int = 21, num_groups: int | None = None,
+                    weight_std: bool = False, beta: bool = False, output_stride: int = 16,
+                    pretrained_path: str | None = None) -> DeepLabV3:
+    if backbone not in BACKBONES:
+        raise UserError(f'unknown backbone {backbone!r}; choose one of {", ".join(BACKBONES)}.')
+    if output_stride not in OUTPUT_STRIDES:
+        raise UserError(f'output stride must be 8 or 16, not {output_stride}.')
+    if num_classes < 1:
+        raise UserError(f'the number of classes must be positive, not {num_classes}.')
+    if num_groups is not None and num_groups < 1:
+        raise UserError(f'--groups must be a positive number of groups, not {num_groups}.')
+    family = backbone.rstrip('0123456789')
+    refused = {'vovnet': ('weight_std', 'beta'), 'densenet': ('num_groups', 'weight_std', 'beta')}.get(family, ())
+    options = dict(num_groups=num_groups is not None, weight_std=weight_std, beta=beta)
+    for option in refused:
+        if options[option]:
+            flag = '--groups' if option == 'num_groups' else f'--{option}'
+            raise UserError(f'{flag} is a ResNet option of the original; {backbone} has no such variant. '
+                            f'Drop {flag}, or use --backbone resnet50/resnet101.')
+    # ImageNet init comes from torchvision for ResNet/DenseNet with BatchNorm; from a file otherwise.
+    from_torchvision = pretrained and pretrained_path is None and family != 'vovnet'
+    if from_torchvision and num_groups is not None:
+        raise UserError(f'torchvision has no GroupNorm ImageNet weights for {backbone}: pass the path of a '
+                        f'GroupNorm state dict with --pretrained_path, or add --scratch.')
+    weights = _torchvision_weights(backbone) if from_torchvision else None
+
+    if family == 'vovnet':
+        body = _vovnet_backbone(backbone, num_groups, output_stride)
+        aspp_norm = functools.partial(nn.BatchNorm2d, **OTHER_ASPP_BN)
+    elif family == 'resnet':
+        body = _resnet_backbone(backbone, weights, num_groups, beta, output_stride)
+        aspp_norm = (functools.partial(nn.BatchNorm2d, **RESNET_ASPP_BN) if num_groups is None
+                     else functools.partial(_group_norm, num_groups))
+    else:
+        body = _densenet_backbone(backbone, weights, output_stride)
+        aspp_norm = functools.partial(nn.BatchNorm2d, **OTHER_ASPP_BN)
+    model = DeepLabV3(body, num_classes, aspp_norm, output_stride, backbone)
+    if weight_std:
+        convert_weight_std(model, skip=(model.aspp.conv3,))
+    if pretrained and not from_torchvision:
+        path = pretrained_path or VOVNET_PRETRAINED.format(name=backbone)
+        load_pretrained(model, path)
+    return model
+
+
+def vovnet39(pretrained: bool = False, num_classes: int = 21, num_groups: int | None = None,
+             weight_std: bool = False, beta: bool = False, output_stride: int = 16, **kwargs) -> DeepLabV3:
+    """DeepLabV3 with VoVNet-39 (29,513,621 parameters at 21 classes).
+
+    Args:
+        pretrained: initialise the backbone from ImageNet weights
+            (`data/pretrained/vovnet39_statedict_norm.pth`, or `pretrained_path=`).
+        num_classes: number of output classes.
+        num_groups: GroupNorm with this many groups in the backbone instead of BatchNorm.
+        weight_std, beta: ResNet-only options of the original; refused here.
+        output_stride: 16 (the original) or 8.
+    """
+    return _create_deeplab('vovnet39', pretrained, num_classes, num_groups, weight_std, beta, output_stride, **kwargs)
+
+
+def vovnet57(pretrained: bool = False, num_classes: int = 21, num_groups: int | None = None,
+             weight_std: bool = False, beta: bool = False, output_stride: int = 16, **kwargs) -> DeepLabV3:
+    """DeepLabV3 with VoVNet-57 (43,553,621 parameters at 21 classes); arguments as `vovnet39`."""
+    return _create_deeplab('vovnet57', pretrained, num_classes, num_groups, weight_std, beta, output_stride, **kwargs)
+
+
+def resnet50(pretrained: bool = False, num_classes: int = 21, num_groups: int | None = None,
+             weight_std: bool = False, beta: bool = False, output_stride: int = 16, **kwargs) -> DeepLabV3:
+    """DeepLabV3 with a dilated ResNet-50 (39,048,533 parameters at 21 classes).
+
+    Args:
+        pretrained: initialise the backbone from torchvision's ImageNet weights (or `pretrained_path=`).
+        num_classes: number of output classes.
+        num_groups: GroupNorm with this many groups in place of every BatchNorm, the ASPP's included.
+        weight_std: weight standardisation in every conv except the final classifier.
+        beta: a stem of three 3x3 convs in place of the 7x7 conv.
+        output_stride: 16 (the original) or 8.
+    """
+    return _create_deeplab('resnet50', pretrained, num_classes, num_groups, weight_std, beta, output_stride, **kwargs)
+
+
+def resnet101(pretrained: bool = False, num_classes: int = 21, num_groups: int | None = None,
+              weight_std: bool = False, beta: bool = False, output_stride: int = 16, **kwargs) -> DeepLabV3:
+    """DeepLabV3 with a dilated ResNet-101 (58,040,661 parameters at 21 classes); arguments as `resnet50`."""
+    return _create_deeplab('resnet101', pretrained, num_classes, num_groups, weight_std, beta, output_stride,
+                           **kwargs)
+
+
+def densenet161(pretrained: bool = False, num_classes: int = 21, num_groups: int | None = None,
+                weight_std: bool = False, beta: bool = False, output_stride: int = 16, **kwargs) -> DeepLabV3:
+    """DeepLabV3 with a dilated DenseNet-161 (43,200,341 parameters at 21 classes).
+
+    Args:
+        pretrained: initialise the backbone from torchvision's ImageNet weights (or `pretrained_path=`).
+        num_classes: number of output classes.
+        num_groups, weight_std, beta: ResNet-only options of the original; refused here.
+        output_stride: 16 (the original) or 8.
+    """
+    return _create_deeplab('densenet161', pretrained, num_classes, num_groups, weight_std, beta, output_stride,
+                           **kwargs)
+
+
+def densenet201(pretrained: bool = False, num_classes: int = 21, num_groups: int | None = None,
+                weight_std: bool = False, beta: bool = False, output_stride: int = 16, **kwargs) -> DeepLabV3:
+    """DeepLabV3 with a dilated DenseNet-201 (32,683,157 parameters at 21 classes); arguments as `densenet161`."""
+    return _create_deeplab('densenet201', pretrained, num_classes, num_groups, weight_std, beta, output_stride,
+                           **kwargs)
+
+
+def build_model(backbone: str, **kwargs) -> DeepLabV3:
+    """The builder named `backbone`, called with `kwargs`; an unknown name is a clear error."""
+    if backbone not in BACKBONES:
+        raise UserError(f'unknown backbone {backbone!r}; choose one of {", ".join(BACKBONES)}.')
+    return globals()[backbone](**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Weights
+
+
+# A key that only this backbone's state dict holds, tried in order.
+_SIGNATURES = (
+    ('vovnet57', 'stage4.OSA4_4.concat.OSA4_4_concat/conv.weight'),
+    ('vovnet39', 'stem.stem_1/conv.weight'),
+    ('resnet101', 'layer3.22.conv1.weight'),
+    ('resnet50', 'layer4.0.conv1.weight'),
+    ('densenet201', 'features.denseblock3.denselayer48.conv1.weight'),
+    ('densenet161', 'features.denseblock3.denselayer36.conv1.weight'),
+)
+
+
+def identify(state_dict: dict[str, torch.Tensor]) -> tuple[str | None, int | None]:
+    """(backbone, number of classes) of a DeepLabV3 state dict without prefix, None where unknown."""
+    backbone = next((name for name, key in _SIGNATURES if key in state_dict), None)
+    classifier = state_dict.get('aspp.conv3.weight')
+    return backbone, (int(classifier.shape[0]) if classifier is not None else None)
+
+
+def describe(backbone: str | None, num_classes: int | None) -> str:
+    return (f'a DeepLabV3-{backbone or "(unknown backbone)"}'
+            + (f' with {num_classes} classes' if num_classes is not None else ' without a classifier'))
+
+
+def load_weights(model: DeepLabV3, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Load a full DeepLabV3 state dict (prefix `module.` or none) strictly, or explain why it does not fit."""
+    state_dict = strip_prefixes(state_dict)
+    backbone, classes = identify(state_dict)
+    if backbone is None and classes is None:
+        raise UserError(f'{source} holds no DeepLabV3 weights (e.g. {_first(state_dict)}); '
+                        f'give a checkpoint written by main.py --train or a released one.')
+    if (backbone, classes) != (model.backbone_name, model.num_classes):
+        raise UserError(f'{source} holds {describe(backbone, classes)}, but the model is '
+                        f'{describe(model.backbone_name, model.num_classes)}. '
+                        f'Pass --backbone {backbone or "..."} and --num_classes {classes}, or pick the matching '
+                        f'checkpoint.')
+    try:
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise UserError(f'{source} does not fit the model: {_short(e)}') from None
+    if missing or unexpected:
+        hint = ''
+        if any(k.endswith('running_mean') for k in list(missing) + list(unexpected)):
+            hint = (' Its norm layers differ from the model\'s (BatchNorm vs GroupNorm): '
+                    'pass the --groups it was trained with.')
+        raise UserError(f'{source} does not fit the model: {len(missing)} missing keys {_few(missing)}, '
+                        f'{len(unexpected)} unexpected keys {_few(unexpected)}.{hint}')
+
+
+def load_pretrained(model: DeepLabV3, path: str) -> None:
+    """Initialise the backbone from an ImageNet state dict file; report what did not fit, never merge silently.
+
+    Accepts a bare state dict or `{'state_dict': ...}`, with or without a `module.` prefix; the ImageNet
+    classifier (`classifier.*`, `fc.*`) is dropped, and so is any `aspp.*`: the ASPP keeps its own initialisation.
+    """
+    if not os.path.isfile(path):
+        raise UserError(f'ImageNet weights for {model.backbone_name} are needed at {path}, which does not exist. '
+                        f'Download {os.path.basename(path)} (see README, "ImageNet weights") into '
+                        f'{os.path.dirname(path) or "."}/, pass another file with --pretrained_path, or add '
+                        f'--scratch to train from random initialisation.')
+    state_dict = strip_prefixes(load_checkpoint(path, what='ImageNet weights')['state_dict'])
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(('classifier.', 'fc.', 'aspp.'))}
+    state_dict = _rename_legacy_densenet_keys(state_dict)
+    own = model.state_dict()
+    mismatched = [k for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
+    if mismatched:
+        raise UserError(f'{path} does not fit {model.backbone_name}: {len(mismatched)} tensors have other shapes '
+                        f'(e.g. {mismatched[0]}: file {tuple(state_dict[mismatched[0]].shape)}, model '
+                        f'{tuple(own[mismatched[0]].shape)}). Is it the weights of another backbone?')
+    loaded = [k for k in state_dict if k in own]
+    if not loaded:
+        raise UserError(f'{path} holds none of the weights of {model.backbone_name} (e.g. it has '
+                        f'{_first(state_dict)}); give the ImageNet weights of this backbone.')
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    missing = [k for k in missing if not k.startswith('aspp.')]
+    log.info('loaded ImageNet weights from %s (%d tensors)', path, len(loaded))
+    if missing:
+        log.warning('%d backbone tensors are not in %s and keep their initialisation: %s',
+                    len(missing), path, _few(missing))
+    if unexpected:
+        log.warning('%d tensors of %s match nothing in %s and were ignored: %s',
+                    len(unexpected), path, model.backbone_name, _few(unexpected))
+
+
+# torchvision's DenseNet files name layers `norm.1`, `conv.2`, ...; its modules are `norm1`, `conv2`.
+_LEGACY_DENSENET_KEY = re.compile(
+    r'^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$')
+
+
+def _rename_legacy_densenet_keys(state_dict):
+    return {_LEGACY_DENSENET_KEY.sub(r'\1\2', k): v for k, v in state_dict.items()}
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _few(keys, n: int = 3) -> str:
+    keys = list(keys)
+    return '(' + ', '.join(keys[:n]) + (', ...' if len(keys) > n else '') + ')'
+
+
+def _first(state_dict) -> str:
+    return next(iter(state_dict), '(nothing)')
+
+
+def _short(e: Exception) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if 'size mismatch' in line]
+    return '; '.join(lines[:3]) or str(e).splitlines()[0]
+

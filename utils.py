@@ -1,0 +1,266 @@
+"""Shared helpers: user-facing errors, the confusion matrix and IoU, the poly LR schedule, the VOC palette,
+atomic checkpoint/output writing and checkpoint reading, distributed and logging helpers."""
+import collections
+import contextlib
+import io
+import logging
+import os
+import pickle
+import sys
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+IGNORE_INDEX = 255
+log = logging.getLogger(__name__)
+
+
+class UserError(Exception):
+    """A failure the user can fix (a missing file, a bad flag): printed as one message, no traceback."""
+
+    def message(self) -> str:
+        text = str(self)
+        # Raised in a DataLoader worker, the error comes back re-created with the worker's traceback in front;
+        # the user needs only the message, which is what follows the last "UserError: ".
+        marker = f'{type(self).__name__}: '
+        if text.startswith('Caught ') and marker in text:
+            text = text[text.rindex(marker) + len(marker):].strip()
+        return text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metrics and schedule
+
+
+class ConfusionMatrix:
+    """Pixel counts of (label, prediction) pairs, accumulated on the device with `torch.bincount`.
+
+    IoU is dataset-level, as in the original: intersections and unions are summed over all images before the
+    division, and pixels labelled `ignore_index` are left out.
+    """
+
+    def __init__(self, num_classes: int, device: torch.device | None = None, ignore_index: int = IGNORE_INDEX):
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.mat = torch.zeros((num_classes, num_classes), dtype=torch.int64, device=device)
+
+    def update(self, target: torch.Tensor, pred: torch.Tensor) -> None:
+        n = self.num_classes
+        keep = target != self.ignore_index
+        idx = target[keep].to(torch.int64) * n + pred[keep].to(torch.int64)
+        self.mat += torch.bincount(idx, minlength=n * n).reshape(n, n)
+
+    def reduce_from_all_processes(self) -> None:
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.mat)
+
+    def iou(self) -> np.ndarray:
+        """Per-class IoU in [0, 1], computed as the original did (float64, +1e-10 in the denominator)."""
+        mat = self.mat.cpu().numpy()
+        inter = np.diag(mat)
+        union = mat.sum(0) + mat.sum(1) - inter
+        return inter / (union + 1e-10)
+
+    def mean_iou(self) -> float:
+        """Mean IoU in percent over all classes, as printed by the original."""
+        return float(self.iou().mean() * 100)
+
+    def pixel_accuracy(self) -> float:
+        mat = self.mat.cpu().numpy()
+        return float(np.diag(mat).sum() / max(mat.sum(), 1) * 100)
+
+    def table(self, class_names: Sequence[str]) -> str:
+        """A per-class table with IoU, the class's share of the labelled pixels, and a bar."""
+        iou = self.iou() * 100
+        counts = self.mat.sum(1).cpu().numpy()
+        share = counts / max(counts.sum(), 1) * 100
+        width = max(len(n) for n in class_names)
+        rows = [f'{"class":<{width}}  {"IoU":>6}  {"pixels":>6}', '-' * (width + 40)]
+        for name, value, s in zip(class_names, iou, share):
+            rows.append(f'{name:<{width}}  {value:6.2f}  {s:5.1f}%  {"#" * int(round(value / 4))}')
+        rows.append('-' * (width + 40))
+        rows.append(f'{"mean":<{width}}  {iou.mean():6.2f}  pixel accuracy {self.pixel_accuracy():.2f}')
+        return '\n'.join(rows)
+
+
+def poly_lr(base_lr: float, iteration: int, max_iterations: int, power: float = 0.9) -> float:
+    """The original's poly schedule, set every iteration: base_lr * (1 - it / max_it) ** 0.9."""
+    return base_lr * (1 - iteration / max_iterations) ** power
+
+
+def voc_palette(num_colors: int = 256) -> list[int]:
+    """The standard PASCAL VOC colour map as a flat [r, g, b, ...] list for `Image.putpalette`."""
+    palette = []
+    for i in range(num_colors):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        palette += [r, g, b]
+    return palette
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Files
+
+
+def atomic_write(path: str, write: Callable[[io.BufferedWriter], None]) -> None:
+    """Write `path` through a temporary file in the same folder (flush, fsync, rename), so that a crash or a
+    full disk leaves either the old file or the new one, never a partial one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f'.{os.path.basename(path)}.{os.getpid()}.tmp')
+    try:
+        with open(tmp, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def save_checkpoint(checkpoint: dict, path: str) -> None:
+    try:
+        atomic_write(path, lambda f: torch.save(checkpoint, f))
+    except OSError as e:
+        raise UserError(f'could not write the checkpoint {path}: {e.strerror or e}. Free some space or choose '
+                        f'another folder; any earlier checkpoint there is unchanged.') from None
+
+
+def save_image(image, path: str) -> None:
+    """Save a PIL image atomically, in the format its extension names."""
+    fmt = os.path.splitext(path)[1].lstrip('.').upper().replace('JPG', 'JPEG') or 'PNG'
+    try:
+        atomic_write(path, lambda f: image.save(f, format=fmt))
+    except OSError as e:
+        raise UserError(f'could not write {path}: {e.strerror or e}.') from None
+
+
+def strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict without the `module.` (DataParallel/DDP) or `_orig_mod.` (torch.compile) key prefix."""
+    state_dict = collections.OrderedDict(state_dict)
+    for prefix in ('module.', '_orig_mod.'):
+        torch.nn.modules.utils.consume_prefix_in_state_dict_if_present(state_dict, prefix)
+    return state_dict
+
+
+def load_checkpoint(path: str, what: str = 'checkpoint') -> dict:
+    """Read a checkpoint safely (`weights_only=True`, on the CPU) and return a dict with a 'state_dict'.
+
+    Accepts a released checkpoint ({'epoch', 'state_dict', 'optimizer'}), this project's checkpoints, a bare
+    state dict, or {'model': state_dict}. Anything else is a UserError that says what the file holds.
+    """
+    if not os.path.isfile(path):
+        raise UserError(f'{what} {path} does not exist.')
+    try:
+        obj = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        if 'weights_only' in str(e) or 'Weights only' in str(e):
+            raise UserError(f'{what} {path} holds Python objects that could only be loaded by running code from '
+                            f'the file, which this project never does (it loads with weights_only=True). '
+                            f'If you trust the file, re-save just its tensors: '
+                            f'torch.save(torch.load(path, weights_only=False)["state_dict"], new_path).') from None
+        raise UserError(f'{what} {path} is not a readable PyTorch file ({_first_line(e)}); '
+                        f'it may be truncated: download or copy it again.') from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, IndexError, KeyError) as e:
+        raise UserError(f'{what} {path} is truncated or not a PyTorch checkpoint ({_first_line(e)}); '
+                        f'download or copy it again.') from None
+    if isinstance(obj, dict) and isinstance(obj.get('state_dict'), dict):
+        return obj
+    if isinstance(obj, dict) and isinstance(obj.get('model'), dict):
+        return {**obj, 'state_dict': obj['model']}
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return {'state_dict': obj}
+    kind = f'a dict with keys {sorted(obj)[:5]}' if isinstance(obj, dict) else f'a {type(obj).__name__}'
+    raise UserError(f'{what} {path} holds {kind}, not model weights; give a checkpoint written by main.py '
+                    f'--train, a released checkpoint, or a saved state dict.')
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:200]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Distributed
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_name: str | None, gpu: int = 0) -> (DistInfo, torch.device):
+    """Join the process group torchrun describes in the environment (nccl on GPUs, gloo on CPU) and pick the
+    device: `device_name` when given, else CUDA when available, else the CPU."""
+    info = DistInfo(int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1)),
+                    int(os.environ.get('LOCAL_RANK', 0)))
+    if device_name is None:
+        device_name = 'cuda' if torch.cuda.is_available() else 'cpu'
+    device = torch.device(device_name)
+    if device.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise UserError('--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device cpu.')
+        index = info.local_rank if info.distributed else (device.index if device.index is not None else gpu)
+        if index >= torch.cuda.device_count():
+            raise UserError(f'GPU {index} was asked for, but only {torch.cuda.device_count()} are visible; '
+                            f'pick another --gpu.')
+        device = torch.device('cuda', index)
+        torch.cuda.set_device(device)
+    if info.distributed and not dist.is_initialized():
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    return info, device
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def setup_logging(is_main: bool = True) -> None:
+    """Messages to stdout, from the main process only; warnings from every process to stderr."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    out = logging.StreamHandler(sys.stdout)
+    out.setFormatter(logging.Formatter('%(message)s'))
+    out.addFilter(lambda record: record.levelno < logging.WARNING)
+    err = logging.StreamHandler(sys.stderr)
+    err.setFormatter(logging.Formatter('warning: %(message)s'))
+    err.setLevel(logging.WARNING)
+    root.addHandler(out)
+    root.addHandler(err)
+    root.setLevel(logging.INFO if is_main else logging.WARNING)
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f'{h}:{m:02d}:{s:02d}' if h else f'{m}:{s:02d}'
