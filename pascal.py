@@ -1,0 +1,307 @@
+"""Segmentation datasets (PASCAL VOC 2012 + SBD "SegmentationClassAug", Cityscapes, any dataset in VOC's list
+layout) and the paired image/mask transforms of the original training recipe.
+
+Every random choice of a transform is drawn from a `random.Random` seeded by (seed, epoch, sample index), so a
+sample's augmentation does not depend on the number of workers or processes, and a resumed run sees exactly
+the batches an uninterrupted one would have seen.
+"""
+import glob
+import math
+import os
+import random
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+
+from utils import IGNORE_INDEX, UserError
+
+VOC_CLASSES = ('background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair', 'cow',
+               'diningtable', 'dog', 'horse', 'motorbike', 'person', 'pottedplant', 'sheep', 'sofa', 'train',
+               'tvmonitor')
+CITYSCAPES_CLASSES = ('road', 'sidewalk', 'building', 'wall', 'fence', 'pole', 'traffic light', 'traffic sign',
+                      'vegetation', 'terrain', 'sky', 'person', 'rider', 'car', 'truck', 'bus', 'train', 'motorcycle',
+                      'bicycle')
+DATASETS = ('pascal', 'cityscapes')
+DEFAULT_ROOTS = {'pascal': 'data/VOCdevkit', 'cityscapes': 'data/cityscapes'}
+VOC_LISTS = {'train': 'train_aug.txt', 'val': 'val.txt'}
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+SCALE_RANGE = (0.5, 2.0)
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading files
+
+
+def load_image(path: str, exif: bool = False) -> Image.Image:
+    """Decode an image file into RGB, whatever its mode (grayscale, RGBA, palette, 16-bit, CMYK, ...)."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if exif:
+                img = ImageOps.exif_transpose(img)
+            return to_rgb(img)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f'cannot read the image {path} ({e}); replace or remove the file.') from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ('I;16', 'I;16B', 'I;16L', 'I', 'F'):  # 16/32-bit grayscale: keep the top 8 bits of range
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith('I;16') or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), 'L')
+    elif img.mode in ('P', 'PA') and 'transparency' in img.info or img.mode == 'PA':
+        img = img.convert('RGBA')
+    return img if img.mode == 'RGB' else img.convert('RGB')
+
+
+def load_mask(path: str, num_classes: int) -> Image.Image:
+    """Decode a class-index mask (one channel, values 0..num_classes-1 and 255) and check its values."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mask = img
+    except (OSError, SyntaxError, ValueError) as e:
+        raise UserError(f'cannot read the mask {path} ({e}); replace or remove the file.') from None
+    if mask.mode not in ('L', 'P', 'I', 'I;16', 'I;16B', 'I;16L'):
+        raise UserError(f'the mask {path} is a {mask.mode} image; masks must hold one class index per pixel '
+                        f'(0..{num_classes - 1}, {IGNORE_INDEX} = ignore), like SegmentationClassAug. Colour masks '
+                        f'(VOC\'s SegmentationClass) must be converted to indices first.')
+    values = np.unique(np.asarray(mask))
+    bad = values[(values >= num_classes) & (values != IGNORE_INDEX) | (values < 0)]
+    if bad.size:
+        shown = ', '.join(str(v) for v in bad[:8]) + (', ...' if bad.size > 8 else '')
+        raise UserError(f'the mask {path} has values {shown} outside the classes 0..{num_classes - 1} and '
+                        f'{IGNORE_INDEX} (ignore). Fix the mask, or set --num_classes to the dataset\'s class count.')
+    if mask.mode != 'L' and mask.mode != 'P':
+        mask = Image.fromarray(np.asarray(mask).astype(np.uint8), 'L')
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Paired transforms: each takes and returns (image, mask), drawing its random choices from `rng`
+
+
+class Compose:
+    def __init__(self, transforms: Sequence):
+        self.transforms = list(transforms)
+
+    def __call__(self, image, mask, rng: random.Random):
+        for t in self.transforms:
+            image, mask = t(image, mask, rng)
+        return image, mask
+
+
+class RandomHorizontalFlip:
+    def __init__(self, p: float = 0.5):
+        self.p = p
+
+    def __call__(self, image, mask, rng):
+        if rng.random() < self.p:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            mask = mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return image, mask
+
+
+class RandomScale:
+    """One scale for both axes, log-uniform in [low, high]: Lanczos for the image, nearest for the mask."""
+
+    def __init__(self, low: float = SCALE_RANGE[0], high: float = SCALE_RANGE[1]):
+        self.low, self.high = math.log2(low), math.log2(high)
+
+    def __call__(self, image, mask, rng):
+        scale = 2 ** (self.low + rng.random() * (self.high - self.low))
+        w, h = image.size
+        size = (int(round(w * scale)), int(round(h * scale)))
+        return image.resize(size, Image.Resampling.LANCZOS), mask.resize(size, Image.Resampling.NEAREST)
+
+
+class ToTensor:
+    """PIL image to a normalised float tensor (3, H, W); mask to an int64 tensor (H, W)."""
+
+    def __init__(self, mean: Sequence[float] = MEAN, std: Sequence[float] = STD):
+        self.mean, self.std = list(mean), list(std)
+
+    def __call__(self, image, mask, rng):
+        image = TF.normalize(TF.to_tensor(image), self.mean, self.std)
+        return image, torch.from_numpy(np.asarray(mask, dtype=np.int64).copy())
+
+
+class PadTo:
+    """Pad bottom/right to at least size x size: 0 for the (normalised) image, 255 for the mask."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, image, mask, rng):
+        h, w = image.shape[-2:]
+        pad = (0, max(0, self.size - w), 0, max(0, self.size - h))
+        if pad[1] or pad[3]:
+            image = F.pad(image, pad, value=0.0)
+            mask = F.pad(mask, pad, value=IGNORE_INDEX)
+        return image, mask
+
+
+class RandomCrop:
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, image, mask, rng):
+        h, w = image.shape[-2:]
+        i = rng.randint(0, h - self.size)
+        j = rng.randint(0, w - self.size)
+        return (image[:, i:i + self.size, j:j + self.size], mask[i:i + self.size, j:j + self.size])
+
+
+def train_transforms(crop_size: int) -> Compose:
+    """The original's training augmentation: flip, scale 0.5-2, normalise, pad, random crop."""
+    return Compose([RandomHorizontalFlip(), RandomScale(), ToTensor(), PadTo(crop_size), RandomCrop(crop_size)])
+
+
+def eval_transforms(crop_size: int) -> Compose:
+    """The original's evaluation input: normalised and padded bottom/right to the crop size. Images larger than
+    the crop keep their size (the original cropped them at random)."""
+    return Compose([ToTensor(), PadTo(crop_size)])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Datasets
+
+
+class SegmentationDataset(Dataset):
+    """(image, mask) file pairs with paired transforms.
+
+    Returns `(image, mask, info)`, where info holds the sample `index` and the image's own `size` (H, W) before
+    any transform, so that predictions can be cropped back to it.
+
+    Args:
+        samples: (image path, mask path) pairs.
+        num_classes: masks may hold 0..num_classes-1 and 255.
+        transforms: a paired transform called as `transforms(image, mask, rng)`.
+        class_names: one name per class.
+        seed: with the epoch and index, seeds each sample's random choices.
+    """
+
+    def __init__(self, samples: Sequence[tuple[str, str]], num_classes: int, transforms, class_names: Sequence[str],
+                 seed: int = 0):
+        self.samples = list(samples)
+        self.num_classes = num_classes
+        self.transforms = transforms
+        self.class_names = tuple(class_names)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def name(self, index: int) -> str:
+        """The sample's id: its mask's file name without extension (e.g. 2007_000033)."""
+        return os.path.splitext(os.path.basename(self.samples[index][1]))[0]
+
+    def __getitem__(self, index: int):
+        image_path, mask_path = self.samples[index]
+        image = load_image(image_path)
+        mask = load_mask(mask_path, self.num_classes)
+        if image.size != mask.size:
+            raise UserError(f'the mask {mask_path} is {mask.size[0]}x{mask.size[1]} but its image {image_path} is '
+                            f'{image.size[0]}x{image.size[1]}; a mask must have its image\'s size.')
+        size = (image.size[1], image.size[0])
+        rng = random.Random(f'{self.seed}/{self.epoch}/{index}')
+        image, mask = self.transforms(image, mask, rng)
+        return image, mask, {'index': index, 'size': size}
+
+
+def build_dataset(name: str, root: str | None, split: str, transforms, num_classes: int | None = None,
+                  class_names: Sequence[str] | None = None, seed: int = 0) -> SegmentationDataset:
+    """The `split` ('train' or 'val') of dataset `name`, with every listed file checked up front.
+
+    `pascal` reads VOC's list layout: `{root}/VOC2012/list/{train_aug,val}.txt` (or `{root}/list/...`), lines of
+    two paths relative to that folder. Any dataset in that layout works with `num_classes` and `class_names`.
+    """
+    if name not in DATASETS:
+        raise UserError(f'unknown dataset {name!r}; choose one of {", ".join(DATASETS)} '
+                        f'(any dataset in VOC\'s list layout is read as pascal, see README).')
+    root = root or DEFAULT_ROOTS[name]
+    if not os.path.isdir(root):
+        what = ('PASCAL VOC 2012 with SBD\'s SegmentationClassAug and list.zip (see README, "PASCAL VOC 2012")'
+                if name == 'pascal' else 'Cityscapes leftImg8bit and gtFine')
+        raise UserError(f'the dataset folder {root} does not exist. Download {what} there, '
+                        f'or point --data_root at it.')
+    if name == 'pascal':
+        samples, source = _voc_samples(root, split)
+        default_names = VOC_CLASSES
+    else:
+        samples, source = _cityscapes_samples(root, split)
+        default_names = CITYSCAPES_CLASSES
+    if num_classes is None:
+        num_classes = len(class_names) if class_names else len(default_names)
+    if class_names is None:
+        class_names = default_names if num_classes == len(default_names) else [
+            f'class {i}' for i in range(num_classes)]
+    if len(class_names) != num_classes:
+        raise UserError(f'{len(class_names)} class names were given for {num_classes} classes; '
+                        f'give one name per line for each class, background included.')
+    if not samples:
+        raise UserError(f'{source} lists no images; it should hold one "image mask" pair per line.')
+    missing = [p for pair in samples for p in pair if not os.path.isfile(p)]
+    if missing:
+        shown = '\n  '.join(missing[:5])
+        raise UserError(f'{len(missing)} of the {2 * len(samples)} files named by {source} do not exist, e.g.\n'
+                        f'  {shown}\nThe download or extraction is probably incomplete: redo it (README), '
+                        f'or fix --data_root.')
+    return SegmentationDataset(samples, num_classes, transforms, class_names, seed)
+
+
+def _voc_samples(root: str, split: str):
+    base = os.path.join(root, 'VOC2012') if os.path.isdir(os.path.join(root, 'VOC2012')) else root
+    list_file = os.path.join(base, 'list', VOC_LISTS[split])
+    if not os.path.isfile(list_file):
+        raise UserError(f'the list file {list_file} does not exist. For VOC, unzip list.zip inside '
+                        f'{base} (README, "PASCAL VOC 2012"); for your own data, write list/{VOC_LISTS[split]} '
+                        f'with lines "/images/x.jpg /masks/x.png".')
+    samples = []
+    with open(list_file) as f:
+        for number, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) != 2:
+                raise UserError(f'line {number} of {list_file} holds {len(parts)} fields; each line must be '
+                                f'"image_path mask_path", relative to {base}.')
+            samples.append(tuple(os.path.join(base, p.lstrip('/')) for p in parts))
+    return samples, list_file
+
+
+def _cityscapes_samples(root: str, split: str):
+    images = sorted(glob.glob(os.path.join(root, 'leftImg8bit', split, '*', '*_leftImg8bit.png')))
+    samples = []
+    for image in images:
+        city = os.path.basename(os.path.dirname(image))
+        stem = os.path.basename(image)[:-len('_leftImg8bit.png')]
+        samples.append((image, os.path.join(root, 'gtFine', split, city, f'{stem}_gtFine_labelTrainIds.png')))
+    if not samples:
+        raise UserError(f'no images match {os.path.join(root, "leftImg8bit", split, "*", "*_leftImg8bit.png")}; '
+                        f'extract leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip into {root} and create '
+                        f'the labelTrainIds masks with cityscapesscripts.')
+    return samples, os.path.join(root, 'leftImg8bit', split)
+
+
+def read_class_names(path: str) -> list[str]:
+    """One class name per line (blank lines skipped)."""
+    try:
+        with open(path) as f:
+            names = [line.strip() for line in f if line.strip()]
+    except OSError as e:
+        raise UserError(f'cannot read the class-names file {path}: {e.strerror}.') from None
+    if not names:
+        raise UserError(f'the class-names file {path} is empty; write one class name per line.')
+    return names

@@ -1,0 +1,136 @@
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import pascal
+import utils
+
+
+def build(root, split='val', transforms=None, **kwargs):
+    return pascal.build_dataset('pascal', str(root), split, transforms or pascal.eval_transforms(65), **kwargs)
+
+
+def test_voc_list_layout_is_parsed(synthetic_root):
+    train, val = build(synthetic_root, 'train'), build(synthetic_root, 'val')
+    assert len(train) == 8 and len(val) == 4
+    assert val.num_classes == 21 and val.class_names == pascal.VOC_CLASSES
+    image_path, mask_path = val.samples[0]
+    assert image_path == os.path.join(str(synthetic_root), 'VOC2012', 'JPEGImages', 'synthetic_val_00000.jpg')
+    assert mask_path.endswith(os.path.join('SegmentationClassAug', 'synthetic_val_00000.png'))
+    assert val.name(0) == 'synthetic_val_00000'
+    image, mask, info = val[0]
+    w, h = Image.open(image_path).size
+    assert info == {'index': 0, 'size': (h, w)}
+    assert image.shape == (3, max(h, 65), max(w, 65)) and mask.shape == image.shape[1:]
+
+
+def test_the_vocdevkit_root_or_the_voc2012_folder_itself_can_be_given(synthetic_root):
+    assert build(synthetic_root / 'VOC2012').samples == build(synthetic_root).samples
+
+
+def test_missing_root_list_and_files_are_reported_up_front(voc_copy, tmp_path):
+    with pytest.raises(utils.UserError, match=f'{tmp_path / "nowhere"} does not exist.*--data_root'):
+        build(tmp_path / 'nowhere')
+    os.remove(voc_copy / 'VOC2012' / 'list' / 'val.txt')
+    with pytest.raises(utils.UserError, match=r'list/val.txt does not exist.*list.zip'):
+        build(voc_copy)
+    for name in ('synthetic_train_00001.jpg', 'synthetic_train_00002.jpg'):
+        os.remove(voc_copy / 'VOC2012' / 'JPEGImages' / name)
+    with pytest.raises(utils.UserError) as e:
+        build(voc_copy, 'train')
+    assert '2 of the 16 files named by' in str(e.value) and 'synthetic_train_00001.jpg' in str(e.value)
+
+
+def test_a_malformed_list_line_names_the_line(voc_copy):
+    with open(voc_copy / 'VOC2012' / 'list' / 'val.txt', 'a') as f:
+        f.write('/JPEGImages/a.jpg\n')
+    with pytest.raises(utils.UserError, match='line 5 of .*val.txt holds 1 fields'):
+        build(voc_copy)
+
+
+def test_custom_class_count_and_names(voc_copy, tmp_path):
+    names = tmp_path / 'names.txt'
+    names.write_text('\n'.join(f'thing{i}' for i in range(21)) + '\n')
+    dataset = build(voc_copy, class_names=pascal.read_class_names(str(names)))
+    assert dataset.class_names[3] == 'thing3' and dataset.num_classes == 21
+    with pytest.raises(utils.UserError, match='21 class names were given for 5 classes'):
+        build(voc_copy, num_classes=5, class_names=pascal.read_class_names(str(names)))
+
+
+def label_coded_pair(seed=0, size=(90, 70), block=10):
+    """An image whose grey level encodes the label of a mask of constant blocks (labels 0..20 and 255)."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    blocks = rng.choice(list(range(21)) + [255], size=(h // block + 1, w // block + 1))
+    labels = np.kron(blocks, np.ones((block, block), np.uint8))[:h, :w].astype(np.uint8)
+    grey = np.where(labels == 255, 250, labels * 10).astype(np.uint8)
+    return Image.fromarray(np.stack([grey] * 3, -1), 'RGB'), Image.fromarray(labels, 'L')
+
+
+def decoded_grey(image: torch.Tensor) -> np.ndarray:
+    return ((image[0] * pascal.STD[0] + pascal.MEAN[0]) * 255).numpy()  # undo the normalisation
+
+
+@pytest.mark.parametrize('seed', range(8))
+@pytest.mark.parametrize('size', [(50, 40), (90, 80), (60, 100)])
+def test_flip_pad_and_crop_keep_image_and_mask_aligned_to_the_pixel(seed, size):
+    image, mask = label_coded_pair(seed, size=size)
+    t = pascal.Compose([pascal.RandomHorizontalFlip(), pascal.ToTensor(), pascal.PadTo(65), pascal.RandomCrop(65)])
+    out_image, out_mask = t(image, mask, random.Random(seed))
+    m = out_mask.numpy()
+    valid = m != 255
+    assert np.abs(decoded_grey(out_image)[valid] - m[valid] * 10).max() < 0.01
+
+
+@pytest.mark.parametrize('seed', range(12))
+def test_training_transforms_keep_image_and_mask_aligned(seed):
+    image, mask = label_coded_pair(seed, size=(120, 100), block=20)
+    crop = 65
+    out_image, out_mask = pascal.train_transforms(crop)(image, mask, random.Random(seed))
+    assert out_image.shape == (3, crop, crop) and out_mask.shape == (crop, crop) and out_mask.dtype == torch.int64
+    assert set(out_mask.unique().tolist()) <= set(range(21)) | {255}
+    grey, m = decoded_grey(out_image), out_mask.numpy()
+    # Lanczos blurs a few pixels along block borders: compare pixels 3 or more pixels inside a block.
+    inner = np.ones_like(m, bool)
+    for dy in range(-3, 4):
+        for dx in range(-3, 4):
+            inner &= np.roll(np.roll(m, dy, 0), dx, 1) == m
+    inner[:3] = inner[-3:] = inner[:, :3] = inner[:, -3:] = False
+    inner &= m != 255
+    assert inner.sum() > 50
+    error = np.abs(grey[inner] - m[inner] * 10)
+    assert np.mean(error < 3) > 0.95 and np.median(error) < 1  # Lanczos ringing reaches a little further
+
+
+def test_padding_is_bottom_right_with_0_and_255():
+    image, mask = label_coded_pair(size=(40, 30))
+    out_image, out_mask = pascal.eval_transforms(65)(image, mask, random.Random(0))
+    assert out_image.shape == (3, 65, 65)
+    assert (out_mask[30:, :] == 255).all() and (out_mask[:, 40:] == 255).all()
+    assert (out_image[:, 30:, :] == 0).all() and (out_image[:, :, 40:] == 0).all()
+    assert torch.equal(out_mask[:30, :40], torch.from_numpy(np.asarray(mask, dtype=np.int64)))
+
+
+def test_images_larger_than_the_crop_keep_their_size_for_evaluation():
+    image, mask = label_coded_pair(size=(90, 70))
+    out_image, out_mask = pascal.eval_transforms(65)(image, mask, random.Random(0))
+    assert out_image.shape == (3, 70, 90) and out_mask.shape == (70, 90)
+
+
+def test_scale_is_log_uniform_between_half_and_double():
+    image, mask = label_coded_pair(size=(100, 100))
+    sizes = [pascal.RandomScale()(image, mask, random.Random(i))[0].size[0] for i in range(400)]
+    assert 50 <= min(sizes) < 55 and 190 < max(sizes) <= 200
+    assert 0.4 < np.mean(np.array(sizes) < 100) < 0.6  # log-uniform: median scale 1
+
+
+def test_augmentation_depends_on_seed_epoch_and_index_only(synthetic_root):
+    dataset = build(synthetic_root, 'train', pascal.train_transforms(65))
+    a, b = dataset[3][0], dataset[3][0]
+    assert torch.equal(a, b)
+    dataset.set_epoch(1)
+    assert not torch.equal(dataset[3][0], a)
