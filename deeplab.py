@@ -371,6 +371,27 @@ def load_weights(model: DeepLabV3, state_dict: dict[str, torch.Tensor], source: 
                         f'{len(unexpected)} unexpected keys {_few(unexpected)}.{hint}')
 
 
+def model_from_checkpoint(path: str, backbone: str | None = None, output_stride: int = 16) -> DeepLabV3:
+    """Rebuild and load the model a checkpoint holds. The backbone and class count come from the checkpoint
+    (this project's records them; a released one is recognised by its keys); `backbone` is needed only when
+    neither tells, and must agree with it when given."""
+    checkpoint = load_checkpoint(path)
+    state = strip_prefixes(checkpoint['state_dict'])
+    model_args = dict(checkpoint.get('model_args') or {})
+    found, classes = identify(state)
+    held = model_args.get('backbone') or found
+    if held is None and backbone is None:
+        raise UserError(f'cannot tell which backbone {path} was trained with; pass --backbone.')
+    if backbone and held and backbone != held:
+        raise UserError(f'{path} holds {describe(held, classes)}, not a {backbone}; drop --backbone or pick '
+                        f'the matching checkpoint.')
+    model = build_model(held or backbone, num_classes=model_args.get('num_classes', classes or 21),
+                        num_groups=model_args.get('num_groups'), weight_std=model_args.get('weight_std', False),
+                        beta=model_args.get('beta', False), output_stride=output_stride)
+    load_weights(model, state, path)
+    return model
+
+
 def load_pretrained(model: DeepLabV3, path: str) -> None:
     """Initialise the backbone from an ImageNet state dict file; report what did not fit, never merge silently.
 

@@ -3,9 +3,12 @@ atomic checkpoint/output writing and checkpoint reading, distributed and logging
 import collections
 import contextlib
 import io
+import json
 import logging
 import os
 import pickle
+import shutil
+import signal
 import sys
 import zipfile
 from collections.abc import Callable, Sequence
@@ -22,7 +25,7 @@ log = logging.getLogger(__name__)
 class UserError(Exception):
     """A failure the user can fix (a missing file, a bad flag): printed as one message, no traceback."""
 
-    def message(self) -> str:
+    def for_user(self) -> str:
         text = str(self)
         # Raised in a DataLoader worker, the error comes back re-created with the worker's traceback in front;
         # the user needs only the message, which is what follows the last "UserError: ".
@@ -216,14 +219,22 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(device_name: str | None, gpu: int = 0) -> (DistInfo, torch.device):
-    """Join the process group torchrun describes in the environment (nccl on GPUs, gloo on CPU) and pick the
-    device: `device_name` when given, else CUDA when available, else the CPU."""
-    info = DistInfo(int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1)),
+def dist_info() -> DistInfo:
+    """This process's rank and the number of processes, as torchrun's environment describes them."""
+    return DistInfo(int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1)),
                     int(os.environ.get('LOCAL_RANK', 0)))
+
+
+def init_distributed(device_name: str | None, gpu: int = 0) -> tuple[DistInfo, torch.device]:
+    """Pick the device (`device_name` when given, else CUDA when available, else the CPU) and, under torchrun,
+    join the process group (nccl on GPUs, gloo on CPU)."""
+    info = dist_info()
     if device_name is None:
         device_name = 'cuda' if torch.cuda.is_available() else 'cpu'
-    device = torch.device(device_name)
+    try:
+        device = torch.device(device_name)
+    except RuntimeError:
+        raise UserError(f'--device {device_name} is not a device; use cpu, cuda or cuda:N.') from None
     if device.type == 'cuda':
         if not torch.cuda.is_available():
             raise UserError('--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device cpu.')
@@ -233,9 +244,29 @@ def init_distributed(device_name: str | None, gpu: int = 0) -> (DistInfo, torch.
                             f'pick another --gpu.')
         device = torch.device('cuda', index)
         torch.cuda.set_device(device)
+    elif device.type != 'cpu':
+        raise UserError(f'--device {device_name} is not supported; use cpu, cuda or cuda:N.')
     if info.distributed and not dist.is_initialized():
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     return info, device
+
+
+@contextlib.contextmanager
+def staged_folder(final: str):
+    """Yield a private staging folder beside `final`; on success its files move into `final`, on failure they
+    are deleted, so an interrupted or failed run leaves no partial set of outputs."""
+    parent, name = os.path.split(os.path.abspath(final))
+    staging = os.path.join(parent, f'.{name}.partial-{os.getpid()}')
+    os.makedirs(staging, exist_ok=True)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    os.makedirs(final, exist_ok=True)
+    for entry in os.listdir(staging):
+        os.replace(os.path.join(staging, entry), os.path.join(final, entry))
+    os.rmdir(staging)
 
 
 def cleanup_distributed() -> None:
@@ -243,8 +274,11 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
+PROJECT_LOGGERS = ('main', 'deeplab', 'pascal', 'utils', 'plots', 'predict', 'export', 'benchmark', 'demo')
+
+
 def setup_logging(is_main: bool = True) -> None:
-    """Messages to stdout, from the main process only; warnings from every process to stderr."""
+    """The project's messages to stdout from the main process only; warnings from every process to stderr."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
@@ -256,7 +290,9 @@ def setup_logging(is_main: bool = True) -> None:
     err.setLevel(logging.WARNING)
     root.addHandler(out)
     root.addHandler(err)
-    root.setLevel(logging.INFO if is_main else logging.WARNING)
+    root.setLevel(logging.WARNING)
+    for name in PROJECT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO if is_main else logging.WARNING)
 
 
 def format_seconds(seconds: float) -> str:
@@ -264,3 +300,118 @@ def format_seconds(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f'{h}:{m:02d}:{s:02d}' if h else f'{m}:{s:02d}'
+
+
+class TrainSampler(torch.utils.data.Sampler):
+    """Training order for one process: a permutation seeded by (seed, epoch), padded to a multiple of the number
+    of processes and sharded across them as DistributedSampler does, and able to start mid-epoch (resume).
+
+    A final per-process batch of a single image is dropped: BatchNorm cannot train on one value per channel,
+    which the ASPP's image-pooling branch would then have.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.start_batch = 0, 0
+        per_process = -(-size // world_size)
+        remainder = per_process % batch_size
+        self.per_process = per_process - (1 if remainder == 1 and batch_size > 1 else 0)
+        self.batches_per_epoch = -(-self.per_process // batch_size)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.size, generator=g).tolist()
+        order += order[:self.world_size * -(-self.size // self.world_size) - self.size]
+        shard = order[self.rank::self.world_size][:self.per_process]
+        return iter(shard[self.start_batch * self.batch_size:])
+
+    def __len__(self) -> int:
+        return max(self.per_process - self.start_batch * self.batch_size, 0)
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Evaluation order for one process: every `world_size`-th index, so each image is seen exactly once over
+    all processes (DistributedSampler would repeat some to even out the shards)."""
+
+    def __init__(self, size: int, rank: int = 0, world_size: int = 1):
+        self.indices = list(range(rank, size, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def ignore_interrupts_in_worker(worker_id: int) -> None:
+    """DataLoader worker init: leave Ctrl-C (sent to the whole process group) to the main process, which stops
+    cleanly and then shuts its workers down; one thread per worker. SIGTERM keeps its default action: it is how
+    workers are shut down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
+
+
+class GracefulStop:
+    """Turns the first SIGINT/SIGTERM into a request the training loop polls between iterations; a second one
+    acts as usual (stops at once)."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+
+class MetricsWriter:
+    """Metrics as JSON lines (`metrics.jsonl`) and, when `tensorboard` is installed, TensorBoard event files, in
+    one folder; a no-op in processes other than the main one."""
+
+    def __init__(self, folder: str, enabled: bool = True, resume: bool = False):
+        self.enabled = enabled
+        self.path = os.path.join(folder, 'metrics.jsonl')
+        self.tensorboard = None
+        if not enabled:
+            return
+        os.makedirs(folder, exist_ok=True)
+        if not resume and os.path.exists(self.path):
+            os.replace(self.path, self.path + '.previous')
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tensorboard = SummaryWriter(folder)
+        except ImportError:
+            log.info('TensorBoard is not installed, so no event files are written (pip install tensorboard); '
+                     'the metrics are in %s', self.path)
+
+    def write(self, step: int, **values) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, 'a') as f:
+            f.write(json.dumps({'iteration': step, **values}) + '\n')
+        if self.tensorboard is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and key not in ('epoch', 'time'):
+                    self.tensorboard.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()

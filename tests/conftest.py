@@ -41,3 +41,36 @@ def released_checkpoint(tmp_path):
         torch.save({'epoch': epoch, 'state_dict': state, 'optimizer': optimizer.state_dict()}, path)
         return path
     return write
+
+
+@pytest.fixture(scope='session')
+def synthetic_root(tmp_path_factory):
+    """A tiny synthetic dataset in the VOC layout (8 training, 4 validation images of 40-64 pixels), written
+    once per session; tests that corrupt it work on a copy (`voc_copy`)."""
+    import synthetic
+    root = tmp_path_factory.mktemp('synthetic')
+    synthetic.generate(str(root), num_train=8, num_val=4, seed=0, min_size=40, max_size=64)
+    return root
+
+
+@pytest.fixture
+def voc_copy(synthetic_root, tmp_path):
+    import shutil
+    root = tmp_path / 'voc'
+    shutil.copytree(synthetic_root, root)
+    return root
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run main.py's command line in this process; returns (exit status, stdout, stderr)."""
+    def run(*argv, module='main'):
+        import importlib
+        cli = importlib.import_module(module).cli
+        try:
+            status = cli([str(a) for a in argv])
+        except SystemExit as e:  # argparse's usage errors
+            status = e.code
+        out, err = capsys.readouterr()
+        return status, out, err
+    return run

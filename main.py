@@ -1,0 +1,719 @@
+"""Train and evaluate DeepLabV3 with VoVNet, ResNet or DenseNet backbones on PASCAL VOC 2012 + SBD or Cityscapes.
+
+    python main.py --train --exp bn_lr7e-3 --epochs 50 --base_lr 0.007 --backbone vovnet39   # train
+    python main.py --exp bn_lr7e-3 --epochs 50 --base_lr 0.007 --backbone vovnet39           # evaluate
+
+Checkpoints are data/deeplab_{backbone}_{dataset}_v3_{exp}_epoch{N}.pth, as in the original; evaluation loads
+the one of --epochs, prints per-class and mean IoU and writes the predictions to data/val/.
+Several GPUs or machines: torchrun --nproc_per_node=N main.py --train ... (README, "Distributed training").
+"""
+import argparse
+import contextlib
+import glob
+import logging
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader
+
+import deeplab
+import pascal
+import plots
+import utils
+from utils import IGNORE_INDEX, UserError
+
+log = logging.getLogger('main')
+
+MOMENTUM = 0.9
+WEIGHT_DECAY = 1e-4
+AMP_DTYPES = {'off': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+CHECKPOINT_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def _number(kind, minimum, inclusive=True):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
+        if value < minimum or (not inclusive and value == minimum) or (kind is float and not math.isfinite(value)):
+            bound = f'at least {minimum}' if inclusive else f'greater than {minimum}'
+            raise argparse.ArgumentTypeError(f'must be {bound}, not {text}')
+        return value
+    return parse
+
+
+def _scales(text):
+    try:
+        scales = [float(s) for s in text.split(',') if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a comma-separated list of numbers') from None
+    if not scales or any(s <= 0 or not math.isfinite(s) for s in scales):
+        raise argparse.ArgumentTypeError(f'scales must be positive numbers, not {text}')
+    return scales
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    o = p.add_argument_group('flags of the original (same names and defaults)')
+    o.add_argument('--train', action='store_true', help='train; without it, evaluate')
+    o.add_argument('--exp', required=True, help='experiment name, part of the checkpoint file names')
+    o.add_argument('--gpu', type=_number(int, 0), default=0, help='CUDA device of a single-process run (default 0)')
+    o.add_argument('--backbone', default='resnet101', choices=deeplab.BACKBONES, help='default: %(default)s')
+    o.add_argument('--dataset', default='pascal', choices=pascal.DATASETS,
+                   help='pascal (VOC 2012 + SBD, or any dataset in its list layout) or cityscapes')
+    o.add_argument('--groups', type=_number(int, 1), default=None,
+                   help='GroupNorm with this many groups instead of BatchNorm')
+    o.add_argument('--epochs', type=_number(int, 1), default=30,
+                   help='epochs to train; for evaluation, the epoch of the checkpoint to load (default 30)')
+    o.add_argument('--batch_size', type=_number(int, 1), default=16,
+                   help='images per iteration in total over all processes: 16 means 16 whatever the number '
+                        'of GPUs under torchrun, each taking batch_size / N (default 16)')
+    o.add_argument('--base_lr', type=_number(float, 0, inclusive=False), default=0.00025,
+                   help='initial learning rate of the poly schedule (the published runs use 0.007)')
+    o.add_argument('--last_mult', type=_number(float, 0), default=1.0, help='LR multiplier of the ASPP head')
+    o.add_argument('--scratch', action='store_true', help='train from random initialisation, no ImageNet weights')
+    o.add_argument('--freeze_bn', action='store_true', help='keep BatchNorm statistics and affine parameters fixed')
+    o.add_argument('--weight_std', action='store_true', help='weight standardisation (ResNet only)')
+    o.add_argument('--beta', action='store_true', help='three 3x3 convs as the stem (ResNet only)')
+    o.add_argument('--crop_size', type=_number(int, 1), default=513,
+                   help='training crop and evaluation canvas (default 513)')
+    o.add_argument('--resume', default=None, metavar='PATH',
+                   help='continue training from a checkpoint: weights, optimizer, epoch, iteration, RNG')
+    o.add_argument('--workers', type=_number(int, 0), default=4, help='data-loading processes (default 4)')
+
+    d = p.add_argument_group('data and output')
+    d.add_argument('--data_root', default=None,
+                   help='dataset folder (default data/VOCdevkit for pascal, data/cityscapes for cityscapes)')
+    d.add_argument('--num_classes', type=_number(int, 2), default=None,
+                   help='classes of a custom dataset in the VOC layout, background included (default: 21/19)')
+    d.add_argument('--class_names', default=None, metavar='FILE', help='file with one class name per line')
+    d.add_argument('--output_dir', default='data',
+                   help='where checkpoints, predictions (val/) and logs (logs/) go (default: data)')
+    d.add_argument('--seed', type=_number(int, 0), default=None,
+                   help='seed of shuffling, augmentation and initialisation (default: random, logged and saved)')
+
+    m = p.add_argument_group('model')
+    m.add_argument('--output_stride', type=int, choices=deeplab.OUTPUT_STRIDES, default=16,
+                   help='16 (the original) or 8: finer features, ASPP rates 12/24/36, about 3x the compute')
+    m.add_argument('--pretrained_path', default=None, metavar='FILE',
+                   help='ImageNet weights to start from instead of the default file (VoVNet) or torchvision\'s')
+
+    t = p.add_argument_group('training extras')
+    t.add_argument('--save_every', type=_number(int, 1), default=10,
+                   help='write a checkpoint every N epochs; the last epoch is always written (default 10)')
+    t.add_argument('--val_every', type=_number(int, 0), default=0,
+                   help='validate every N epochs and keep the best checkpoint (_best.pth); 0: never (default)')
+    t.add_argument('--print_freq', type=_number(int, 1), default=10, help='log every N iterations (default 10)')
+
+    s = p.add_argument_group('devices and speed')
+    s.add_argument('--device', default=None, help='cpu, cuda or cuda:N (default: CUDA when available, else CPU)')
+    s.add_argument('--amp', default='off', choices=tuple(AMP_DTYPES),
+                   help='mixed precision: bf16 (CPU and recent GPUs) or fp16 (CUDA, with a gradient scaler)')
+    s.add_argument('--channels_last', action='store_true', help='NHWC memory layout (faster convolutions)')
+    s.add_argument('--compile', action='store_true', help='torch.compile the model (slow start, faster steps)')
+    s.add_argument('--sync_bn', action=argparse.BooleanOptionalAction, default=None,
+                   help='SyncBatchNorm across processes (default: on when distributed on GPUs; PyTorch has no '
+                        'SyncBatchNorm on the CPU, where each process normalises its own images)')
+
+    e = p.add_argument_group('evaluation')
+    e.add_argument('--checkpoint', default=None, metavar='PATH',
+                   help='evaluate this checkpoint instead of the one named by --exp/--epochs')
+    e.add_argument('--eval_scales', type=_scales, default=None, metavar='S1,S2,...',
+                   help='also evaluate with these input scales averaged (e.g. 0.5,0.75,1.0,1.25,1.5,1.75)')
+    e.add_argument('--flip', action='store_true', help='also evaluate with horizontal flipping averaged')
+    e.add_argument('--save_predictions', action=argparse.BooleanOptionalAction, default=True,
+                   help='write palettised prediction PNGs to <output_dir>/val (default: on)')
+    return p
+
+
+def run_name(args) -> str:
+    return f'deeplab_{args.backbone}_{args.dataset}_v3_{args.exp}'
+
+
+def checkpoint_path(args, epoch) -> str:
+    """The original's file name: data/deeplab_{backbone}_{dataset}_v3_{exp}_epoch{N}.pth."""
+    return os.path.join(args.output_dir, f'{run_name(args)}_epoch{epoch}.pth')
+
+
+def check_args(args, info: utils.DistInfo) -> None:
+    """Flag combinations argparse cannot check alone; each a clear message."""
+    min_crop = 4 * args.output_stride
+    if args.crop_size < min_crop:
+        raise UserError(f'--crop_size {args.crop_size} is too small for output stride {args.output_stride}: the '
+                        f'features would be {math.ceil(args.crop_size / args.output_stride)} pixels wide. '
+                        f'Use at least {min_crop}.')
+    if args.batch_size % info.world_size:
+        raise UserError(f'--batch_size {args.batch_size} is the total over all processes and must divide among '
+                        f'the {info.world_size} started by torchrun; use a multiple of {info.world_size}.')
+    uses_batchnorm = args.groups is None and not args.freeze_bn
+    cuda = (args.device or ('cuda' if torch.cuda.is_available() else 'cpu')).startswith('cuda')
+    if args.sync_bn and not cuda:
+        raise UserError('--sync_bn needs CUDA GPUs: PyTorch\'s SyncBatchNorm does not run on the CPU. Drop it, or '
+                        'run on GPUs.')
+    sync = sync_batchnorm(args, info, cuda)
+    if args.train and uses_batchnorm and not sync and args.batch_size // info.world_size < 2:
+        raise UserError('with BatchNorm each process needs at least 2 images per batch (the ASPP\'s image-pooling '
+                        'branch normalises one value per image): raise --batch_size, or use --groups or '
+                        '--freeze_bn.')
+    if args.resume and not args.train:
+        raise UserError('--resume continues a training run: add --train, or use --checkpoint to evaluate a file.')
+
+
+def sync_batchnorm(args, info: utils.DistInfo, cuda: bool) -> bool:
+    """SyncBatchNorm: on by default for BatchNorm models trained by several processes on GPUs."""
+    return info.distributed and cuda and args.sync_bn is not False and args.groups is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Runtime: device, processes, precision
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    dist: utils.DistInfo
+    amp: torch.dtype | None = None
+    channels_last: bool = False
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None)
+
+    def input(self, x: torch.Tensor) -> torch.Tensor:
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        return x.to(self.device, non_blocking=True, memory_format=fmt)
+
+
+def make_runtime(args, info: utils.DistInfo, device: torch.device) -> Runtime:
+    amp = AMP_DTYPES[args.amp]
+    if amp == torch.float16 and device.type != 'cuda':
+        raise UserError('--amp fp16 needs a CUDA GPU (fp16 kernels and a gradient scaler); on the CPU use '
+                        '--amp bf16, or --amp off.')
+    if amp == torch.bfloat16 and device.type == 'cuda' and not torch.cuda.is_bf16_supported():
+        raise UserError('this GPU has no bf16 support; use --amp fp16 or --amp off.')
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
+    return Runtime(device, info, amp, args.channels_last)
+
+
+def unwrap(model: nn.Module) -> deeplab.DeepLabV3:
+    """The DeepLabV3 inside DistributedDataParallel and/or torch.compile wrappers."""
+    while not isinstance(model, deeplab.DeepLabV3):
+        model = getattr(model, 'module', None) or model._orig_mod
+    return model
+
+
+def create_model(args, num_classes: int, pretrained: bool, model_args: dict | None = None) -> deeplab.DeepLabV3:
+    """The model the flags describe; a checkpoint's own model_args (norm layers, stem) take precedence."""
+    model_args = model_args or {}
+    return deeplab.build_model(args.backbone, pretrained=pretrained, num_classes=num_classes,
+                               num_groups=model_args.get('num_groups', args.groups),
+                               weight_std=model_args.get('weight_std', args.weight_std),
+                               beta=model_args.get('beta', args.beta), output_stride=args.output_stride,
+                               pretrained_path=args.pretrained_path)
+
+
+def model_args_of(model: deeplab.DeepLabV3, args) -> dict:
+    return dict(backbone=model.backbone_name, num_classes=model.num_classes, output_stride=model.output_stride,
+                num_groups=args.groups, weight_std=args.weight_std, beta=args.beta)
+
+
+def class_names_of(args):
+    return pascal.read_class_names(args.class_names) if args.class_names else None
+
+
+def make_loader(dataset, batch_size: int, sampler, args, rt: Runtime) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=args.workers,
+                      pin_memory=rt.device.type == 'cuda', worker_init_fn=utils.ignore_interrupts_in_worker)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def predict_logits(model: nn.Module, image: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    with rt.autocast():
+        return model(rt.input(image)).float()
+
+
+def multi_scale_probs(model: nn.Module, image: torch.Tensor, scales, flip: bool, crop_size: int,
+                      rt: Runtime) -> torch.Tensor:
+    """Softmax probabilities averaged over input scales (and flips), at the image's size. Each scaled image is
+    padded bottom/right to the crop size like the single-scale protocol."""
+    image = image.to(rt.device)
+    h, w = image.shape[-2:]
+    total = 0
+    for scale in scales:
+        size = (max(1, round(h * scale)), max(1, round(w * scale)))
+        scaled = F.interpolate(image, size=size, mode='bilinear', align_corners=True) if scale != 1 else image
+        pad = (0, max(0, crop_size - size[1]), 0, max(0, crop_size - size[0]))
+        for flipped in ((False, True) if flip else (False,)):
+            x = F.pad(scaled.flip(-1) if flipped else scaled, pad)
+            logits = predict_logits(model, x, rt)[..., :size[0], :size[1]]
+            if flipped:
+                logits = logits.flip(-1)
+            logits = F.interpolate(logits, size=(h, w), mode='bilinear', align_corners=True)
+            total = total + logits.softmax(1)
+    return total
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader: DataLoader, rt: Runtime, num_classes: int, crop_size: int,
+             scales=None, flip: bool = False, save_dir: str | None = None, ms_save_dir: str | None = None):
+    """The original's protocol, one image at a time: the image padded bottom/right to the crop size, argmax,
+    cropped back to the image; IoU accumulated over the dataset. With `scales`/`flip`, a multi-scale/flip
+    prediction is scored beside it. Returns (ConfusionMatrix, ConfusionMatrix or None); with several processes
+    each sees its share of the images and the matrices are summed over all."""
+    model.eval()
+    dataset = loader.dataset
+    confusion = utils.ConfusionMatrix(num_classes, rt.device)
+    confusion_ms = utils.ConfusionMatrix(num_classes, rt.device) if (scales or flip) else None
+    palette = utils.voc_palette()
+    batches = iter(loader)  # one image per batch: the protocol pads each image on its own canvas
+    try:
+        for image, mask, info in batches:
+            h, w = int(info['size'][0]), int(info['size'][1])
+            target = mask[0, :h, :w].to(rt.device, non_blocking=True)
+            pred = predict_logits(model, image, rt)[0, :, :h, :w].argmax(0)
+            confusion.update(target, pred)
+            name = dataset.name(int(info['index']))
+            if save_dir:
+                save_mask(pred, os.path.join(save_dir, f'{name}.png'), palette)
+            if confusion_ms is not None:
+                probs = multi_scale_probs(model, image[..., :h, :w], scales or [1.0], flip, crop_size, rt)
+                pred_ms = probs[0].argmax(0)
+                confusion_ms.update(target, pred_ms)
+                if ms_save_dir:
+                    save_mask(pred_ms, os.path.join(ms_save_dir, f'{name}.png'), palette)
+    except RuntimeError as e:
+        raise_if_worker_died(e, batches)
+        raise
+    finally:
+        del batches
+    confusion.reduce_from_all_processes()
+    if confusion_ms is not None:
+        confusion_ms.reduce_from_all_processes()
+    return confusion, confusion_ms
+
+
+def save_mask(pred: torch.Tensor, path: str, palette) -> None:
+    image = Image.fromarray(pred.to(torch.uint8).cpu().numpy(), 'P')
+    image.putpalette(palette)
+    utils.save_image(image, path)
+
+
+def run_evaluation(args, rt: Runtime) -> float:
+    path = args.checkpoint or checkpoint_path(args, args.epochs)
+    if not os.path.isfile(path):
+        found = sorted(glob.glob(os.path.join(args.output_dir, f'deeplab_{args.backbone}_*.pth')))
+        listing = ('checkpoints there for this backbone: ' + ', '.join(os.path.basename(f) for f in found)
+                   if found else f'no checkpoint for {args.backbone} is in {args.output_dir}/')
+        raise UserError(f'the checkpoint {path} does not exist ({listing}). Check --exp, --epochs, --backbone and '
+                        f'--dataset, download a released checkpoint into {args.output_dir}/ (README), or pass '
+                        f'--checkpoint PATH.')
+    checkpoint = utils.load_checkpoint(path)
+    dataset = pascal.build_dataset(args.dataset, args.data_root, 'val', pascal.eval_transforms(args.crop_size),
+                                   args.num_classes, class_names_of(args))
+    model = create_model(args, dataset.num_classes, pretrained=False, model_args=checkpoint.get('model_args'))
+    deeplab.load_weights(model, checkpoint['state_dict'], path)
+    model.to(rt.device)
+    if rt.channels_last:
+        model.to(memory_format=torch.channels_last)
+    runner = torch.compile(model) if args.compile else model
+    loader = make_loader(dataset, 1, utils.ShardSampler(len(dataset), rt.dist.rank, rt.dist.world_size), args, rt)
+
+    ms = bool(args.eval_scales or args.flip)
+    log.info('evaluating %s on %d images of %s (%s)', path, len(dataset), args.dataset, rt.device)
+    start = time.time()
+    # Predictions go to a staging folder and join <output_dir>/val only when the evaluation succeeds.
+    with contextlib.ExitStack() as stack:
+        save_dir = ms_save_dir = None
+        if args.save_predictions:
+            save_dir = stack.enter_context(utils.staged_folder(os.path.join(args.output_dir, 'val')))
+            if ms:
+                ms_save_dir = stack.enter_context(utils.staged_folder(os.path.join(args.output_dir, 'val_ms')))
+        confusion, confusion_ms = evaluate(runner, loader, rt, dataset.num_classes, args.crop_size,
+                                           args.eval_scales, args.flip, save_dir, ms_save_dir)
+    if rt.dist.is_main:
+        report(confusion, confusion_ms, dataset.class_names, args, path, time.time() - start, len(dataset))
+    return confusion.mean_iou()
+
+
+def report(confusion, confusion_ms, class_names, args, path, seconds, count) -> None:
+    """Print the per-class table, the original's `IoU {class}: x` and `Mean IoU: x` lines, and save a chart."""
+    iou = confusion.iou()
+    label = ''
+    if confusion_ms is not None:
+        label = 'scales ' + ','.join(f'{s:g}' for s in (args.eval_scales or [1.0])) + (' + flip' if args.flip else '')
+        log.info('per-class IoU (%%): single scale | %s\n%s', label,
+                 _side_by_side(class_names, iou, confusion_ms.iou()))
+    else:
+        log.info('per-class IoU (%%):\n%s', confusion.table(class_names))
+    for name, value in zip(class_names, iou):
+        log.info('IoU %s: %.2f', name, value * 100)
+    log.info('Mean IoU: %.2f', iou.mean() * 100)
+    if confusion_ms is not None:
+        log.info('Mean IoU (%s): %.2f', label, confusion_ms.mean_iou())
+    chart = os.path.join(args.output_dir, os.path.splitext(os.path.basename(path))[0] + '_iou.png')
+    plots.iou_bar_chart(class_names, iou * 100, chart, f'{os.path.basename(path)}: mIoU {iou.mean() * 100:.2f}',
+                        extra=None if confusion_ms is None else confusion_ms.iou() * 100, extra_label=label)
+    where = f'predictions in {os.path.join(args.output_dir, "val")}/, ' if args.save_predictions else ''
+    log.info('%d images in %.1f s; %sIoU chart %s', count, seconds, where, chart)
+
+
+def _side_by_side(class_names, iou, iou_ms) -> str:
+    width = max(len(n) for n in class_names)
+    rows = [f'{name:<{width}}  {a * 100:6.2f}  {b * 100:6.2f}' for name, a, b in zip(class_names, iou, iou_ms)]
+    rows.append(f'{"mean":<{width}}  {iou.mean() * 100:6.2f}  {iou_ms.mean() * 100:6.2f}')
+    return '\n'.join(rows)
+
+
+def raise_if_worker_died(e: RuntimeError, batches=None) -> None:
+    """Turn PyTorch's "DataLoader worker ... exited unexpectedly" into a message with the cause: the signal or
+    status the worker ended with (`batches`, the loader's iterator, knows its workers)."""
+    text = str(e)
+    if 'DataLoader worker' not in text:
+        return
+    causes = []
+    for worker in getattr(batches, '_workers', []):
+        code = worker.exitcode
+        if code is not None and code < 0:
+            name = signal.Signals(-code).name
+            causes.append(f'worker pid {worker.pid} was killed by {name}'
+                          + (' (Killed: usually the out-of-memory killer)' if name == 'SIGKILL' else ''))
+        elif code:
+            causes.append(f'worker pid {worker.pid} exited with status {code}')
+    cause = '; '.join(causes) or text.strip().splitlines()[0]
+    raise UserError(f'a data-loading worker died ({cause}). This usually means it ran out of memory, or of shared '
+                    f'memory (/dev/shm) in a container: lower --workers or --batch_size, or load in the main process '
+                    f'with --workers 0.') from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
+    model.train()
+    if freeze_bn:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+def make_optimizer(model: deeplab.DeepLabV3, args) -> torch.optim.SGD:
+    """SGD with two parameter groups, as the original: the backbone, and the ASPP at lr x last_mult."""
+    if args.freeze_bn:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.weight.requires_grad_(False)
+                m.bias.requires_grad_(False)
+    head = [p for p in model.aspp.parameters() if p.requires_grad]
+    head_ids = {id(p) for p in model.aspp.parameters()}
+    backbone = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
+    return torch.optim.SGD([{'params': backbone}, {'params': head}], lr=args.base_lr, momentum=MOMENTUM,
+                           weight_decay=WEIGHT_DECAY)
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {'torch': torch.get_rng_state()}
+    if device.type == 'cuda':
+        state['cuda'] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    if 'torch' in state:
+        torch.set_rng_state(state['torch'])
+    if 'cuda' in state and device.type == 'cuda':
+        torch.cuda.set_rng_state(state['cuda'], device)
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # completed epochs
+    iteration: int = 0  # completed iterations over all epochs
+    seed: int = 0
+    best_miou: float | None = None
+    last_checkpoint: str | None = None
+
+
+def make_checkpoint(model, optimizer, scaler, state: TrainState, args, rt: Runtime, class_names) -> dict:
+    return {
+        'format': 'vovnet-deeplabv3', 'version': CHECKPOINT_VERSION,
+        'epoch': state.epoch, 'iteration': state.iteration, 'seed': state.seed, 'best_miou': state.best_miou,
+        'state_dict': unwrap(model).state_dict(), 'optimizer': optimizer.state_dict(),
+        'scaler': scaler.state_dict() if scaler.is_enabled() else None,
+        'model_args': model_args_of(unwrap(model), args), 'dataset': args.dataset,
+        'class_names': list(class_names), 'rng': rng_state(rt.device),
+        'args': {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))},
+    }
+
+
+def save(checkpoint: dict, path: str, state: TrainState, rt: Runtime) -> None:
+    if rt.dist.is_main:
+        utils.save_checkpoint(checkpoint, path)
+        log.info('saved %s', path)
+    state.last_checkpoint = path
+
+
+class Progress:
+    """Logs a training line every `print_freq` iterations (epoch, iteration, lr, loss, images/s, time left) and
+    the same numbers to the metrics log."""
+
+    def __init__(self, args, iterations: int, max_iterations: int, first_iteration: int, metrics):
+        self.args, self.iterations, self.max_iterations, self.metrics = args, iterations, max_iterations, metrics
+        self.start, self.first_iteration = time.time(), first_iteration
+        self.window_start, self.window_images, self.losses = time.time(), 0, []
+
+    def new_epoch(self) -> None:
+        self.window_start, self.window_images, self.losses = time.time(), 0, []
+
+    def step(self, epoch: int, batch_index: int, iteration: int, lr: float, loss: float) -> None:
+        self.losses.append(loss)
+        self.window_images += self.args.batch_size
+        if iteration % self.args.print_freq and batch_index + 1 != self.iterations:
+            return
+        now = time.time()
+        speed = self.window_images / max(now - self.window_start, 1e-9)
+        eta = (now - self.start) / max(iteration - self.first_iteration, 1) * (self.max_iterations - iteration)
+        log.info('epoch %d/%d  iter %d/%d  lr %.6f  loss %.4f (%.4f)  %.1f img/s  eta %s', epoch + 1,
+                 self.args.epochs, batch_index + 1, self.iterations, lr, loss, sum(self.losses) / len(self.losses),
+                 speed, utils.format_seconds(eta))
+        self.metrics.write(iteration, epoch=epoch + 1, lr=lr, loss=loss, images_per_s=speed, time=now)
+        self.window_start, self.window_images = now, 0
+
+
+def train_one_epoch(net, criterion, optimizer, scaler, loader, state: TrainState, max_iterations: int, args,
+                    rt: Runtime, stop: utils.GracefulStop, progress: Progress) -> bool:
+    """Train from the state's iteration to the end of its epoch; False when a stop was requested first."""
+    iterations = loader.sampler.batches_per_epoch
+    epoch = state.epoch
+    set_train_mode(net, args.freeze_bn)
+    progress.new_epoch()
+    batches = iter(loader)
+    try:
+        for batch_index in range(state.iteration - epoch * iterations, iterations):
+            images, masks, _ = next(batches)
+            lr = utils.poly_lr(args.base_lr, state.iteration, max_iterations)
+            optimizer.param_groups[0]['lr'] = lr
+            optimizer.param_groups[1]['lr'] = lr * args.last_mult
+            with rt.autocast():
+                logits = net(rt.input(images))
+            loss = criterion(logits.float(), masks.to(rt.device, non_blocking=True))
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            state.iteration += 1
+            loss_value, stop_all = agree(loss.detach(), stop.requested, rt.dist)
+            if not math.isfinite(loss_value):
+                raise UserError(f'the loss became {loss_value} at epoch {epoch + 1}, iteration {batch_index + 1}/'
+                                f'{iterations} (iteration {state.iteration} of the run); training stopped without '
+                                f'saving. The last good checkpoint is {state.last_checkpoint or "none"}. Lower '
+                                f'--base_lr, check the data, or train without --amp.')
+            progress.step(epoch, batch_index, state.iteration, lr, loss_value)
+            if stop_all:
+                return False
+    except RuntimeError as e:
+        if stop.requested:  # Ctrl-C reached the workers before the main process could stop them
+            return False
+        raise_if_worker_died(e, batches)
+        raise
+    finally:
+        del batches  # shut the workers down now, also when an exception keeps this frame alive
+    return True
+
+
+def train(args, rt: Runtime) -> None:
+    info = rt.dist
+    resume = utils.load_checkpoint(args.resume, what='the checkpoint to resume') if args.resume else None
+    state = TrainState(last_checkpoint=args.resume)
+    if resume is not None and 'iteration' in resume:
+        state.epoch, state.iteration, state.seed = resume['epoch'], resume['iteration'], resume['seed']
+        state.best_miou = resume.get('best_miou')
+        if args.seed is not None and args.seed != state.seed:
+            log.warning('--seed %d differs from the resumed run\'s seed %d; keeping %d so the schedule continues '
+                        'as it was', args.seed, state.seed, state.seed)
+    else:
+        state.seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2 ** 31)
+        if resume is not None:  # a released checkpoint: only the epoch is known
+            state.epoch = int(resume.get('epoch', 0))
+    if state.epoch >= args.epochs:
+        raise UserError(f'{args.resume} has already trained {state.epoch} epochs; ask for more with --epochs.')
+    torch.manual_seed(state.seed + info.rank)
+
+    dataset = pascal.build_dataset(args.dataset, args.data_root, 'train', pascal.train_transforms(args.crop_size),
+                                   args.num_classes, class_names_of(args), seed=state.seed)
+    model = create_model(args, dataset.num_classes, pretrained=not args.scratch and resume is None)
+    if resume is not None:
+        deeplab.load_weights(model, resume['state_dict'], args.resume)
+    model.to(rt.device)
+    if sync_batchnorm(args, info, rt.device.type == 'cuda'):
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if rt.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, args)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp == torch.float16)
+    if resume is not None:
+        restore_optimizer(optimizer, scaler, resume, args.resume)
+        if 'rng' in resume:
+            set_rng_state(resume['rng'], rt.device)
+
+    per_process = args.batch_size // info.world_size
+    sampler = utils.TrainSampler(len(dataset), per_process, state.seed, info.rank, info.world_size)
+    loader = make_loader(dataset, per_process, sampler, args, rt)
+    iterations = sampler.batches_per_epoch
+    if resume is not None and 'iteration' not in resume:
+        state.iteration = state.epoch * iterations
+    max_iterations = args.epochs * iterations
+    val_loader = None
+    if args.val_every:
+        val_set = pascal.build_dataset(args.dataset, args.data_root, 'val', pascal.eval_transforms(args.crop_size),
+                                       dataset.num_classes, dataset.class_names)
+        val_loader = make_loader(val_set, 1, utils.ShardSampler(len(val_set), info.rank, info.world_size), args, rt)
+
+    net = model
+    if info.distributed:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[rt.device.index] if rt.device.type == 'cuda' else None)
+    if args.compile:
+        net = torch.compile(net)
+    criterion = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
+    log.info('training %s (%s parameters) on %d images of %s: %d epochs x %d iterations, batch %d%s, seed %d, '
+             '%s%s%s', run_name(args), f'{deeplab.count_parameters(model):,}', len(dataset), args.dataset,
+             args.epochs, iterations, args.batch_size,
+             f' ({per_process} per process x {info.world_size})' if info.distributed else '', state.seed,
+             rt.device, f', amp {args.amp}' if rt.amp else '', ', channels last' if rt.channels_last else '')
+    if state.iteration:
+        log.info('resuming from %s at epoch %d, iteration %d', args.resume, state.epoch + 1, state.iteration)
+
+    def checkpoint(path):
+        save(make_checkpoint(model, optimizer, scaler, state, args, rt, dataset.class_names), path, state, rt)
+
+    metrics = utils.MetricsWriter(os.path.join(args.output_dir, 'logs', run_name(args)), info.is_main,
+                                  resume=resume is not None)
+    progress = Progress(args, iterations, max_iterations, state.iteration, metrics)
+    try:
+        with utils.GracefulStop() as stop:
+            while state.epoch < args.epochs:
+                sampler.set_epoch(state.epoch, state.iteration - state.epoch * iterations)
+                dataset.set_epoch(state.epoch)
+                if not train_one_epoch(net, criterion, optimizer, scaler, loader, state, max_iterations, args, rt,
+                                       stop, progress):
+                    path = os.path.join(args.output_dir, f'{run_name(args)}_interrupted.pth')
+                    checkpoint(path)
+                    raise Interrupted(stop.signal or signal.SIGTERM,
+                                      f'stopped by signal {stop.signal} at epoch {state.epoch + 1}, iteration '
+                                      f'{state.iteration - state.epoch * iterations}/{iterations}; the state is '
+                                      f'saved in {path}. Resume with the same command plus --resume {path}')
+                state.epoch += 1
+                if args.val_every and (state.epoch % args.val_every == 0 or state.epoch == args.epochs):
+                    validate(unwrap(net), val_loader, rt, dataset.num_classes, args, state, metrics, checkpoint)
+                if state.epoch % args.save_every == 0 or state.epoch == args.epochs:
+                    checkpoint(checkpoint_path(args, state.epoch))
+    finally:
+        metrics.close()
+    if info.is_main:
+        curves = os.path.join(args.output_dir, 'logs', run_name(args), 'curves.png')
+        plots.training_curves(metrics.path, curves)
+        log.info('finished %d epochs in %s; curves in %s', args.epochs,
+                 utils.format_seconds(time.time() - progress.start), curves)
+
+
+def validate(model, loader, rt: Runtime, num_classes: int, args, state: TrainState, metrics, checkpoint) -> None:
+    """Validation during training: log the mean IoU and keep the best checkpoint (_best.pth)."""
+    confusion, _ = evaluate(model, loader, rt, num_classes, args.crop_size)
+    miou = confusion.mean_iou()
+    metrics.write(state.iteration, epoch=state.epoch, miou=miou)
+    improved = state.best_miou is None or miou > state.best_miou
+    log.info('epoch %d: validation mean IoU %.2f%s', state.epoch, miou,
+             ' (best so far)' if improved else f' (best {state.best_miou:.2f})')
+    if improved:
+        state.best_miou = miou
+        checkpoint(os.path.join(args.output_dir, f'{run_name(args)}_best.pth'))
+
+
+class Interrupted(Exception):
+    """Training stopped on request (SIGINT, SIGTERM) after saving its state."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
+def agree(loss: torch.Tensor, stop: bool, info: utils.DistInfo):
+    """The mean loss over all processes and whether any of them was asked to stop, so all act alike."""
+    if not info.distributed:
+        return loss.item(), stop
+    values = torch.stack([loss.float(), torch.tensor(float(stop), device=loss.device)])
+    torch.distributed.all_reduce(values)
+    loss_sum, stops = values.tolist()
+    return loss_sum / info.world_size, stops > 0
+
+
+def restore_optimizer(optimizer, scaler, checkpoint: dict, path: str) -> None:
+    if checkpoint.get('optimizer') is None:
+        log.warning('%s holds no optimizer state; momentum starts from zero', path)
+        return
+    try:
+        optimizer.load_state_dict(checkpoint['optimizer'])
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise UserError(f'the optimizer state in {path} does not fit this run ({e}); it was trained with other '
+                        f'options (e.g. --freeze_bn). Resume with the same flags.') from None
+    if checkpoint.get('scaler') and scaler.is_enabled():
+        scaler.load_state_dict(checkpoint['scaler'])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def main(args) -> float | None:
+    """Train, or evaluate and return the mean IoU (percent)."""
+    info = utils.dist_info()
+    utils.setup_logging(info.is_main)
+    check_args(args, info)  # before joining a process group, so that a bad flag cannot leave the others waiting
+    info, device = utils.init_distributed(args.device, args.gpu)
+    try:
+        rt = make_runtime(args, info, device)
+        if args.train:
+            train(args, rt)
+            return None
+        return run_evaluation(args, rt)
+    finally:
+        utils.cleanup_distributed()
+
+
+def cli(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        main(args)
+    except UserError as e:
+        if int(os.environ.get('RANK', 0)) == 0:
+            print(f'error: {e.for_user()}', file=sys.stderr)
+        return 1
+    except Interrupted as e:
+        if int(os.environ.get('RANK', 0)) == 0:
+            print(str(e), file=sys.stderr)
+        return 128 + (e.signum or signal.SIGINT)
+    except KeyboardInterrupt:
+        print('interrupted', file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(cli())
