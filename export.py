@@ -1,0 +1,101 @@
+"""Export a checkpoint to ONNX with dynamic batch, height and width, and check it against PyTorch.
+
+    python export.py --checkpoint data/deeplab_vovnet39_pascal_v3_bn_lr7e-3_epoch50.pth --output vovnet39.onnx
+
+The graph takes `image`, a normalised float32 batch (N, 3, H, W) (ImageNet mean/std, as in training), and returns
+`logits` (N, classes, H, W). When ONNX Runtime is installed (pip install onnxruntime), the exported model is run
+on a sample input of another size than the one traced and compared with PyTorch: the agreement is printed.
+"""
+import argparse
+import logging
+import os
+import sys
+import warnings
+
+import numpy as np
+import torch
+
+import deeplab
+import utils
+from utils import UserError
+
+log = logging.getLogger('export')
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--checkpoint', required=True, help='a checkpoint of main.py --train, or a released one')
+    p.add_argument('--output', default=None, help='ONNX file to write (default: the checkpoint name with .onnx)')
+    p.add_argument('--backbone', default=None, choices=deeplab.BACKBONES,
+                   help='only needed when the checkpoint does not tell (it usually does)')
+    p.add_argument('--output_stride', type=int, default=16, choices=deeplab.OUTPUT_STRIDES)
+    p.add_argument('--height', type=int, default=513, help='height of the example traced (default 513)')
+    p.add_argument('--width', type=int, default=513, help='width of the example traced (default 513)')
+    p.add_argument('--opset', type=int, default=17, help='ONNX opset (default 17)')
+    p.add_argument('--no_check', action='store_true', help='skip the ONNX Runtime comparison')
+    return p
+
+
+def export(model: deeplab.DeepLabV3, path: str, height: int, width: int, opset: int) -> None:
+    """Trace `model` on a (1, 3, height, width) example and write it with dynamic batch, height and width."""
+    example = torch.randn(1, 3, height, width)
+    axes = {'image': {0: 'batch', 2: 'height', 3: 'width'}, 'logits': {0: 'batch', 2: 'height', 3: 'width'}}
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f'.{os.path.basename(path)}.{os.getpid()}.tmp')
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')  # the TorchScript exporter's deprecation notices
+            torch.onnx.export(model, (example,), tmp, input_names=['image'], output_names=['logits'],
+                              dynamic_axes=axes, opset_version=opset, dynamo=False)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def check(model: deeplab.DeepLabV3, path: str, height: int, width: int) -> dict | None:
+    """Run the ONNX file with ONNX Runtime and PyTorch on one input; None when ONNX Runtime is absent."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    session = onnxruntime.InferenceSession(path, providers=['CPUExecutionProvider'])
+    x = torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = model(x).numpy()
+    got = session.run(['logits'], {'image': x.numpy()})[0]
+    return dict(shape=got.shape, max_abs_diff=float(np.abs(got - expected).max()),
+                argmax_agreement=float((got.argmax(1) == expected.argmax(1)).mean() * 100))
+
+
+def run(args) -> None:
+    output = args.output or os.path.splitext(args.checkpoint)[0] + '.onnx'
+    model = deeplab.model_from_checkpoint(args.checkpoint, args.backbone, args.output_stride).eval()
+    try:
+        export(model, output, args.height, args.width, args.opset)
+    except OSError as e:
+        raise UserError(f'could not write {output}: {e.strerror or e}.') from None
+    log.info('wrote %s (%s, %d classes, dynamic batch/height/width)', output, model.backbone_name, model.num_classes)
+    if args.no_check:
+        return
+    # Another size than the traced one, odd on one side, exercises the dynamic axes.
+    result = check(model, output, args.height + 32, args.width - 31)
+    if result is None:
+        log.info('ONNX Runtime is not installed, so the export was not checked (pip install onnxruntime).')
+        return
+    log.info('ONNX Runtime vs PyTorch on a %dx%d input: logits %s, max |difference| %.2e, argmax agreement %.4f%%',
+             args.height + 32, args.width - 31, result['shape'], result['max_abs_diff'], result['argmax_agreement'])
+
+
+def cli(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    utils.setup_logging()
+    try:
+        run(args)
+    except UserError as e:
+        print(f'error: {e.for_user()}', file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(cli())

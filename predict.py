@@ -1,0 +1,192 @@
+"""Segment your own images with a checkpoint (this project's or a released one).
+
+    python predict.py --checkpoint data/deeplab_vovnet39_pascal_v3_bn_lr7e-3_epoch50.pth --input photos/ --output out/
+
+For each image it writes, at the image's own size, the class mask as a palettised PNG (`{name}.png`) and a
+colour overlay on the photo (`{name}_overlay.jpg`). `--input` is an image, a folder or a glob pattern; files
+that cannot be read are reported and skipped. Images up to the crop size are padded to it, as in evaluation, and
+batched; larger ones are predicted whole, or tile by tile with `--slide`.
+"""
+import argparse
+import glob
+import logging
+import math
+import os
+import sys
+import time
+from collections import defaultdict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import deeplab
+import pascal
+import utils
+from utils import UserError
+
+log = logging.getLogger('predict')
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--checkpoint', required=True, help='a checkpoint of main.py --train, or a released one')
+    p.add_argument('--input', required=True, help='an image, a folder of images, or a glob such as "photos/*.jpg"')
+    p.add_argument('--output', default='predictions', help='output folder (default: %(default)s)')
+    p.add_argument('--backbone', default=None, choices=deeplab.BACKBONES,
+                   help='only needed when the checkpoint does not tell (it usually does)')
+    p.add_argument('--output_stride', type=int, default=16, choices=deeplab.OUTPUT_STRIDES)
+    p.add_argument('--crop_size', type=int, default=513, help='canvas smaller images are padded to (default 513)')
+    p.add_argument('--batch_size', type=int, default=4, help='images per forward pass (default 4)')
+    p.add_argument('--opacity', type=float, default=0.5, help='opacity of the overlay colours, 0-1 (default 0.5)')
+    p.add_argument('--slide', action='store_true',
+                   help='predict images larger than the crop tile by tile (overlapping crop_size windows) '
+                        'instead of whole')
+    p.add_argument('--device', default=None, help='cpu, cuda or cuda:N (default: CUDA when available)')
+    p.add_argument('--amp', default='off', choices=('off', 'bf16', 'fp16'), help='mixed precision')
+    return p
+
+
+def collect_inputs(spec: str) -> list[str]:
+    if os.path.isdir(spec):
+        files = [os.path.join(spec, f) for f in sorted(os.listdir(spec)) if not f.startswith('.')]
+        files = [f for f in files if os.path.isfile(f)]
+    elif os.path.isfile(spec):
+        files = [spec]
+    else:
+        files = sorted(f for f in glob.glob(spec, recursive=True) if os.path.isfile(f))
+    if not files:
+        raise UserError(f'--input {spec} names no file: give an image, a folder of images or a glob pattern.')
+    return files
+
+
+class Predictor:
+    """Logits for batches of normalised images, padded like evaluation; tiles for large images with `slide`."""
+
+    def __init__(self, model, device, crop_size: int, amp, slide: bool):
+        self.model, self.device, self.crop, self.amp, self.slide = model, device, crop_size, amp, slide
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            return self.model(x.to(self.device)).float()
+
+    def batch(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Class maps for images of at most crop x crop, predicted together on one padded canvas each."""
+        canvas = torch.zeros(len(images), 3, self.crop, self.crop)
+        for i, image in enumerate(images):
+            canvas[i, :, :image.shape[1], :image.shape[2]] = image
+        pred = self._forward(canvas).argmax(1).cpu()
+        return [pred[i, :image.shape[1], :image.shape[2]] for i, image in enumerate(images)]
+
+    def large(self, image: torch.Tensor) -> torch.Tensor:
+        if not self.slide:
+            return self._forward(image[None]).argmax(1)[0].cpu()
+        h, w = image.shape[1:]
+        crop, stride = self.crop, max(1, self.crop * 2 // 3)
+        padded = F.pad(image, (0, max(0, crop - w), 0, max(0, crop - h)))
+        ph, pw = padded.shape[1:]
+        total = torch.zeros(0)
+        count = torch.zeros(1, ph, pw)
+        for y in _starts(ph, crop, stride):
+            for x in _starts(pw, crop, stride):
+                probs = self._forward(padded[None, :, y:y + crop, x:x + crop]).softmax(1)[0].cpu()
+                if total.numel() == 0:
+                    total = torch.zeros(probs.shape[0], ph, pw)
+                total[:, y:y + crop, x:x + crop] += probs
+                count[:, y:y + crop, x:x + crop] += 1
+        return (total / count).argmax(0)[:h, :w]
+
+
+def _starts(length: int, window: int, stride: int) -> list[int]:
+    if length <= window:
+        return [0]
+    n = math.ceil((length - window) / stride) + 1
+    return sorted({min(i * stride, length - window) for i in range(n)})
+
+
+def overlay(photo: Image.Image, mask: np.ndarray, opacity: float, palette) -> Image.Image:
+    colours = np.asarray(palette, np.uint8).reshape(-1, 3)[mask]
+    blended = np.asarray(photo, np.float32) * (1 - opacity) + colours.astype(np.float32) * opacity
+    keep = mask == 0  # leave the background as it is
+    blended[keep] = np.asarray(photo, np.float32)[keep]
+    return Image.fromarray(blended.round().astype(np.uint8), 'RGB')
+
+
+def unique_stem(path: str, used: set) -> str:
+    stem = os.path.splitext(os.path.basename(path))[0]
+    if stem in used:
+        stem = os.path.basename(path).replace('.', '_')
+    while stem in used:
+        stem += '_'
+    used.add(stem)
+    return stem
+
+
+def run(args) -> int:
+    """Predict every readable input; returns the number of files skipped."""
+    if not 0 <= args.opacity <= 1:
+        raise UserError(f'--opacity must be between 0 and 1, not {args.opacity}.')
+    if args.batch_size < 1 or args.crop_size < 32:
+        raise UserError('--batch_size must be at least 1 and --crop_size at least 32.')
+    files = collect_inputs(args.input)
+    _, device = utils.init_distributed(args.device)
+    amp = {'off': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[args.amp]
+    if amp == torch.float16 and device.type != 'cuda':
+        raise UserError('--amp fp16 needs a CUDA GPU; on the CPU use --amp bf16 or off.')
+    model = deeplab.model_from_checkpoint(args.checkpoint, args.backbone, args.output_stride).to(device).eval()
+    predictor = Predictor(model, device, args.crop_size, amp, args.slide)
+    to_tensor = pascal.ToTensor()
+    palette = utils.voc_palette()
+    os.makedirs(args.output, exist_ok=True)
+
+    # Read every image first so that the small ones can be batched; report and skip what cannot be read.
+    photos, skipped = {}, 0
+    for path in files:
+        try:
+            photos[path] = pascal.load_image(path, exif=True)
+        except UserError as e:
+            log.warning('skipping: %s', e)
+            skipped += 1
+    groups = defaultdict(list)
+    for path, photo in photos.items():
+        small = photo.size[0] <= args.crop_size and photo.size[1] <= args.crop_size
+        groups['small' if small else path].append(path)
+
+    used, done, start = set(), 0, time.time()
+    with torch.inference_mode():
+        for key, paths in groups.items():
+            for i in range(0, len(paths), args.batch_size):
+                chunk = paths[i:i + args.batch_size]
+                tensors = [to_tensor(photos[p], photos[p], None)[0] for p in chunk]
+                masks = predictor.batch(tensors) if key == 'small' else [predictor.large(tensors[0])]
+                for path, mask in zip(chunk, masks):
+                    mask = mask.numpy().astype(np.uint8)
+                    stem = unique_stem(path, used)
+                    image = Image.fromarray(mask, 'P')
+                    image.putpalette(palette)
+                    utils.save_image(image, os.path.join(args.output, f'{stem}.png'))
+                    utils.save_image(overlay(photos[path], mask, args.opacity, palette),
+                                     os.path.join(args.output, f'{stem}_overlay.jpg'))
+                    done += 1
+                    log.info('[%d/%d] %s (%dx%d) -> %s.png  %.1f img/s', done, len(photos), path,
+                             photos[path].size[0], photos[path].size[1], os.path.join(args.output, stem),
+                             done / (time.time() - start))
+    log.info('%d images segmented into %s/%s', done, args.output,
+             f'; {skipped} skipped (see the warnings above)' if skipped else '')
+    return skipped
+
+
+def cli(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    utils.setup_logging()
+    try:
+        run(args)
+    except UserError as e:
+        print(f'error: {e.for_user()}', file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(cli())

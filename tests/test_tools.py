@@ -1,0 +1,238 @@
+"""predict.py, export.py, multi-scale evaluation, resume, logs, custom datasets."""
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+from conftest import randomize
+from PIL import Image
+
+import deeplab
+import utils
+
+TRAIN = ['--train', '--exp', 'x', '--backbone', 'vovnet39', '--scratch', '--crop_size', '65', '--batch_size', '4',
+         '--workers', '0', '--seed', '3', '--base_lr', '0.01']
+
+
+@pytest.fixture(scope='module')
+def run3(synthetic_root, tmp_path_factory):
+    """An uninterrupted 3-epoch run with a checkpoint every epoch and validation every 2 epochs."""
+    import main
+    folder = tmp_path_factory.mktemp('run3')
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        assert main.cli(TRAIN + ['--epochs', '3', '--save_every', '1', '--val_every', '2', '--print_freq', '1',
+                                 '--data_root', str(synthetic_root)]) == 0
+    finally:
+        os.chdir(cwd)
+    return folder
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)['state_dict']
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_checkpoints_every_save_every_epochs_and_the_best_one(run3):
+    names = sorted(os.listdir(run3 / 'data'))
+    assert names == ['deeplab_vovnet39_pascal_v3_x_best.pth', 'deeplab_vovnet39_pascal_v3_x_epoch1.pth',
+                     'deeplab_vovnet39_pascal_v3_x_epoch2.pth', 'deeplab_vovnet39_pascal_v3_x_epoch3.pth', 'logs']
+    best = torch.load(run3 / 'data' / names[0], weights_only=True)
+    assert best['epoch'] in (2, 3) and best['best_miou'] is not None
+
+
+def test_resuming_from_an_intermediate_epoch_gives_the_uninterrupted_weights(run3, synthetic_root, tmp_path,
+                                                                             monkeypatch, run_cli):
+    monkeypatch.chdir(tmp_path)
+    status, out, err = run_cli(*TRAIN, '--epochs', '3', '--data_root', synthetic_root, '--val_every', '2',
+                               '--resume', run3 / 'data' / 'deeplab_vovnet39_pascal_v3_x_epoch1.pth')
+    assert status == 0, err
+    assert 'resuming from' in out and 'at epoch 2, iteration 2' in out
+    assert_same_weights(weights('data/deeplab_vovnet39_pascal_v3_x_epoch3.pth'),
+                        weights(run3 / 'data' / 'deeplab_vovnet39_pascal_v3_x_epoch3.pth'))
+    resumed = torch.load('data/deeplab_vovnet39_pascal_v3_x_epoch3.pth', weights_only=True)
+    assert resumed['iteration'] == 6 and resumed['epoch'] == 3
+
+
+def test_metrics_log_and_curves_after_training(run3):
+    folder = run3 / 'data' / 'logs' / 'deeplab_vovnet39_pascal_v3_x'
+    rows = [json.loads(line) for line in open(folder / 'metrics.jsonl')]
+    train = [r for r in rows if 'loss' in r]
+    assert [r['iteration'] for r in train] == [1, 2, 3, 4, 5, 6]
+    assert all(r['lr'] > 0 and r['images_per_s'] > 0 and np.isfinite(r['loss']) for r in train)
+    assert [r['epoch'] for r in rows if 'miou' in r] == [2, 3]
+    curves = Image.open(folder / 'curves.png')
+    assert curves.format == 'PNG' and curves.size[0] > 600
+    assert any(f.startswith('events.out.tfevents') for f in os.listdir(folder))
+
+
+def test_tensorboard_absent_degrades_to_a_message(tmp_path, monkeypatch, caplog):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith('torch.utils.tensorboard'):
+            raise ImportError('No module named tensorboard')
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, '__import__', no_tensorboard)
+    caplog.set_level('INFO')
+    writer = utils.MetricsWriter(str(tmp_path))
+    writer.write(1, loss=0.5)
+    assert 'TensorBoard is not installed' in caplog.text
+    assert os.listdir(tmp_path) == ['metrics.jsonl']
+
+
+def test_multi_scale_and_flip_evaluation_is_reported_beside_single_scale(run3, synthetic_root, monkeypatch,
+                                                                          run_cli):
+    monkeypatch.chdir(run3)
+    status, out, err = run_cli('--exp', 'x', '--epochs', '3', '--backbone', 'vovnet39', '--crop_size', '65',
+                               '--data_root', synthetic_root, '--workers', '0', '--eval_scales', '0.75,1,1.25',
+                               '--flip')
+    assert status == 0, err
+    single = re.search(r'^Mean IoU: (\d+\.\d\d)$', out, re.M)
+    multi = re.search(r'^Mean IoU \(scales 0.75,1,1.25 \+ flip\): (\d+\.\d\d)$', out, re.M)
+    assert single and multi
+    assert 'single scale | scales 0.75,1,1.25 + flip' in out
+    assert len(os.listdir('data/val_ms')) == 4 and len(os.listdir('data/val')) == 4
+    assert os.path.isfile('data/deeplab_vovnet39_pascal_v3_x_epoch3_iou.png')
+
+
+def test_output_stride_8_trains_and_evaluates(synthetic_root, tmp_path, monkeypatch, run_cli):
+    monkeypatch.chdir(tmp_path)
+    status, _, err = run_cli(*TRAIN, '--epochs', '1', '--output_stride', '8', '--data_root', synthetic_root)
+    assert status == 0, err
+    checkpoint = torch.load('data/deeplab_vovnet39_pascal_v3_x_epoch1.pth', weights_only=True)
+    assert checkpoint['model_args']['output_stride'] == 8
+    status, out, err = run_cli('--exp', 'x', '--epochs', '1', '--backbone', 'vovnet39', '--crop_size', '65',
+                               '--output_stride', '8', '--data_root', synthetic_root, '--workers', '0')
+    assert status == 0 and 'Mean IoU: ' in out, err
+
+
+def test_a_custom_dataset_with_its_own_classes(voc_copy, tmp_path, monkeypatch, run_cli):
+    masks = voc_copy / 'VOC2012' / 'SegmentationClassAug'
+    for name in os.listdir(masks):
+        m = np.asarray(Image.open(masks / name))
+        Image.fromarray(np.where(m == 255, 255, m % 4).astype(np.uint8), 'L').save(masks / name)
+    names = tmp_path / 'classes.txt'
+    names.write_text('sky\nroad\ncar\ntree\n')
+    monkeypatch.chdir(tmp_path)
+    common = ['--exp', 'mine', '--backbone', 'vovnet39', '--epochs', '1', '--crop_size', '65', '--workers', '0',
+              '--data_root', voc_copy, '--num_classes', '4', '--class_names', names]
+    status, _, err = run_cli('--train', '--scratch', '--batch_size', '4', *common)
+    assert status == 0, err
+    status, out, err = run_cli(*common)
+    assert status == 0, err
+    assert all(f'IoU {n}: ' in out for n in ('sky', 'road', 'car', 'tree')) and 'IoU aeroplane' not in out
+
+
+# --- predict.py
+
+
+def write_inputs(folder):
+    os.makedirs(folder)
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 255, (50, 70, 3), dtype=np.uint8), 'RGB')
+    rgb.save(folder / 'photo.jpg')
+    rgb.convert('RGBA').resize((40, 33)).save(folder / 'transparent.png')
+    rgb.convert('L').resize((90, 110)).save(folder / 'large_grey.png')  # beyond the 65 crop
+    rgb.convert('P').save(folder / 'palette.gif')
+    Image.fromarray(np.asarray(rgb.convert('L'), np.uint16) * 200).save(folder / 'sixteen_bit.png')
+    rgb.convert('CMYK').save(folder / 'print.jpg')
+    (folder / 'notes.txt').write_text('not an image')
+    return {'photo.jpg': (70, 50), 'transparent.png': (40, 33), 'large_grey.png': (90, 110),
+            'palette.gif': (70, 50), 'sixteen_bit.png': (70, 50), 'print.jpg': (70, 50)}
+
+
+@pytest.fixture(scope='module')
+def small_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp('ckpt') / 'vov.pth'
+    torch.manual_seed(0)
+    model = randomize(deeplab.vovnet39(num_classes=21), seed=7)
+    with torch.no_grad():
+        model.aspp.conv3.bias.copy_(torch.linspace(-1, 1, 21))
+    torch.save({'epoch': 50, 'state_dict': {f'module.{k}': v for k, v in model.state_dict().items()}}, path)
+    return path
+
+
+@pytest.mark.parametrize('slide', [False, True])
+def test_predict_on_a_folder_of_mixed_images(small_checkpoint, tmp_path, run_cli, slide):
+    expected = write_inputs(tmp_path / 'in')
+    args = ['--checkpoint', small_checkpoint, '--input', tmp_path / 'in', '--output', tmp_path / 'out',
+            '--crop_size', '65', '--batch_size', '3', '--device', 'cpu'] + (['--slide'] if slide else [])
+    status, out, err = run_cli(*args, module='predict')
+    assert status == 0, err
+    assert 'notes.txt' in err and 'skipping' in err and 'Traceback' not in err
+    for name, size in expected.items():
+        stem = os.path.splitext(name)[0]
+        mask = Image.open(tmp_path / 'out' / f'{stem}.png')
+        assert mask.mode == 'P' and mask.size == size, name
+        assert Image.open(tmp_path / 'out' / f'{stem}_overlay.jpg').size == size
+    assert '[6/6]' in out
+
+
+def test_predicted_masks_equal_the_evaluation_protocol(small_checkpoint, tmp_path, run_cli):
+    import pascal
+    os.makedirs(tmp_path / 'in')
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 60, 3), dtype=np.uint8), 'RGB')
+    image.save(tmp_path / 'in' / 'a.png')
+    status, _, err = run_cli('--checkpoint', small_checkpoint, '--input', str(tmp_path / 'in' / '*.png'),
+                             '--output', tmp_path / 'out', '--crop_size', '65', module='predict')
+    assert status == 0, err
+    model = deeplab.model_from_checkpoint(str(small_checkpoint)).eval()
+    x, _ = pascal.eval_transforms(65)(image, Image.new('L', image.size), None)
+    with torch.no_grad():
+        expected = model(x[None]).argmax(1)[0, :40, :60].numpy()
+    assert np.array_equal(np.asarray(Image.open(tmp_path / 'out' / 'a.png')), expected)
+    assert len(np.unique(expected)) > 1
+
+
+def test_predict_refuses_a_backbone_that_contradicts_the_checkpoint(small_checkpoint, tmp_path, run_cli):
+    Image.new('RGB', (30, 20)).save(tmp_path / 'a.png')
+    status, _, err = run_cli('--checkpoint', small_checkpoint, '--input', tmp_path, '--backbone', 'resnet50',
+                             module='predict')
+    assert status == 1 and 'holds a DeepLabV3-vovnet39' in err
+
+
+# --- export.py
+
+
+def test_onnx_export_matches_pytorch_argmax_on_every_pixel(small_checkpoint, tmp_path, run_cli):
+    ort = pytest.importorskip('onnxruntime')
+    output = tmp_path / 'model.onnx'
+    status, out, err = run_cli('--checkpoint', small_checkpoint, '--output', output, '--height', '65',
+                               '--width', '65', module='export')
+    assert status == 0, err
+    assert re.search(r'argmax agreement 100\.0000%', out), out
+    model = deeplab.model_from_checkpoint(str(small_checkpoint)).eval()
+    session = ort.InferenceSession(str(output), providers=['CPUExecutionProvider'])
+    for h, w in ((65, 65), (80, 97), (129, 70)):  # dynamic height and width
+        x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(h))
+        with torch.no_grad():
+            expected = model(x).numpy()
+        got = session.run(['logits'], {'image': x.numpy()})[0]
+        assert got.shape == (2, 21, h, w)
+        assert np.array_equal(got.argmax(1), expected.argmax(1))
+    assert sorted(os.listdir(tmp_path)) == ['model.onnx']
+
+
+def test_export_without_onnxruntime_says_it_did_not_check(small_checkpoint, tmp_path, run_cli, monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_onnxruntime(name, *args, **kwargs):
+        if name == 'onnxruntime':
+            raise ImportError('No module named onnxruntime')
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, '__import__', no_onnxruntime)
+    status, out, _ = run_cli('--checkpoint', small_checkpoint, '--output', tmp_path / 'm.onnx', '--height', '65',
+                             '--width', '65', module='export')
+    assert status == 0 and 'ONNX Runtime is not installed' in out
+    assert os.path.getsize(tmp_path / 'm.onnx') > 10**6
