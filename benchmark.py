@@ -1,0 +1,384 @@
+"""Speed, memory and energy of the six DeepLabV3 models: the columns of the original's table, measured here.
+
+    python benchmark.py                                   # inference, all backbones, 513x513, batch 1
+    python benchmark.py --backbones vovnet39 --configs fp32+cl,bf16+cl,bf16+cl+compile
+    python benchmark.py --mode train --crop 321 --batch 4 --backbones vovnet39
+
+Every backbone is first measured as the original ran it (`original`: eager fp32, NCHW, and in inference mode
+with the autograd graph built, as its evaluation did), then in each configuration of `--configs`, under
+`torch.inference_mode()`. A configuration joins tokens with `+`: a precision (`fp32`, `bf16`, `fp16`), `cl`
+(channels-last), `compile` (torch.compile) and `fold` (BatchNorm folded into the convolutions). Columns:
+median latency in ms after warm-up (CUDA-synchronised), peak memory in MB (CUDA: max allocated; CPU: the
+process's peak resident set, each measurement in a fresh process), energy in J/frame from NVML's energy counter
+on NVIDIA GPUs, parameters, GFLOPs (2 x multiply-adds), the argmax agreement with fp32, and each figure's ratio
+to `original`.
+"""
+import argparse
+import json
+import multiprocessing as mp
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import deeplab
+import pascal
+import synthetic
+
+PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+@dataclass
+class Config:
+    name: str
+    amp: str = 'fp32'
+    channels_last: bool = False
+    compile: bool = False
+    fold: bool = False
+    grad: bool = False  # the original's evaluation: autograd graph built
+
+    @classmethod
+    def parse(cls, text: str) -> 'Config':
+        config = cls(text)
+        for token in text.split('+'):
+            if token in PRECISIONS:
+                config.amp = token
+            elif token == 'cl':
+                config.channels_last = True
+            elif token == 'compile':
+                config.compile = True
+            elif token == 'fold':
+                config.fold = True
+            else:
+                raise argparse.ArgumentTypeError(f'unknown token {token!r} in configuration {text!r}; use fp32, '
+                                                 f'bf16, fp16, cl, compile, fold joined by +')
+        return config
+
+
+ORIGINAL = Config('original', grad=True)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--mode', choices=('inference', 'train'), default='inference')
+    p.add_argument('--backbones', default=','.join(deeplab.BACKBONES), help='comma-separated (default: all six)')
+    p.add_argument('--configs', default=None,
+                   help='comma-separated configurations (default: fp32,fp32+cl,bf16+cl on CPU; '
+                        'fp32,fp32+cl,fp16+cl,bf16+cl on CUDA)')
+    p.add_argument('--device', default=None, help='cpu or cuda (default: CUDA when available)')
+    p.add_argument('--size', type=int, default=513, help='inference input height and width (default 513)')
+    p.add_argument('--batch', type=int, default=None, help='batch size (default: 1 for inference, 4 for train)')
+    p.add_argument('--crop', type=int, default=321, help='training crop (default 321)')
+    p.add_argument('--warmup', type=int, default=3, help='untimed runs first (default 3)')
+    p.add_argument('--iters', type=int, default=10, help='timed runs; the median is reported (default 10)')
+    p.add_argument('--checkpoint', default=None, help='weights to use (one backbone); default: random weights '
+                                                       'with BatchNorm statistics calibrated on the sample image')
+    p.add_argument('--threads', type=int, default=None, help='CPU threads (default: PyTorch\'s)')
+    p.add_argument('--no_isolate', action='store_true', help='measure in this process (CPU memory then shared)')
+    p.add_argument('--json', default=None, metavar='FILE', help='also write the results as JSON')
+    return p
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def sample_batch(size: int, batch: int) -> torch.Tensor:
+    """Normalised synthetic photos (objects on textured backgrounds) of size x size."""
+    rng = np.random.default_rng(0)
+    images = []
+    for i in range(batch):
+        image, _ = synthetic.make_sample(rng, 1 + i % 20, size, size)
+        images.append(pascal.ToTensor()(image, image, None)[0])
+    return torch.stack(images)
+
+
+def build(backbone: str, args, x: torch.Tensor) -> deeplab.DeepLabV3:
+    if args.checkpoint:
+        return deeplab.model_from_checkpoint(args.checkpoint, backbone)
+    torch.manual_seed(0)
+    model = deeplab.build_model(backbone)
+    with torch.no_grad():  # realistic activation scales: BN statistics of the sample image
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.momentum = None
+        model.train()
+        model(torch.cat([x, x.flip(-1)]))
+        model.aspp.conv3.bias.copy_(torch.linspace(-0.5, 0.5, model.num_classes))
+    return model.eval()
+
+
+def prepare(model, config: Config, device: torch.device):
+    model = model.to(device)
+    if config.fold:
+        import torch.fx.experimental.optimization as fx_opt
+        model = fx_opt.fuse(model.eval())
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return torch.compile(model) if config.compile else model
+
+
+def _sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+class PeakMemory:
+    """Peak memory over a block: CUDA max allocated, or the process's peak resident set (VmHWM, reset first)."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        if self.device.type == 'cuda':
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            try:
+                with open('/proc/self/clear_refs', 'w') as f:
+                    f.write('5')
+            except OSError:
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == 'cuda':
+            self.mb = torch.cuda.max_memory_allocated(self.device) / 2 ** 20
+        else:
+            self.mb = _vm_hwm_mb()
+        return False
+
+
+def _vm_hwm_mb() -> float | None:
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('VmHWM:'):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Energy:
+    """GPU energy over a block from NVML's total-energy counter (millijoules), where available."""
+
+    def __init__(self, device):
+        self.device, self.joules, self.why = device, None, None
+        if device.type != 'cuda':
+            self.why = 'CPU run (no energy counter)'
+            return
+        try:
+            import pynvml
+            pynvml.nvmlInit()
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            self.handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            self.read = lambda: pynvml.nvmlDeviceGetTotalEnergyConsumption(self.handle)
+            self.read()
+        except ImportError:
+            self.why = 'NVML not installed (pip install nvidia-ml-py)'
+        except Exception as e:  # no NVIDIA driver, or a GPU without the counter
+            self.why = f'NVML energy counter unavailable ({e})'
+
+    def __enter__(self):
+        if self.why is None:
+            self.start = self.read()
+        return self
+
+    def __exit__(self, *exc):
+        if self.why is None:
+            self.joules = (self.read() - self.start) / 1000
+        return False
+
+
+def flops(model, x) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops() / 1e9
+
+
+def measure_inference(backbone: str, config: Config, args) -> dict:
+    device = torch.device(args.device)
+    x = sample_batch(args.size, args.batch)
+    model = build(backbone, args, x)
+    params = deeplab.count_parameters(model)
+    gflops = flops(model, x) / args.batch if config.name == ORIGINAL.name else None
+    net = prepare(model, config, device)
+    fmt = torch.channels_last if config.channels_last else torch.contiguous_format
+    x = x.to(device, memory_format=fmt)
+    dtype = PRECISIONS[config.amp]
+    context = torch.enable_grad if config.grad else torch.inference_mode
+
+    def forward():
+        with context(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            out = net(x)
+        return out
+
+    start = time.perf_counter()
+    for _ in range(args.warmup):
+        forward()
+    _sync(device)
+    warmup_s = time.perf_counter() - start
+    times = []
+    with PeakMemory(device) as memory, Energy(device) as energy:
+        for _ in range(args.iters):
+            _sync(device)
+            t = time.perf_counter()
+            out = forward()
+            _sync(device)
+            times.append((time.perf_counter() - t) * 1000)
+            del out
+    out = forward()
+    pred = out.float().argmax(1).to(torch.uint8).cpu().numpy()
+    return dict(backbone=backbone, config=config.name, latency_ms=statistics.median(times),
+                peak_mb=memory.mb, joules_per_frame=None if energy.joules is None else
+                energy.joules / (args.iters * args.batch), energy_note=energy.why, params=params, gflops=gflops,
+                warmup_s=warmup_s, pred=pred)
+
+
+def measure_training(backbone: str, config: Config, args) -> dict:
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = deeplab.build_model(backbone).to(device).train()
+    fmt = torch.channels_last if config.channels_last else torch.contiguous_format
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
+    net = torch.compile(model) if config.compile else model
+    x = sample_batch(args.crop, args.batch).to(device, memory_format=fmt)
+    target = torch.randint(0, 21, (args.batch, args.crop, args.crop), device=device)
+    dtype = PRECISIONS[config.amp]
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits = net(x)
+        loss = F.cross_entropy(logits.float(), target, ignore_index=255)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    start = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    _sync(device)
+    warmup_s = time.perf_counter() - start
+    times = []
+    with PeakMemory(device) as memory:
+        for _ in range(args.iters):
+            t = time.perf_counter()
+            step()
+            _sync(device)
+            times.append((time.perf_counter() - t) * 1000)
+    ms = statistics.median(times)
+    return dict(backbone=backbone, config=config.name, step_ms=ms, images_per_s=args.batch / ms * 1000,
+                peak_mb=memory.mb, warmup_s=warmup_s)
+
+
+def _child(queue, fn, backbone, config, args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        queue.put(fn(backbone, config, args))
+    except Exception as e:  # reported in the table, the other measurements go on
+        queue.put(dict(backbone=backbone, config=config.name, error=f'{type(e).__name__}: {e}'))
+
+
+def measure(fn, backbone, config, args) -> dict:
+    if args.no_isolate:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        return fn(backbone, config, args)
+    ctx = mp.get_context('spawn')
+    queue = ctx.Queue()
+    process = ctx.Process(target=_child, args=(queue, fn, backbone, config, args))
+    process.start()
+    result = queue.get()
+    process.join()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _fmt(value, spec):
+    return '-' if value is None else format(value, spec)
+
+
+def run(args) -> list[dict]:
+    args.device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    args.batch = args.batch or (1 if args.mode == 'inference' else 4)
+    cuda = args.device.startswith('cuda')
+    default = 'fp32,fp32+cl,fp16+cl,bf16+cl' if cuda else 'fp32,fp32+cl,bf16+cl'
+    configs = [Config.parse(c) for c in (args.configs or default).split(',') if c]
+    backbones = [b for b in args.backbones.split(',') if b]
+    for b in backbones:
+        if b not in deeplab.BACKBONES:
+            raise SystemExit(f'error: unknown backbone {b!r}; choose from {", ".join(deeplab.BACKBONES)}')
+    if args.checkpoint and len(backbones) != 1:
+        raise SystemExit('error: --checkpoint needs exactly one backbone in --backbones')
+    if not cuda and any(c.amp == 'fp16' for c in configs):
+        raise SystemExit('error: fp16 configurations need CUDA; use bf16 on the CPU')
+    device_name = torch.cuda.get_device_name(0) if cuda else (platform.processor() or platform.machine())
+    threads = args.threads or torch.get_num_threads()
+    what = (f'inference {args.size}x{args.size}, batch {args.batch}' if args.mode == 'inference'
+            else f'training step, crop {args.crop}, batch {args.batch}')
+    print(f'# {what} on {device_name} ({args.device}, {threads} threads), torch {torch.__version__}, '
+          f'median of {args.iters} after {args.warmup} warm-up', flush=True)
+    fn = measure_inference if args.mode == 'inference' else measure_training
+    results = []
+    for backbone in backbones:
+        base = measure(fn, backbone, ORIGINAL, args)
+        rows = [base] + [measure(fn, backbone, c, args) for c in configs]
+        for row in rows:
+            if 'error' in row:
+                print(f'{backbone:<12} {row["config"]:<22} failed: {row["error"]}', flush=True)
+                continue
+            if args.mode == 'inference':
+                key = 'latency_ms'
+                if 'pred' in base and 'pred' in row:
+                    row['argmax_agreement'] = float((row['pred'] == base['pred']).mean() * 100)
+                row.setdefault('gflops', base.get('gflops'))
+            else:
+                key = 'step_ms'
+            if key in base:
+                row['time_ratio'] = row[key] / base[key]
+            if row.get('peak_mb') and base.get('peak_mb'):
+                row['memory_ratio'] = row['peak_mb'] / base['peak_mb']
+            print(_row(row, args.mode), flush=True)
+        results.extend(rows)
+    for row in results:
+        row.pop('pred', None)
+    notes = {r.get('energy_note') for r in results if r.get('energy_note')}
+    for note in notes:
+        print(f'# energy: {note}')
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(dict(device=device_name, torch=torch.__version__, threads=threads, mode=args.mode,
+                           size=args.size, crop=args.crop, batch=args.batch, results=results,
+                           configs=[asdict(c) for c in configs]), f, indent=1)
+    return results
+
+
+def _row(r, mode) -> str:
+    if mode == 'inference':
+        return (f'{r["backbone"]:<12} {r["config"]:<22} {_fmt(r.get("latency_ms"), "9.1f")} ms '
+                f'(x{_fmt(r.get("time_ratio"), ".2f")})  peak {_fmt(r.get("peak_mb"), "7.0f")} MB '
+                f'(x{_fmt(r.get("memory_ratio"), ".2f")})  {_fmt(r.get("joules_per_frame"), "6.2f")} J/frame  '
+                f'{r["params"] / 1e6:5.1f} M params  {_fmt(r.get("gflops"), "6.1f")} GFLOPs  '
+                f'argmax agreement {_fmt(r.get("argmax_agreement"), "6.2f")}%  (warm-up {r["warmup_s"]:.1f} s)')
+    return (f'{r["backbone"]:<12} {r["config"]:<22} {r["step_ms"]:9.1f} ms/step (x{_fmt(r.get("time_ratio"), ".2f")})'
+            f'  {r["images_per_s"]:7.2f} img/s  peak {_fmt(r.get("peak_mb"), "7.0f")} MB '
+            f'(x{_fmt(r.get("memory_ratio"), ".2f")})  (warm-up {r["warmup_s"]:.1f} s)')
+
+
+if __name__ == '__main__':
+    run(get_args_parser().parse_args())
+    sys.exit(0)

@@ -1,0 +1,111 @@
+"""torchrun/DDP on CPU (gloo), mixed precision, channels-last, and the benchmark's smoke test."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import deeplab
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMON = ['--exp', 'ddp', '--backbone', 'vovnet39', '--epochs', '1', '--crop_size', '65', '--workers', '0']
+
+
+def torchrun(nproc, args, cwd):
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                           f'--nproc_per_node={nproc}', os.path.join(ROOT, 'main.py')] + [str(a) for a in args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_torchrun_two_processes_train_and_evaluate_like_one(synthetic_root, tmp_path, monkeypatch, run_cli):
+    train = torchrun(2, ['--train', '--scratch', '--batch_size', '4', '--seed', '0', '--data_root', synthetic_root]
+                     + COMMON, tmp_path)
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert '(2 per process x 2)' in train.stdout
+    assert train.stdout.count('saved data/deeplab_vovnet39_pascal_v3_ddp_epoch1.pth') == 1  # rank 0 only
+    assert sorted(os.listdir(tmp_path / 'data')) == ['deeplab_vovnet39_pascal_v3_ddp_epoch1.pth', 'logs']
+    checkpoint = torch.load(tmp_path / 'data' / 'deeplab_vovnet39_pascal_v3_ddp_epoch1.pth', weights_only=True)
+    assert not any(k.startswith('module.') for k in checkpoint['state_dict'])
+    assert not any('SyncBatchNorm' in type(v).__name__ for v in checkpoint['state_dict'].values())
+    model = deeplab.vovnet39()
+    model.load_state_dict(checkpoint['state_dict'])  # a plain model, strict
+
+    evaluation = torchrun(2, COMMON + ['--data_root', synthetic_root, '--no-save_predictions'], tmp_path)
+    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+    distributed = re.findall(r'^Mean IoU: (\d+\.\d\d)$', evaluation.stdout, re.M)
+    monkeypatch.chdir(tmp_path)
+    status, out, err = run_cli(*COMMON, '--data_root', synthetic_root)
+    single = re.findall(r'^Mean IoU: (\d+\.\d\d)$', out, re.M)
+    assert status == 0, err
+    assert distributed == single and len(single) == 1  # printed once, by rank 0
+    per_class = re.findall(r'^IoU .*$', out, re.M)
+    assert per_class == re.findall(r'^IoU .*$', evaluation.stdout, re.M)
+
+
+def test_distributed_evaluation_sees_every_image_exactly_once():
+    import utils
+    for size, world in ((4, 2), (5, 2), (7, 3), (1449, 8)):
+        seen = sorted(i for r in range(world) for i in utils.ShardSampler(size, r, world))
+        assert seen == list(range(size))
+
+
+def test_training_sampler_shards_a_global_batch_and_resumes_mid_epoch():
+    import utils
+    # 10 images, global batch 4 over 2 processes: 2 per process, 5 images each (one batch of 1 dropped).
+    samplers = [utils.TrainSampler(10, 2, seed=1, rank=r, world_size=2) for r in range(2)]
+    assert [s.batches_per_epoch for s in samplers] == [2, 2]
+    first = [list(s) for s in samplers]
+    assert not set(first[0]) & set(first[1]) and all(len(f) == 4 for f in first)
+    samplers[0].set_epoch(0, start_batch=1)
+    assert list(samplers[0]) == first[0][2:]
+    samplers[0].set_epoch(1)
+    assert list(samplers[0]) != first[0]
+    single = utils.TrainSampler(10582, 16, seed=0)
+    assert single.batches_per_epoch == 662  # the original's iterations per epoch on train_aug
+
+
+@pytest.mark.parametrize('flags', [['--amp', 'bf16'], ['--channels_last'], ['--amp', 'bf16', '--channels_last']])
+def test_bf16_and_channels_last_train_and_evaluate_on_cpu(synthetic_root, tmp_path, monkeypatch, run_cli, flags):
+    monkeypatch.chdir(tmp_path)
+    status, out, err = run_cli('--train', '--scratch', '--batch_size', '4', '--seed', '0', '--data_root',
+                               synthetic_root, '--device', 'cpu', *COMMON, *flags)
+    assert status == 0, err
+    checkpoint = torch.load('data/deeplab_vovnet39_pascal_v3_ddp_epoch1.pth', weights_only=True)
+    assert all(v.dtype != torch.bfloat16 for v in checkpoint['state_dict'].values())  # weights stay fp32
+    status, out, err = run_cli(*COMMON, '--data_root', synthetic_root, '--device', 'cpu', *flags)
+    assert status == 0 and re.search(r'^Mean IoU: \d+\.\d\d$', out, re.M), err
+
+
+def test_channels_last_and_bf16_logits_agree_with_fp32():
+    model = deeplab.vovnet39().eval()
+    x = torch.randn(1, 3, 65, 65)
+    with torch.inference_mode():
+        ref = model(x)
+        cl = model.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            bf = model(x).float()
+    assert torch.allclose(cl, ref, atol=1e-4 * ref.abs().max())
+    assert (bf.argmax(1) == ref.argmax(1)).float().mean() > 0.9
+
+
+def test_benchmark_smoke(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmark.py'), '--backbones', 'vovnet39',
+                             '--device', 'cpu', '--size', '65', '--warmup', '1', '--iters', '2', '--configs',
+                             'fp32+cl,bf16+cl+fold', '--json', tmp_path / 'b.json'],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith('vovnet39')]
+    assert [r.split()[1] for r in rows] == ['original', 'fp32+cl', 'bf16+cl+fold']
+    assert all('ms' in r and 'MB' in r and 'GFLOPs' in r for r in rows)
+    import json
+    data = json.load(open(tmp_path / 'b.json'))
+    assert data['results'][0]['time_ratio'] == 1.0 and data['results'][1]['argmax_agreement'] > 99
+    train = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmark.py'), '--mode', 'train', '--backbones',
+                            'vovnet39', '--device', 'cpu', '--crop', '65', '--batch', '2', '--warmup', '1',
+                            '--iters', '1', '--configs', 'fp32+cl', '--no_isolate'],
+                           capture_output=True, text=True, timeout=300)
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert re.search(r'vovnet39\s+fp32\+cl\s+[\d.]+ ms/step \(x[\d.]+\)\s+[\d.]+ img/s', train.stdout)
