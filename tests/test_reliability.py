@@ -1,0 +1,287 @@
+"""Bad input gets a clear message, a non-zero exit and no traceback, and leaves no new checkpoint or output."""
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import deeplab
+import utils
+
+TRAIN = ['--train', '--exp', 'r', '--epochs', '1', '--backbone', 'vovnet39', '--scratch', '--crop_size', '65',
+         '--batch_size', '4', '--seed', '0']
+EVAL = ['--exp', 'r', '--epochs', '1', '--backbone', 'vovnet39', '--crop_size', '65', '--workers', '0']
+
+
+def outputs(folder):
+    """Checkpoints and predictions under a folder."""
+    found = []
+    for root, _, files in os.walk(folder):
+        found += [os.path.join(root, f) for f in files if f.endswith('.pth') or os.sep + 'val' in root]
+    return sorted(found)
+
+
+def assert_clean_failure(result, *needles, status=1):
+    code, out, err = result
+    assert code == status, (out, err)
+    for needle in needles:
+        assert needle in err, (needle, err)
+    assert 'Traceback' not in out + err
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def voc(root):
+    return os.path.join(str(root), 'VOC2012')
+
+
+# --- dataset files
+
+
+def test_missing_dataset_root(workdir, run_cli):
+    assert_clean_failure(run_cli(*TRAIN, '--workers', '0'), 'data/VOCdevkit does not exist', '--data_root')
+    assert outputs(workdir) == []
+
+
+def test_missing_list_file(workdir, voc_copy, run_cli):
+    os.remove(os.path.join(voc(voc_copy), 'list', 'train_aug.txt'))
+    assert_clean_failure(run_cli(*TRAIN, '--data_root', voc_copy, '--workers', '0'), 'list/train_aug.txt')
+    assert outputs(workdir) == []
+
+
+def test_files_named_in_a_list_that_do_not_exist(workdir, voc_copy, run_cli):
+    for i in (1, 4, 6):
+        os.remove(os.path.join(voc(voc_copy), 'SegmentationClassAug', f'synthetic_train_{i:05d}.png'))
+    assert_clean_failure(run_cli(*TRAIN, '--data_root', voc_copy, '--workers', '0'),
+                         '3 of the 16 files named by', 'synthetic_train_00001.png')
+    assert outputs(workdir) == []
+
+
+@pytest.mark.parametrize('workers', ['0', '1'])
+@pytest.mark.parametrize('damage', ['truncated', 'not_an_image'])
+def test_an_image_that_cannot_be_decoded_is_named(workdir, voc_copy, run_cli, workers, damage):
+    path = os.path.join(voc(voc_copy), 'JPEGImages', 'synthetic_train_00003.jpg')
+    if damage == 'truncated':
+        data = open(path, 'rb').read()
+        open(path, 'wb').write(data[:len(data) // 2])
+    else:
+        open(path, 'w').write('this is not a JPEG\n')
+    assert_clean_failure(run_cli(*TRAIN, '--data_root', voc_copy, '--workers', workers),
+                         f'cannot read the image {path}')
+    assert outputs(workdir) == []
+
+
+def test_a_mask_with_values_outside_the_classes_is_named_with_the_values(workdir, voc_copy, run_cli):
+    path = os.path.join(voc(voc_copy), 'SegmentationClassAug', 'synthetic_train_00002.png')
+    mask = np.asarray(Image.open(path)).copy()
+    mask[0, :3] = [21, 40, 99]
+    Image.fromarray(mask, 'L').save(path)
+    assert_clean_failure(run_cli(*TRAIN, '--data_root', voc_copy, '--workers', '0'),
+                         f'the mask {path} has values 21, 40, 99 outside the classes 0..20')
+    assert outputs(workdir) == []
+
+
+def test_a_mask_of_another_size_than_its_image_is_named_with_both_sizes(workdir, voc_copy, run_cli):
+    path = os.path.join(voc(voc_copy), 'SegmentationClassAug', 'synthetic_val_00001.png')
+    image = Image.open(path.replace('SegmentationClassAug', 'JPEGImages').replace('.png', '.jpg'))
+    Image.open(path).resize((image.size[0] + 3, image.size[1])).save(path)
+    torch.save(deeplab.vovnet39().state_dict(), workdir / 'w.pth')
+    assert_clean_failure(run_cli(*EVAL, '--data_root', voc_copy, '--checkpoint', workdir / 'w.pth'),
+                         f'the mask {path} is {image.size[0] + 3}x{image.size[1]} but its image')
+    assert outputs(workdir) == [str(workdir / 'w.pth')]  # no predictions, not even of the images before it
+
+
+def test_a_colour_mask_is_refused_with_advice(workdir, voc_copy, run_cli):
+    path = os.path.join(voc(voc_copy), 'SegmentationClassAug', 'synthetic_train_00000.png')
+    Image.open(path).convert('RGB').save(path)
+    assert_clean_failure(run_cli(*TRAIN, '--data_root', voc_copy, '--workers', '0'),
+                         f'the mask {path} is a RGB image')
+
+
+def test_images_in_unusual_modes_are_converted_and_used(workdir, voc_copy, run_cli):
+    folder = os.path.join(voc(voc_copy), 'JPEGImages')
+    rgb = [Image.open(os.path.join(folder, f'synthetic_train_{i:05d}.jpg')) for i in range(8)]
+    lines = []
+    for i, (image, mode) in enumerate(zip(rgb, ['L', 'RGBA', 'P', 'I;16', 'CMYK', 'LA', '1', 'RGB'])):
+        if mode == 'I;16':
+            converted = Image.fromarray(np.asarray(image.convert('L'), np.uint16) * 257)
+        else:
+            converted = image.convert(mode)
+        name = f'mode{i}.{"jpg" if mode == "CMYK" else "png"}'
+        converted.save(os.path.join(folder, name))
+        lines.append(f'/JPEGImages/{name} /SegmentationClassAug/synthetic_train_{i:05d}.png\n')
+    with open(os.path.join(voc(voc_copy), 'list', 'train_aug.txt'), 'w') as f:
+        f.writelines(lines)
+    status, out, err = run_cli(*TRAIN, '--data_root', voc_copy, '--workers', '0')
+    assert status == 0, err
+    assert os.path.isfile('data/deeplab_vovnet39_pascal_v3_r_epoch1.pth')
+
+
+def test_image_modes_decode_to_rgb_with_the_right_values(tmp_path):
+    import pascal
+    grey = np.arange(64 * 48, dtype=np.uint8).reshape(48, 64) % 251
+    cases = {'grey.png': Image.fromarray(grey, 'L'),
+             'deep.png': Image.fromarray(grey.astype(np.uint16) * 257),
+             'alpha.png': Image.fromarray(np.stack([grey] * 4, -1), 'RGBA')}
+    for name, image in cases.items():
+        image.save(tmp_path / name)
+        decoded = np.asarray(pascal.load_image(str(tmp_path / name)))
+        assert decoded.shape == (48, 64, 3)
+        assert np.abs(decoded[..., 0].astype(int) - grey).max() <= 1, name
+
+
+# --- checkpoints
+
+
+def test_a_missing_checkpoint_lists_the_ones_that_exist(workdir, synthetic_root, run_cli):
+    os.makedirs('data')
+    for name in ('deeplab_vovnet39_pascal_v3_r_epoch10.pth', 'deeplab_vovnet39_pascal_v3_other_epoch50.pth',
+                 'deeplab_resnet50_pascal_v3_r_epoch1.pth'):
+        open(os.path.join('data', name), 'w').close()
+    result = run_cli(*EVAL, '--data_root', synthetic_root)
+    assert_clean_failure(result, 'data/deeplab_vovnet39_pascal_v3_r_epoch1.pth does not exist',
+                         'deeplab_vovnet39_pascal_v3_other_epoch50.pth, deeplab_vovnet39_pascal_v3_r_epoch10.pth')
+    assert 'resnet50' not in result[2]
+
+
+def saved_checkpoint(model=None):
+    model = model or deeplab.vovnet39()
+    path = 'data/deeplab_vovnet39_pascal_v3_r_epoch1.pth'
+    os.makedirs('data', exist_ok=True)
+    torch.save({'epoch': 1, 'state_dict': {f'module.{k}': v for k, v in model.state_dict().items()}}, path)
+    return path
+
+
+def test_a_truncated_checkpoint(workdir, synthetic_root, run_cli):
+    path = saved_checkpoint()
+    data = open(path, 'rb').read()
+    open(path, 'wb').write(data[:len(data) // 3])
+    assert_clean_failure(run_cli(*EVAL, '--data_root', synthetic_root), path, 'truncated or not a PyTorch')
+    assert not os.path.exists('data/val')
+
+
+def test_a_file_that_is_not_a_checkpoint(workdir, synthetic_root, run_cli):
+    os.makedirs('data')
+    path = 'data/deeplab_vovnet39_pascal_v3_r_epoch1.pth'
+    open(path, 'w').write('<html>404 Not Found</html>\n')
+    assert_clean_failure(run_cli(*EVAL, '--data_root', synthetic_root), path)
+    torch.save([1, 2, 3], path)
+    assert_clean_failure(run_cli(*EVAL, '--data_root', synthetic_root), 'holds a list, not model weights')
+
+
+@pytest.mark.parametrize('other,needle', [(lambda: deeplab.resnet50(), 'holds a DeepLabV3-resnet50 with 21 classes'),
+                                          (lambda: deeplab.vovnet39(num_classes=5), 'with 5 classes')])
+def test_a_checkpoint_of_another_backbone_or_class_count(workdir, synthetic_root, run_cli, other, needle):
+    path = saved_checkpoint(other())
+    assert_clean_failure(run_cli(*EVAL, '--data_root', synthetic_root), path, needle)
+    assert not os.path.exists('data/val')
+
+
+class Payload:
+    """Unpickling this would run code: it creates a marker file."""
+
+    def __reduce__(self):
+        return (open, ('PWNED', 'w'))
+
+
+def test_a_pickle_that_needs_code_is_never_executed(workdir, synthetic_root, run_cli):
+    os.makedirs('data')
+    path = 'data/deeplab_vovnet39_pascal_v3_r_epoch1.pth'
+    torch.save({'state_dict': deeplab.vovnet39().state_dict(), 'extra': Payload()}, path, pickle_module=pickle)
+    assert_clean_failure(run_cli(*EVAL, '--data_root', synthetic_root), path, 'weights_only=True')
+    assert not os.path.exists('PWNED')
+
+
+# --- flags
+
+
+@pytest.mark.parametrize('flag,value', [('--epochs', '0'), ('--batch_size', '0'), ('--workers', '-1'),
+                                        ('--base_lr', '0'), ('--base_lr', '-0.1'), ('--epochs', 'many'),
+                                        ('--backbone', 'vovnet99'), ('--dataset', 'coco'),
+                                        ('--output_stride', '4'), ('--amp', 'fp8')])
+def test_flag_values_that_make_no_sense(workdir, run_cli, flag, value):
+    assert_clean_failure(run_cli(*TRAIN, flag, value), f'argument {flag}', status=2)
+
+
+def test_a_crop_too_small_for_the_output_stride(workdir, run_cli):
+    assert_clean_failure(run_cli(*TRAIN, '--crop_size', '48'), '--crop_size 48 is too small for output stride 16')
+
+
+def test_a_batch_size_that_does_not_divide_among_processes(workdir, run_cli, monkeypatch):
+    monkeypatch.setenv('WORLD_SIZE', '3')
+    monkeypatch.setenv('RANK', '0')
+    assert_clean_failure(run_cli(*TRAIN, '--batch_size', '4'), '--batch_size 4 is the total over all processes',
+                         'multiple of 3')
+
+
+def test_fp16_without_cuda_is_refused(workdir, synthetic_root, run_cli):
+    if torch.cuda.is_available():
+        pytest.skip('a CUDA GPU is present')
+    assert_clean_failure(run_cli(*TRAIN, '--data_root', synthetic_root, '--amp', 'fp16'), '--amp fp16 needs a CUDA')
+
+
+def test_batchnorm_with_one_image_per_process_is_refused(workdir, run_cli):
+    assert_clean_failure(run_cli(*TRAIN, '--batch_size', '1'), 'at least 2 images per batch')
+
+
+def test_a_bad_device(workdir, run_cli):
+    assert_clean_failure(run_cli(*TRAIN, '--device', 'tpu'), '--device tpu')
+
+
+# --- faults
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
+    path = str(tmp_path / 'ckpt.pth')
+    utils.save_checkpoint({'state_dict': {'w': torch.ones(3)}, 'epoch': 1}, path)
+
+    def failing_save(obj, f, *args, **kwargs):
+        f.write(b'PK\x03\x04 half a checkpoint')
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(torch, 'save', failing_save)
+    with pytest.raises(utils.UserError, match='No space left on device.*unchanged'):
+        utils.save_checkpoint({'state_dict': {'w': torch.zeros(3)}, 'epoch': 2}, path)
+    monkeypatch.undo()
+    assert utils.load_checkpoint(path)['epoch'] == 1
+    assert os.listdir(tmp_path) == ['ckpt.pth']
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(workdir, synthetic_root, run_cli,
+                                                                            monkeypatch):
+    calls = []
+    real = torch.nn.CrossEntropyLoss.forward
+
+    def poisoned(self, logits, target):
+        calls.append(1)
+        loss = real(self, logits, target)
+        return loss * float('nan') if len(calls) == 3 else loss  # epoch 2, its first iteration
+    monkeypatch.setattr(torch.nn.CrossEntropyLoss, 'forward', poisoned)
+    args = TRAIN[:3] + ['--epochs', '2', '--save_every', '1'] + TRAIN[5:] + ['--data_root', synthetic_root,
+                                                                          '--workers', '0']
+    assert_clean_failure(run_cli(*args), 'the loss became nan at epoch 2, iteration 1/2',
+                         'data/deeplab_vovnet39_pascal_v3_r_epoch1.pth')
+    assert outputs(workdir) == [str(workdir / 'data/deeplab_vovnet39_pascal_v3_r_epoch1.pth')]
+    assert utils.load_checkpoint('data/deeplab_vovnet39_pascal_v3_r_epoch1.pth')['epoch'] == 1
+
+
+def test_a_dataloader_worker_that_dies_is_reported_with_its_cause(workdir, synthetic_root, run_cli, monkeypatch):
+    import signal
+
+    import pascal
+    parent = os.getpid()
+    real = pascal.load_image
+
+    def dying(path, exif=False):
+        if os.getpid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(path, exif)
+    monkeypatch.setattr(pascal, 'load_image', dying)
+    assert_clean_failure(run_cli(*TRAIN, '--data_root', synthetic_root, '--workers', '1'),
+                         'a data-loading worker died', 'Killed', '--workers 0')
+    assert outputs(workdir) == []
