@@ -1,0 +1,83 @@
+"""Killed and interrupted training runs lose no work: resuming gives the weights of an uninterrupted run."""
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN = 'deeplab_vovnet39_pascal_v3_f'
+ARGS = ['--train', '--exp', 'f', '--backbone', 'vovnet39', '--scratch', '--epochs', '3', '--crop_size', '65',
+        '--batch_size', '2', '--workers', '0', '--seed', '1', '--base_lr', '0.01', '--save_every', '1',
+        '--print_freq', '1']
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(synthetic_root, tmp_path_factory):
+    folder = tmp_path_factory.mktemp('uninterrupted')
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        assert main.cli(ARGS + ['--data_root', str(synthetic_root)]) == 0
+    finally:
+        os.chdir(cwd)
+    return torch.load(folder / 'data' / f'{RUN}_epoch3.pth', weights_only=True)['state_dict']
+
+
+def start(synthetic_root, cwd):
+    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED='1')
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, 'main.py')] + ARGS + ['--data_root',
+                            str(synthetic_root)], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def wait_for(process, text):
+    """Read the process's output until a line contains `text`; returns all lines read."""
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if text in line:
+            return lines
+    raise AssertionError(f'{text!r} never appeared; output:\n{"".join(lines)}\n{process.stderr.read()}')
+
+
+def resume_and_compare(path, synthetic_root, reference):
+    assert main.cli(ARGS + ['--data_root', str(synthetic_root), '--resume', str(path)]) == 0
+    final = torch.load(f'data/{RUN}_epoch3.pth', weights_only=True)['state_dict']
+    assert final.keys() == reference.keys()
+    for key in final:
+        assert torch.equal(final[key], reference[key]), key
+
+
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_ctrl_c_mid_epoch_saves_a_resumable_checkpoint(uninterrupted, synthetic_root, tmp_path,
+                                                                  monkeypatch, signum):
+    monkeypatch.chdir(tmp_path)
+    process = start(synthetic_root, tmp_path)
+    wait_for(process, 'epoch 2/3  iter 2/4')
+    process.send_signal(signum)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signum, err
+    assert f'stopped by signal {int(signum)} at epoch 2, iteration' in err
+    path = tmp_path / 'data' / f'{RUN}_interrupted.pth'
+    assert f'--resume {os.path.join("data", path.name)}' in err
+    assert 'Traceback' not in out + err
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint['epoch'] == 1 and 5 <= checkpoint['iteration'] <= 8
+    resume_and_compare(path, synthetic_root, uninterrupted)
+
+
+def test_sigkill_mid_epoch_resumes_from_the_last_checkpoint(uninterrupted, synthetic_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    process = start(synthetic_root, tmp_path)
+    wait_for(process, f'saved data/{RUN}_epoch1.pth')
+    wait_for(process, 'epoch 2/3  iter 1/4')
+    process.kill()
+    process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    assert sorted(os.listdir(tmp_path / 'data')) == [f'{RUN}_epoch1.pth', 'logs']  # nothing half-written
+    resume_and_compare(tmp_path / 'data' / f'{RUN}_epoch1.pth', synthetic_root, uninterrupted)
