@@ -6,8 +6,9 @@
 
 Every backbone is first measured as the original ran it (`original`: eager fp32, NCHW, and in inference mode
 with the autograd graph built, as its evaluation did), then in each configuration of `--configs`, under
-`torch.inference_mode()`. A configuration joins tokens with `+`: a precision (`fp32`, `bf16`, `fp16`), `cl`
-(channels-last), `compile` (torch.compile) and `fold` (BatchNorm folded into the convolutions). Columns:
+`torch.inference_mode()`. A configuration joins tokens with `+`: a precision (`fp32`, `bf16`, `fp16` autocast,
+or `int8`: post-training static quantization for x86 CPUs), `cl` (channels-last), `compile` (torch.compile,
+with weights frozen) and `fold` (BatchNorm folded into the convolutions). Columns:
 median latency in ms after warm-up (CUDA-synchronised), peak memory in MB (CUDA: max allocated; CPU: the
 process's peak resident set, each measurement in a fresh process), energy in J/frame from NVML's energy counter
 on NVIDIA GPUs, parameters, GFLOPs (2 x multiply-adds), the argmax agreement with fp32, and each figure's ratio
@@ -20,6 +21,7 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -40,6 +42,7 @@ class Config:
     channels_last: bool = False
     compile: bool = False
     fold: bool = False
+    int8: bool = False
     grad: bool = False  # the original's evaluation: autograd graph built
 
     @classmethod
@@ -54,9 +57,11 @@ class Config:
                 config.compile = True
             elif token == 'fold':
                 config.fold = True
+            elif token == 'int8':
+                config.int8 = True
             else:
                 raise argparse.ArgumentTypeError(f'unknown token {token!r} in configuration {text!r}; use fp32, '
-                                                 f'bf16, fp16, cl, compile, fold joined by +')
+                                                 f'bf16, fp16, int8, cl, compile, fold joined by +')
         return config
 
 
@@ -99,7 +104,7 @@ def sample_batch(size: int, batch: int) -> torch.Tensor:
 
 def build(backbone: str, args, x: torch.Tensor) -> deeplab.DeepLabV3:
     if args.checkpoint:
-        return deeplab.model_from_checkpoint(args.checkpoint, backbone)
+        return deeplab.model_from_checkpoint(args.checkpoint, backbone).eval()
     torch.manual_seed(0)
     model = deeplab.build_model(backbone)
     with torch.no_grad():  # realistic activation scales: BN statistics of the sample image
@@ -112,14 +117,38 @@ def build(backbone: str, args, x: torch.Tensor) -> deeplab.DeepLabV3:
     return model.eval()
 
 
-def prepare(model, config: Config, device: torch.device):
+def quantize_int8(model, size: int):
+    """Post-training static int8 quantization for x86 CPUs (FX graph mode, per-channel weights), calibrated on
+    a few sample images."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+    torch.backends.quantized.engine = 'x86'
+    calibration = sample_batch(size, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # FX quantization's notices about its successor (torchao)
+        prepared = prepare_fx(model.eval(), get_default_qconfig_mapping('x86'), example_inputs=(calibration[:1],))
+        with torch.no_grad():
+            for image in calibration:
+                prepared(image[None])
+        return convert_fx(prepared)
+
+
+def prepare(model, config: Config, device: torch.device, size: int):
     model = model.to(device)
+    if config.int8:
+        if device.type != 'cpu':
+            raise ValueError('int8 is a CPU configuration')
+        model = quantize_int8(model, size)
     if config.fold:
         import torch.fx.experimental.optimization as fx_opt
-        model = fx_opt.fuse(model.eval())
+        model = fx_opt.fuse(model.eval(), inplace=True)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return torch.compile(model) if config.compile else model
+    if config.compile:
+        from torch._inductor import config as inductor_config
+        inductor_config.freezing = not config.grad  # weights as constants: BN folded, weights prepacked
+        return torch.compile(model)
+    return model
 
 
 def _sync(device):
@@ -203,13 +232,32 @@ def flops(model, x) -> float:
     return counter.get_total_flops() / 1e9
 
 
+def time_runs(fn, device, args):
+    """Run `fn` args.warmup times, then args.iters timed times (CUDA-synchronised) under the memory and energy
+    meters; returns (warm-up seconds, per-run milliseconds, PeakMemory, Energy)."""
+    start = time.perf_counter()
+    for _ in range(args.warmup):
+        fn()
+    _sync(device)
+    warmup_s = time.perf_counter() - start
+    times = []
+    with PeakMemory(device) as memory, Energy(device) as energy:
+        for _ in range(args.iters):
+            _sync(device)
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            times.append((time.perf_counter() - t) * 1000)
+    return warmup_s, times, memory, energy
+
+
 def measure_inference(backbone: str, config: Config, args) -> dict:
     device = torch.device(args.device)
     x = sample_batch(args.size, args.batch)
     model = build(backbone, args, x)
     params = deeplab.count_parameters(model)
     gflops = flops(model, x) / args.batch if config.name == ORIGINAL.name else None
-    net = prepare(model, config, device)
+    net = prepare(model, config, device, args.size)
     fmt = torch.channels_last if config.channels_last else torch.contiguous_format
     x = x.to(device, memory_format=fmt)
     dtype = PRECISIONS[config.amp]
@@ -220,20 +268,7 @@ def measure_inference(backbone: str, config: Config, args) -> dict:
             out = net(x)
         return out
 
-    start = time.perf_counter()
-    for _ in range(args.warmup):
-        forward()
-    _sync(device)
-    warmup_s = time.perf_counter() - start
-    times = []
-    with PeakMemory(device) as memory, Energy(device) as energy:
-        for _ in range(args.iters):
-            _sync(device)
-            t = time.perf_counter()
-            out = forward()
-            _sync(device)
-            times.append((time.perf_counter() - t) * 1000)
-            del out
+    warmup_s, times, memory, energy = time_runs(forward, device, args)
     out = forward()
     pred = out.float().argmax(1).to(torch.uint8).cpu().numpy()
     return dict(backbone=backbone, config=config.name, latency_ms=statistics.median(times),
@@ -265,18 +300,7 @@ def measure_training(backbone: str, config: Config, args) -> dict:
         scaler.step(optimizer)
         scaler.update()
 
-    start = time.perf_counter()
-    for _ in range(args.warmup):
-        step()
-    _sync(device)
-    warmup_s = time.perf_counter() - start
-    times = []
-    with PeakMemory(device) as memory:
-        for _ in range(args.iters):
-            t = time.perf_counter()
-            step()
-            _sync(device)
-            times.append((time.perf_counter() - t) * 1000)
+    warmup_s, times, memory, _ = time_runs(step, device, args)
     ms = statistics.median(times)
     return dict(backbone=backbone, config=config.name, step_ms=ms, images_per_s=args.batch / ms * 1000,
                 peak_mb=memory.mb, warmup_s=warmup_s)
@@ -334,26 +358,26 @@ def run(args) -> list[dict]:
           f'median of {args.iters} after {args.warmup} warm-up', flush=True)
     fn = measure_inference if args.mode == 'inference' else measure_training
     results = []
+    key = 'latency_ms' if args.mode == 'inference' else 'step_ms'
     for backbone in backbones:
-        base = measure(fn, backbone, ORIGINAL, args)
-        rows = [base] + [measure(fn, backbone, c, args) for c in configs]
-        for row in rows:
+        base = {}  # the original's row, the reference of the ratios and of argmax agreement
+        for config in [ORIGINAL] + configs:
+            row = measure(fn, backbone, config, args)
+            results.append(row)
             if 'error' in row:
                 print(f'{backbone:<12} {row["config"]:<22} failed: {row["error"]}', flush=True)
                 continue
-            if args.mode == 'inference':
-                key = 'latency_ms'
-                if 'pred' in base and 'pred' in row:
-                    row['argmax_agreement'] = float((row['pred'] == base['pred']).mean() * 100)
-                row.setdefault('gflops', base.get('gflops'))
-            else:
-                key = 'step_ms'
+            if config is ORIGINAL:
+                base = row
+            if 'pred' in base and 'pred' in row:
+                row['argmax_agreement'] = float((row['pred'] == base['pred']).mean() * 100)
+            if 'gflops' in row:
+                row['gflops'] = row['gflops'] or base.get('gflops')
             if key in base:
                 row['time_ratio'] = row[key] / base[key]
             if row.get('peak_mb') and base.get('peak_mb'):
                 row['memory_ratio'] = row['peak_mb'] / base['peak_mb']
             print(_row(row, args.mode), flush=True)
-        results.extend(rows)
     for row in results:
         row.pop('pred', None)
     notes = {r.get('energy_note') for r in results if r.get('energy_note')}

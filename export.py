@@ -87,14 +87,7 @@ def run(args) -> None:
 
 
 def cli(argv=None) -> int:
-    args = get_args_parser().parse_args(argv)
-    utils.setup_logging()
-    try:
-        run(args)
-    except UserError as e:
-        print(f'error: {e.for_user()}', file=sys.stderr)
-        return 1
-    return 0
+    return utils.run_command(get_args_parser(), run, argv)
 
 
 if __name__ == '__main__':

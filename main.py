@@ -149,6 +149,11 @@ def checkpoint_path(args, epoch) -> str:
     return os.path.join(args.output_dir, f'{run_name(args)}_epoch{epoch}.pth')
 
 
+def sync_batchnorm(args, info: utils.DistInfo, cuda: bool) -> bool:
+    """SyncBatchNorm: on by default for BatchNorm models trained by several processes on GPUs."""
+    return info.distributed and cuda and args.sync_bn is not False and args.groups is None
+
+
 def check_args(args, info: utils.DistInfo) -> None:
     """Flag combinations argparse cannot check alone; each a clear message."""
     min_crop = 4 * args.output_stride
@@ -171,11 +176,6 @@ def check_args(args, info: utils.DistInfo) -> None:
                         '--freeze_bn.')
     if args.resume and not args.train:
         raise UserError('--resume continues a training run: add --train, or use --checkpoint to evaluate a file.')
-
-
-def sync_batchnorm(args, info: utils.DistInfo, cuda: bool) -> bool:
-    """SyncBatchNorm: on by default for BatchNorm models trained by several processes on GPUs."""
-    return info.distributed and cuda and args.sync_bn is not False and args.groups is None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -332,7 +332,11 @@ def run_evaluation(args, rt: Runtime) -> float:
     model.to(rt.device)
     if rt.channels_last:
         model.to(memory_format=torch.channels_last)
-    runner = torch.compile(model) if args.compile else model
+    runner = model
+    if args.compile:
+        from torch._inductor import config as inductor_config
+        inductor_config.freezing = True  # inference only: BN folded into convs, weights prepacked
+        runner = torch.compile(model)
     loader = make_loader(dataset, 1, utils.ShardSampler(len(dataset), rt.dist.rank, rt.dist.world_size), args, rt)
 
     ms = bool(args.eval_scales or args.flip)

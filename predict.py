@@ -80,18 +80,19 @@ class Predictor:
         return [pred[i, :image.shape[1], :image.shape[2]] for i, image in enumerate(images)]
 
     def large(self, image: torch.Tensor) -> torch.Tensor:
-        if not self.slide:
-            return self._forward(image[None]).argmax(1)[0].cpu()
+        """The class map of an image larger than the crop on some side: padded to at least the crop on each
+        side, predicted whole, or window by window (averaged softmax) with `slide`."""
         h, w = image.shape[1:]
-        crop, stride = self.crop, max(1, self.crop * 2 // 3)
-        padded = F.pad(image, (0, max(0, crop - w), 0, max(0, crop - h)))
+        padded = F.pad(image, (0, max(0, self.crop - w), 0, max(0, self.crop - h)))
+        if not self.slide:
+            return self._forward(padded[None]).argmax(1)[0, :h, :w].cpu()
         ph, pw = padded.shape[1:]
-        total = torch.zeros(0)
-        count = torch.zeros(1, ph, pw)
+        crop, stride = self.crop, max(1, self.crop * 2 // 3)
+        total, count = None, torch.zeros(1, ph, pw)
         for y in _starts(ph, crop, stride):
             for x in _starts(pw, crop, stride):
                 probs = self._forward(padded[None, :, y:y + crop, x:x + crop]).softmax(1)[0].cpu()
-                if total.numel() == 0:
+                if total is None:
                     total = torch.zeros(probs.shape[0], ph, pw)
                 total[:, y:y + crop, x:x + crop] += probs
                 count[:, y:y + crop, x:x + crop] += 1
@@ -178,14 +179,7 @@ def run(args) -> int:
 
 
 def cli(argv=None) -> int:
-    args = get_args_parser().parse_args(argv)
-    utils.setup_logging()
-    try:
-        run(args)
-    except UserError as e:
-        print(f'error: {e.for_user()}', file=sys.stderr)
-        return 1
-    return 0
+    return utils.run_command(get_args_parser(), run, argv)
 
 
 if __name__ == '__main__':

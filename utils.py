@@ -35,6 +35,18 @@ class UserError(Exception):
         return text
 
 
+def run_command(parser, run: Callable, argv=None) -> int:
+    """A script's command line: parse, log to stdout, run; a UserError is one line on stderr and status 1."""
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        run(args)
+    except UserError as e:
+        print(f'error: {e.for_user()}', file=sys.stderr)
+        return 1
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Metrics and schedule
 

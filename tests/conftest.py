@@ -74,3 +74,15 @@ def run_cli(capsys):
         out, err = capsys.readouterr()
         return status, out, err
     return run
+
+
+def train_in(folder, argv) -> None:
+    """Run main.py's command line with `folder` as the working directory (for module-scoped fixtures, which
+    cannot use monkeypatch); the run must succeed."""
+    import main
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        assert main.cli([str(a) for a in argv]) == 0
+    finally:
+        os.chdir(cwd)

@@ -134,3 +134,19 @@ def test_augmentation_depends_on_seed_epoch_and_index_only(synthetic_root):
     assert torch.equal(a, b)
     dataset.set_epoch(1)
     assert not torch.equal(dataset[3][0], a)
+
+
+def test_cityscapes_layout(tmp_path):
+    for split, city, stem in (('val', 'frankfurt', 'frankfurt_000000_000294'), ('val', 'lindau', 'lindau_000001_1'),
+                              ('train', 'aachen', 'aachen_000000_000019')):
+        os.makedirs(tmp_path / 'leftImg8bit' / split / city, exist_ok=True)
+        os.makedirs(tmp_path / 'gtFine' / split / city, exist_ok=True)
+        Image.new('RGB', (64, 32)).save(tmp_path / 'leftImg8bit' / split / city / f'{stem}_leftImg8bit.png')
+        Image.new('L', (64, 32), 18).save(tmp_path / 'gtFine' / split / city / f'{stem}_gtFine_labelTrainIds.png')
+    val = pascal.build_dataset('cityscapes', str(tmp_path), 'val', pascal.eval_transforms(65))
+    assert len(val) == 2 and val.num_classes == 19 and val.class_names[18] == 'bicycle'
+    assert val.name(0) == 'frankfurt_000000_000294_gtFine_labelTrainIds'
+    assert val[1][1][:32, :64].unique().tolist() == [18]
+    os.remove(tmp_path / 'gtFine' / 'train' / 'aachen' / 'aachen_000000_000019_gtFine_labelTrainIds.png')
+    with pytest.raises(utils.UserError, match='1 of the 2 files named by'):
+        pascal.build_dataset('cityscapes', str(tmp_path), 'train', None)

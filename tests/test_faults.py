@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from conftest import train_in
 
 import main
 
@@ -19,12 +20,7 @@ ARGS = ['--train', '--exp', 'f', '--backbone', 'vovnet39', '--scratch', '--epoch
 @pytest.fixture(scope='module')
 def uninterrupted(synthetic_root, tmp_path_factory):
     folder = tmp_path_factory.mktemp('uninterrupted')
-    cwd = os.getcwd()
-    os.chdir(folder)
-    try:
-        assert main.cli(ARGS + ['--data_root', str(synthetic_root)]) == 0
-    finally:
-        os.chdir(cwd)
+    train_in(folder, ARGS + ['--data_root', synthetic_root])
     return torch.load(folder / 'data' / f'{RUN}_epoch3.pth', weights_only=True)['state_dict']
 
 

@@ -7,12 +7,11 @@ import pytest
 import reference
 import torch
 import torch.nn.functional as F
-from conftest import randomize
+from conftest import randomize, train_in
 from PIL import Image
 from test_metrics import original_inter_and_union
 
 import deeplab
-import main
 import pascal
 import utils
 
@@ -25,12 +24,7 @@ TRAIN = ['--train', '--exp', 't', '--epochs', '1', '--backbone', 'vovnet39', '--
 def trained(synthetic_root, tmp_path_factory):
     """A folder in which a 1-epoch training run has written its checkpoint."""
     folder = tmp_path_factory.mktemp('run')
-    cwd = os.getcwd()
-    os.chdir(folder)
-    try:
-        assert main.cli(TRAIN + ['--data_root', str(synthetic_root)]) == 0
-    finally:
-        os.chdir(cwd)
+    train_in(folder, TRAIN + ['--data_root', synthetic_root])
     return folder
 
 

@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import randomize
+from conftest import randomize, train_in
 from PIL import Image
 
 import deeplab
@@ -19,15 +19,9 @@ TRAIN = ['--train', '--exp', 'x', '--backbone', 'vovnet39', '--scratch', '--crop
 @pytest.fixture(scope='module')
 def run3(synthetic_root, tmp_path_factory):
     """An uninterrupted 3-epoch run with a checkpoint every epoch and validation every 2 epochs."""
-    import main
     folder = tmp_path_factory.mktemp('run3')
-    cwd = os.getcwd()
-    os.chdir(folder)
-    try:
-        assert main.cli(TRAIN + ['--epochs', '3', '--save_every', '1', '--val_every', '2', '--print_freq', '1',
-                                 '--data_root', str(synthetic_root)]) == 0
-    finally:
-        os.chdir(cwd)
+    train_in(folder, TRAIN + ['--epochs', '3', '--save_every', '1', '--val_every', '2', '--print_freq', '1',
+                              '--data_root', synthetic_root])
     return folder
 
 
