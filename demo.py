@@ -49,7 +49,7 @@ def demo(args) -> float:
               str(args.crop_size), '--data_root', args.root, '--output_dir', args.output_dir, '--workers',
               str(args.workers), '--channels_last'] + (['--device', args.device] if args.device else [])
     run(['--train', '--scratch', '--base_lr', str(args.base_lr), '--batch_size', str(args.batch_size),
-         '--seed', '0', '--print_freq', '25'] + common)
+         '--seed', '0', '--print_freq', '25', '--val_every', '2'] + common)
     miou = run(common)
     print(f'\ndemo finished in {format_seconds(time.time() - start)}: mean IoU {miou:.2f} on {args.val_images} '
           f'synthetic validation images; predictions in {os.path.join(args.output_dir, "val")}/')

@@ -35,7 +35,6 @@ log = logging.getLogger('main')
 
 MOMENTUM = 0.9
 WEIGHT_DECAY = 1e-4
-AMP_DTYPES = {'off': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 CHECKPOINT_VERSION = 1
 
 
@@ -121,7 +120,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     s = p.add_argument_group('devices and speed')
     s.add_argument('--device', default=None, help='cpu, cuda or cuda:N (default: CUDA when available, else CPU)')
-    s.add_argument('--amp', default='off', choices=tuple(AMP_DTYPES),
+    s.add_argument('--amp', default='off', choices=tuple(utils.AMP_DTYPES),
                    help='mixed precision: bf16 (CPU and recent GPUs) or fp16 (CUDA, with a gradient scaler)')
     s.add_argument('--channels_last', action='store_true', help='NHWC memory layout (faster convolutions)')
     s.add_argument('--compile', action='store_true', help='torch.compile the model (slow start, faster steps)')
@@ -198,7 +197,7 @@ class Runtime:
 
 
 def make_runtime(args, info: utils.DistInfo, device: torch.device) -> Runtime:
-    amp = AMP_DTYPES[args.amp]
+    amp = utils.AMP_DTYPES[args.amp]
     if amp == torch.float16 and device.type != 'cuda':
         raise UserError('--amp fp16 needs a CUDA GPU (fp16 kernels and a gradient scaler); on the CPU use '
                         '--amp bf16, or --amp off.')

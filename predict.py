@@ -44,7 +44,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='predict images larger than the crop tile by tile (overlapping crop_size windows) '
                         'instead of whole')
     p.add_argument('--device', default=None, help='cpu, cuda or cuda:N (default: CUDA when available)')
-    p.add_argument('--amp', default='off', choices=('off', 'bf16', 'fp16'), help='mixed precision')
+    p.add_argument('--amp', default='off', choices=tuple(utils.AMP_DTYPES), help='mixed precision')
     return p
 
 
@@ -132,7 +132,7 @@ def run(args) -> int:
         raise UserError('--batch_size must be at least 1 and --crop_size at least 32.')
     files = collect_inputs(args.input)
     _, device = utils.init_distributed(args.device)
-    amp = {'off': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[args.amp]
+    amp = utils.AMP_DTYPES[args.amp]
     if amp == torch.float16 and device.type != 'cuda':
         raise UserError('--amp fp16 needs a CUDA GPU; on the CPU use --amp bf16 or off.')
     model = deeplab.model_from_checkpoint(args.checkpoint, args.backbone, args.output_stride).to(device).eval()

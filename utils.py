@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 IGNORE_INDEX = 255
+AMP_DTYPES = {'off': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}  # --amp
 log = logging.getLogger(__name__)
 
 
