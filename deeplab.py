@@ -143,27 +143,33 @@ def _vovnet_backbone(name: str, num_groups: int | None, output_stride: int) -> n
     return vovnet.VoVNet(name, norm_layer=norm, output_stride=output_stride)
 
 
-def _resnet_backbone(name: str, weights, num_groups: int | None, beta: bool,
+def _resnet_backbone(name: str, imagenet: dict | None, num_groups: int | None, beta: bool,
                      output_stride: int) -> nn.Sequential:
     norm = (functools.partial(nn.BatchNorm2d, momentum=RESNET_BN_MOMENTUM) if num_groups is None
             else functools.partial(_group_norm, num_groups))
-    net = getattr(torchvision.models, name)(weights=weights, norm_layer=norm,
+    net = getattr(torchvision.models, name)(norm_layer=norm,
                                             replace_stride_with_dilation=[False, output_stride == 8, True])
+    vovnet.init_weights(net)
+    if imagenet is not None:
+        _load_imagenet(net, imagenet, name)
     if beta:  # three 3x3 convs, no norm between them, in place of the 7x7
         net.conv1 = nn.Sequential(nn.Conv2d(3, 64, 3, stride=2, padding=1, bias=False),
                                   nn.Conv2d(64, 64, 3, padding=1, bias=False),
                                   nn.Conv2d(64, 64, 3, padding=1, bias=False))
         vovnet.init_weights(net.conv1)
-    if weights is None:
-        vovnet.init_weights(net)
+        if imagenet is not None:
+            log.warning('the --beta stem starts from random weights: the ImageNet weights have a 7x7 conv1')
     stages = OrderedDict((n, m) for n, m in net.named_children() if n not in ('avgpool', 'fc'))
     backbone = nn.Sequential(stages)
     backbone.out_channels = net.fc.in_features
     return backbone
 
 
-def _densenet_backbone(name: str, weights, output_stride: int) -> nn.Sequential:
-    features = getattr(torchvision.models, name)(weights=weights).features
+def _densenet_backbone(name: str, imagenet: dict | None, output_stride: int) -> nn.Sequential:
+    net = getattr(torchvision.models, name)()
+    if imagenet is not None:
+        _load_imagenet(net, _rename_legacy_densenet_keys(imagenet), name)
+    features = net.features
     # The last transition keeps the resolution and the last block is dilated (output stride 16); at output
     # stride 8 the one before too.
     dilated = {'transition3': ('denseblock4', 2)} if output_stride == 16 else {
@@ -185,18 +191,28 @@ def _group_norm(num_groups: int, channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups, channels)
 
 
-def _torchvision_weights(name: str):
-    """torchvision's ImageNet weights for `name`, fetched into torch's hub cache, or a clear error."""
+def _load_imagenet(net: nn.Module, state_dict: dict, name: str) -> None:
+    try:
+        net.load_state_dict(state_dict)
+    except RuntimeError as e:
+        url = torchvision.models.get_model_weights(name).IMAGENET1K_V1.url
+        cached = os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(url))
+        raise UserError(f'the ImageNet weights in {cached} do not fit torchvision\'s {name} ({_short(e)}); delete '
+                        f'the file so that it is downloaded again, or copy {url} there.') from None
+
+
+def _torchvision_imagenet(name: str) -> dict:
+    """torchvision's ImageNet state dict for `name` (the one the original used), read from torch's hub cache
+    or downloaded into it, or a clear error."""
     weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
     cached = os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(weights.url))
     try:
-        weights.get_state_dict(progress=False, check_hash=True)  # a no-op read when cached
+        return weights.get_state_dict(progress=False, check_hash=True)
     except Exception as e:  # no network, a refused download, a corrupt cached file
         raise UserError(
             f'the ImageNet weights of {name} are needed but could not be read or downloaded ({e}). '
             f'Download {weights.url} to {cached} (or set TORCH_HOME), or add --scratch to train without them.'
         ) from None
-    return weights
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -227,17 +243,17 @@ def _create_deeplab(backbone: str, pretrained: bool = False, num_classes: int = 
     if from_torchvision and num_groups is not None:
         raise UserError(f'torchvision has no GroupNorm ImageNet weights for {backbone}: pass the path of a '
                         f'GroupNorm state dict with --pretrained_path, or add --scratch.')
-    weights = _torchvision_weights(backbone) if from_torchvision else None
+    imagenet = _torchvision_imagenet(backbone) if from_torchvision else None
 
     if family == 'vovnet':
         body = _vovnet_backbone(backbone, num_groups, output_stride)
         aspp_norm = functools.partial(nn.BatchNorm2d, **OTHER_ASPP_BN)
     elif family == 'resnet':
-        body = _resnet_backbone(backbone, weights, num_groups, beta, output_stride)
+        body = _resnet_backbone(backbone, imagenet, num_groups, beta, output_stride)
         aspp_norm = (functools.partial(nn.BatchNorm2d, **RESNET_ASPP_BN) if num_groups is None
                      else functools.partial(_group_norm, num_groups))
     else:
-        body = _densenet_backbone(backbone, weights, output_stride)
+        body = _densenet_backbone(backbone, imagenet, output_stride)
         aspp_norm = functools.partial(nn.BatchNorm2d, **OTHER_ASPP_BN)
     model = DeepLabV3(body, num_classes, aspp_norm, output_stride, backbone)
     if weight_std:
@@ -450,6 +466,9 @@ def _first(state_dict) -> str:
 
 
 def _short(e: Exception) -> str:
-    lines = [line.strip() for line in str(e).splitlines() if 'size mismatch' in line]
-    return '; '.join(lines[:3]) or str(e).splitlines()[0]
+    """The informative lines of load_state_dict's error, shortened."""
+    lines = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+    text = '; '.join(lines[:3]) or str(e).strip()
+    return text if len(text) <= 300 else text[:297] + '...'
+
 

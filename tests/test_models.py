@@ -332,3 +332,24 @@ def test_torchvision_imagenet_weights_come_from_the_hub_cache_or_a_clear_error(t
     model = deeplab.resnet50(pretrained=True)
     assert torch.equal(model.layer3[2].conv2.weight, imagenet.layer3[2].conv2.weight)
     assert torch.equal(model.bn1.running_var, imagenet.bn1.running_var)
+
+
+def test_densenet_imagenet_weights_in_torchvisions_legacy_key_format_load(tmp_path, monkeypatch):
+    import re
+
+    import torchvision
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path))
+    url = torchvision.models.DenseNet201_Weights.IMAGENET1K_V1.url
+    imagenet = randomize(torchvision.models.densenet201(), seed=5)
+    # torchvision's files name the layers norm.1, conv.2, ... (the module names are norm1, conv2)
+    legacy = {re.sub(r'(denselayer\d+\.(?:norm|conv))([12])\.', r'\1.\2.', k): v
+              for k, v in imagenet.state_dict().items() if not k.endswith('num_batches_tracked')}
+    assert 'features.denseblock1.denselayer1.norm.1.weight' in legacy
+    os.makedirs(tmp_path / 'hub' / 'checkpoints')
+    torch.save(legacy, tmp_path / 'hub' / 'checkpoints' / os.path.basename(url))
+    model = deeplab.densenet201(pretrained=True)
+    assert torch.equal(model.features.denseblock4.denselayer7.conv2.weight,
+                       imagenet.features.denseblock4.denselayer7.conv2.weight)
+    torch.save({'features.conv0.weight': torch.zeros(1)}, tmp_path / 'hub' / 'checkpoints' / os.path.basename(url))
+    with pytest.raises(utils.UserError, match='do not fit torchvision.s densenet201.*delete'):
+        deeplab.densenet201(pretrained=True)
