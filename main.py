@@ -248,10 +248,11 @@ def predict_logits(model: nn.Module, image: torch.Tensor, rt: Runtime) -> torch.
         return model(rt.input(image)).float()
 
 
-def multi_scale_probs(model: nn.Module, image: torch.Tensor, scales, flip: bool, crop_size: int,
-                      rt: Runtime) -> torch.Tensor:
-    """Softmax probabilities averaged over input scales (and flips), at the image's size. Each scaled image is
-    padded bottom/right to the crop size like the single-scale protocol."""
+def multi_scale_probs(model: nn.Module, image: torch.Tensor, scales, flip: bool, crop_size: int, rt: Runtime,
+                      logits_at_1: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax probabilities summed over input scales (and flips), at the image's size. Each scaled image is
+    padded bottom/right to the crop size like the single-scale protocol, whose logits (`logits_at_1`, cropped
+    to the image) stand in for scale 1 unflipped."""
     image = image.to(rt.device)
     h, w = image.shape[-2:]
     total = 0
@@ -260,6 +261,9 @@ def multi_scale_probs(model: nn.Module, image: torch.Tensor, scales, flip: bool,
         scaled = F.interpolate(image, size=size, mode='bilinear', align_corners=True) if scale != 1 else image
         pad = (0, max(0, crop_size - size[1]), 0, max(0, crop_size - size[0]))
         for flipped in ((False, True) if flip else (False,)):
+            if scale == 1 and not flipped and logits_at_1 is not None:
+                total = total + logits_at_1.softmax(1)
+                continue
             x = F.pad(scaled.flip(-1) if flipped else scaled, pad)
             logits = predict_logits(model, x, rt)[..., :size[0], :size[1]]
             if flipped:
@@ -286,13 +290,14 @@ def evaluate(model: nn.Module, loader: DataLoader, rt: Runtime, num_classes: int
         for image, mask, info in batches:
             h, w = int(info['size'][0]), int(info['size'][1])
             target = mask[0, :h, :w].to(rt.device, non_blocking=True)
-            pred = predict_logits(model, image, rt)[0, :, :h, :w].argmax(0)
+            logits = predict_logits(model, image, rt)[..., :h, :w]
+            pred = logits[0].argmax(0)
             confusion.update(target, pred)
             name = dataset.name(int(info['index']))
             if save_dir:
                 save_mask(pred, os.path.join(save_dir, f'{name}.png'), palette)
             if confusion_ms is not None:
-                probs = multi_scale_probs(model, image[..., :h, :w], scales or [1.0], flip, crop_size, rt)
+                probs = multi_scale_probs(model, image[..., :h, :w], scales or [1.0], flip, crop_size, rt, logits)
                 pred_ms = probs[0].argmax(0)
                 confusion_ms.update(target, pred_ms)
                 if ms_save_dir:
