@@ -13,8 +13,14 @@ median latency in ms after warm-up (CUDA-synchronised), peak memory in MB (CUDA:
 process's peak resident set, each measurement in a fresh process), energy in J/frame from NVML's energy counter
 on NVIDIA GPUs, parameters, GFLOPs (2 x multiply-adds), the argmax agreement with fp32, and each figure's ratio
 to `original`.
+
+On CUDA every configuration but `original` runs with `cudnn.benchmark` (as main.py does; the original did not
+set it), and "fp32" convolutions use TF32, PyTorch's default on Ampere and later GPUs. CUDA measurements run in
+this process one after the other (the peak-memory counter is reset for each, the last model freed first); CPU
+measurements each run in a fresh process, since the resident-set peak cannot be reset across models.
 """
 import argparse
+import gc
 import json
 import multiprocessing as mp
 import platform
@@ -81,10 +87,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--crop', type=int, default=321, help='training crop (default 321)')
     p.add_argument('--warmup', type=int, default=3, help='untimed runs first (default 3)')
     p.add_argument('--iters', type=int, default=10, help='timed runs; the median is reported (default 10)')
+    p.add_argument('--min_time', type=float, default=None,
+                   help='keep timing past --iters until this many seconds have passed, so that the energy '
+                        'counter (updated every few ms) spans many updates (default: 1 on CUDA, 0 on CPU)')
     p.add_argument('--checkpoint', default=None, help='weights to use (one backbone); default: random weights '
                                                        'with BatchNorm statistics calibrated on the sample image')
     p.add_argument('--threads', type=int, default=None, help='CPU threads (default: PyTorch\'s)')
-    p.add_argument('--no_isolate', action='store_true', help='measure in this process (CPU memory then shared)')
+    p.add_argument('--no_isolate', action='store_true',
+                   help='CPU: measure in this process (the memory peak then spans all measurements)')
     p.add_argument('--json', default=None, metavar='FILE', help='also write the results as JSON')
     return p
 
@@ -103,10 +113,11 @@ def sample_batch(size: int, batch: int) -> torch.Tensor:
 
 
 def build(backbone: str, args, x: torch.Tensor) -> deeplab.DeepLabV3:
+    """The model on x's device: loaded from --checkpoint, or random weights with BatchNorm statistics of x."""
     if args.checkpoint:
-        return deeplab.model_from_checkpoint(args.checkpoint, backbone).eval()
+        return deeplab.model_from_checkpoint(args.checkpoint, backbone).to(x.device).eval()
     torch.manual_seed(0)
-    model = deeplab.build_model(backbone)
+    model = deeplab.build_model(backbone).to(x.device)
     with torch.no_grad():  # realistic activation scales: BN statistics of the sample image
         for m in model.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
@@ -134,7 +145,8 @@ def quantize_int8(model, size: int):
 
 
 def prepare(model, config: Config, device: torch.device, size: int):
-    model = model.to(device)
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = config.name != ORIGINAL.name
     if config.int8:
         if device.type != 'cpu':
             raise ValueError('int8 is a CPU configuration')
@@ -232,9 +244,21 @@ def flops(model, x) -> float:
     return counter.get_total_flops() / 1e9
 
 
+def warm_up_gpu(device, seconds: float = 2.0) -> None:
+    """Keep the GPU busy for a while so that it leaves its idle clocks before the first measurement (on an H200,
+    VoVNet-39's `original` row measured first from idle read 7.8 ms, and 4.4 ms measured after other work)."""
+    a = torch.randn(4096, 4096, device=device)
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in range(10):
+            a = torch.tanh(a @ a)
+        _sync(device)
+
+
 def time_runs(fn, device, args):
-    """Run `fn` args.warmup times, then args.iters timed times (CUDA-synchronised) under the memory and energy
-    meters; returns (warm-up seconds, per-run milliseconds, PeakMemory, Energy)."""
+    """Run `fn` args.warmup times, then at least args.iters timed times and args.min_time seconds
+    (CUDA-synchronised) under the memory and energy meters; returns (warm-up seconds, per-run milliseconds,
+    PeakMemory, Energy)."""
     start = time.perf_counter()
     for _ in range(args.warmup):
         fn()
@@ -242,7 +266,8 @@ def time_runs(fn, device, args):
     warmup_s = time.perf_counter() - start
     times = []
     with PeakMemory(device) as memory, Energy(device) as energy:
-        for _ in range(args.iters):
+        start = time.perf_counter()
+        while len(times) < args.iters or time.perf_counter() - start < args.min_time:
             _sync(device)
             t = time.perf_counter()
             fn()
@@ -253,13 +278,13 @@ def time_runs(fn, device, args):
 
 def measure_inference(backbone: str, config: Config, args) -> dict:
     device = torch.device(args.device)
-    x = sample_batch(args.size, args.batch)
+    x = sample_batch(args.size, args.batch).to(device)
     model = build(backbone, args, x)
     params = deeplab.count_parameters(model)
     gflops = flops(model, x) / args.batch if config.name == ORIGINAL.name else None
     net = prepare(model, config, device, args.size)
     fmt = torch.channels_last if config.channels_last else torch.contiguous_format
-    x = x.to(device, memory_format=fmt)
+    x = x.contiguous(memory_format=fmt)
     dtype = PRECISIONS[config.amp]
     context = torch.enable_grad if config.grad else torch.inference_mode
 
@@ -273,13 +298,15 @@ def measure_inference(backbone: str, config: Config, args) -> dict:
     pred = out.float().argmax(1).to(torch.uint8).cpu().numpy()
     return dict(backbone=backbone, config=config.name, latency_ms=statistics.median(times),
                 peak_mb=memory.mb, joules_per_frame=None if energy.joules is None else
-                energy.joules / (args.iters * args.batch), energy_note=energy.why, params=params, gflops=gflops,
+                energy.joules / (len(times) * args.batch), energy_note=energy.why, params=params, gflops=gflops,
                 warmup_s=warmup_s, pred=pred)
 
 
 def measure_training(backbone: str, config: Config, args) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(0)
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = config.name != ORIGINAL.name
     model = deeplab.build_model(backbone).to(device).train()
     fmt = torch.channels_last if config.channels_last else torch.contiguous_format
     if config.channels_last:
@@ -316,10 +343,18 @@ def _child(queue, fn, backbone, config, args):
 
 
 def measure(fn, backbone, config, args) -> dict:
-    if args.no_isolate:
+    if args.no_isolate or args.device.startswith('cuda'):
         if args.threads:
             torch.set_num_threads(args.threads)
-        return fn(backbone, config, args)
+        gc.collect()
+        if args.device.startswith('cuda'):
+            torch.cuda.empty_cache()
+        if config.compile:
+            torch._dynamo.reset()  # a fresh compilation per model, not a recompilation of the last one's
+        try:
+            return fn(backbone, config, args)
+        except Exception as e:  # reported in the table, the other measurements go on
+            return dict(backbone=backbone, config=config.name, error=f'{type(e).__name__}: {e}')
     ctx = mp.get_context('spawn')
     queue = ctx.Queue()
     process = ctx.Process(target=_child, args=(queue, fn, backbone, config, args))
@@ -340,6 +375,8 @@ def run(args) -> list[dict]:
     args.device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     args.batch = args.batch or (1 if args.mode == 'inference' else 4)
     cuda = args.device.startswith('cuda')
+    if args.min_time is None:
+        args.min_time = 1.0 if cuda else 0.0
     default = 'fp32,fp32+cl,fp16+cl,bf16+cl' if cuda else 'fp32,fp32+cl,bf16+cl'
     configs = [Config.parse(c) for c in (args.configs or default).split(',') if c]
     backbones = [b for b in args.backbones.split(',') if b]
@@ -352,11 +389,15 @@ def run(args) -> list[dict]:
         raise SystemExit('error: fp16 configurations need CUDA; use bf16 on the CPU')
     device_name = torch.cuda.get_device_name(0) if cuda else (platform.processor() or platform.machine())
     threads = args.threads or torch.get_num_threads()
+    if cuda:
+        device_name += f' (TF32 convolutions {"on" if torch.backends.cudnn.allow_tf32 else "off"})'
     what = (f'inference {args.size}x{args.size}, batch {args.batch}' if args.mode == 'inference'
             else f'training step, crop {args.crop}, batch {args.batch}')
     print(f'# {what} on {device_name} ({args.device}, {threads} threads), torch {torch.__version__}, '
           f'median of {args.iters} after {args.warmup} warm-up', flush=True)
     fn = measure_inference if args.mode == 'inference' else measure_training
+    if cuda:
+        warm_up_gpu(torch.device(args.device))
     results = []
     key = 'latency_ms' if args.mode == 'inference' else 'step_ms'
     for backbone in backbones:
@@ -383,6 +424,9 @@ def run(args) -> list[dict]:
     notes = {r.get('energy_note') for r in results if r.get('energy_note')}
     for note in notes:
         print(f'# energy: {note}')
+    if args.mode == 'inference' and not args.checkpoint:
+        print('# argmax agreement of random weights is pessimistic (their logits are nearly tied); '
+              'use --checkpoint for a trained model\'s')
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(dict(device=device_name, torch=torch.__version__, threads=threads, mode=args.mode,
