@@ -92,7 +92,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='training crop and evaluation canvas (default 513)')
     o.add_argument('--resume', default=None, metavar='PATH',
                    help='continue training from a checkpoint: weights, optimizer, epoch, iteration, RNG')
-    o.add_argument('--workers', type=_number(int, 0), default=4, help='data-loading processes (default 4)')
+    o.add_argument('--workers', type=_number(int, 0), default=None,
+                   help='data-loading processes per training process (default 4, fewer where this machine has '
+                        'fewer CPUs for each process)')
 
     d = p.add_argument_group('data and output')
     d.add_argument('--data_root', default=None,
@@ -151,6 +153,13 @@ def checkpoint_path(args, epoch) -> str:
 def sync_batchnorm(args, info: utils.DistInfo, cuda: bool) -> bool:
     """SyncBatchNorm: on by default for BatchNorm models trained by several processes on GPUs."""
     return info.distributed and cuda and args.sync_bn is not False and args.groups is None
+
+
+def default_workers() -> int:
+    """The original's 4 data-loading processes, or fewer where the CPUs this process may use, shared among the
+    processes torchrun started on this machine, are fewer (more would only compete for them)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    return max(1, min(4, cpus // int(os.environ.get('LOCAL_WORLD_SIZE', 1))))
 
 
 def check_args(args, info: utils.DistInfo) -> None:
@@ -694,6 +703,8 @@ def main(args) -> float | None:
     info = utils.dist_info()
     utils.setup_logging(info.is_main)
     check_args(args, info)  # before joining a process group, so that a bad flag cannot leave the others waiting
+    if args.workers is None:
+        args.workers = default_workers()
     info, device = utils.init_distributed(args.device, args.gpu)
     try:
         rt = make_runtime(args, info, device)

@@ -126,3 +126,13 @@ def test_seed_training_command_without_imagenet_weights_is_a_clear_message(synth
     assert 'data/pretrained/vovnet39_statedict_norm.pth' in err and '--scratch' in err
     assert 'Traceback' not in out + err
     assert os.listdir('data') == ['VOCdevkit']
+
+
+def test_default_workers_are_the_originals_4_or_the_cpus_each_process_has(monkeypatch):
+    import main
+    monkeypatch.delenv('LOCAL_WORLD_SIZE', raising=False)
+    for cpus, processes, expected in [(16, 1, 4), (2, 1, 2), (2, 4, 1), (16, 8, 2), (1, 1, 1)]:
+        monkeypatch.setattr(os, 'sched_getaffinity', lambda pid, n=cpus: set(range(n)), raising=False)
+        monkeypatch.setenv('LOCAL_WORLD_SIZE', str(processes))
+        assert main.default_workers() == expected, (cpus, processes)
+    assert main.get_args_parser().parse_args(['--exp', 'x', '--workers', '3']).workers == 3  # explicit: kept
