@@ -333,28 +333,27 @@ def measure_training(backbone: str, config: Config, args) -> dict:
                 peak_mb=memory.mb, warmup_s=warmup_s)
 
 
-def _child(queue, fn, backbone, config, args):
+def _measure_here(fn, backbone, config, args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        queue.put(fn(backbone, config, args))
+        return fn(backbone, config, args)
     except Exception as e:  # reported in the table, the other measurements go on
-        queue.put(dict(backbone=backbone, config=config.name, error=f'{type(e).__name__}: {e}'))
+        return dict(backbone=backbone, config=config.name, error=f'{type(e).__name__}: {e}')
+
+
+def _child(queue, fn, backbone, config, args):
+    queue.put(_measure_here(fn, backbone, config, args))
 
 
 def measure(fn, backbone, config, args) -> dict:
     if args.no_isolate or args.device.startswith('cuda'):
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        gc.collect()
+        gc.collect()  # the last measurement's model and activations
         if args.device.startswith('cuda'):
             torch.cuda.empty_cache()
         if config.compile:
             torch._dynamo.reset()  # a fresh compilation per model, not a recompilation of the last one's
-        try:
-            return fn(backbone, config, args)
-        except Exception as e:  # reported in the table, the other measurements go on
-            return dict(backbone=backbone, config=config.name, error=f'{type(e).__name__}: {e}')
+        return _measure_here(fn, backbone, config, args)
     ctx = mp.get_context('spawn')
     queue = ctx.Queue()
     process = ctx.Process(target=_child, args=(queue, fn, backbone, config, args))

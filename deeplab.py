@@ -191,21 +191,25 @@ def _group_norm(num_groups: int, channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups, channels)
 
 
+def _imagenet_weights(name: str):
+    """torchvision's ImageNet weights of `name` (the ones the original used) and their file in the hub cache."""
+    weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
+    return weights, os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(weights.url))
+
+
 def _load_imagenet(net: nn.Module, state_dict: dict, name: str) -> None:
     try:
         net.load_state_dict(state_dict)
     except RuntimeError as e:
-        url = torchvision.models.get_model_weights(name).IMAGENET1K_V1.url
-        cached = os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(url))
+        weights, cached = _imagenet_weights(name)
         raise UserError(f'the ImageNet weights in {cached} do not fit torchvision\'s {name} ({_short(e)}); delete '
-                        f'the file so that it is downloaded again, or copy {url} there.') from None
+                        f'the file so that it is downloaded again, or copy {weights.url} there.') from None
 
 
 def _torchvision_imagenet(name: str) -> dict:
-    """torchvision's ImageNet state dict for `name` (the one the original used), read from torch's hub cache
-    or downloaded into it, or a clear error."""
-    weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
-    cached = os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(weights.url))
+    """torchvision's ImageNet state dict for `name`, read from torch's hub cache or downloaded into it, or a
+    clear error."""
+    weights, cached = _imagenet_weights(name)
     try:
         return weights.get_state_dict(progress=False, check_hash=True)
     except Exception as e:  # no network, a refused download, a corrupt cached file

@@ -40,16 +40,14 @@ def export(model: deeplab.DeepLabV3, path: str, height: int, width: int, opset: 
     """Trace `model` on a (1, 3, height, width) example and write it with dynamic batch, height and width."""
     example = torch.randn(1, 3, height, width)
     axes = {'image': {0: 'batch', 2: 'height', 3: 'width'}, 'logits': {0: 'batch', 2: 'height', 3: 'width'}}
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f'.{os.path.basename(path)}.{os.getpid()}.tmp')
-    try:
+
+    def write(f):
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')  # the TorchScript exporter's deprecation notices
-            torch.onnx.export(model, (example,), tmp, input_names=['image'], output_names=['logits'],
+            torch.onnx.export(model, (example,), f, input_names=['image'], output_names=['logits'],
                               dynamic_axes=axes, opset_version=opset, dynamo=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    utils.atomic_write(path, write)
 
 
 def check(model: deeplab.DeepLabV3, path: str, height: int, width: int) -> dict | None:

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -155,11 +154,11 @@ def sync_batchnorm(args, info: utils.DistInfo, cuda: bool) -> bool:
     return info.distributed and cuda and args.sync_bn is not False and args.groups is None
 
 
-def default_workers() -> int:
+def default_workers(info: utils.DistInfo) -> int:
     """The original's 4 data-loading processes, or fewer where the CPUs this process may use, shared among the
     processes torchrun started on this machine, are fewer (more would only compete for them)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
-    return max(1, min(4, cpus // int(os.environ.get('LOCAL_WORLD_SIZE', 1))))
+    return max(1, min(4, cpus // info.local_world_size))
 
 
 def check_args(args, info: utils.DistInfo) -> None:
@@ -206,12 +205,7 @@ class Runtime:
 
 
 def make_runtime(args, info: utils.DistInfo, device: torch.device) -> Runtime:
-    amp = utils.AMP_DTYPES[args.amp]
-    if amp == torch.float16 and device.type != 'cuda':
-        raise UserError('--amp fp16 needs a CUDA GPU (fp16 kernels and a gradient scaler); on the CPU use '
-                        '--amp bf16, or --amp off.')
-    if amp == torch.bfloat16 and device.type == 'cuda' and not torch.cuda.is_bf16_supported():
-        raise UserError('this GPU has no bf16 support; use --amp fp16 or --amp off.')
+    amp = utils.amp_dtype(args.amp, device)
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
     return Runtime(device, info, amp, args.channels_last)
@@ -304,13 +298,13 @@ def evaluate(model: nn.Module, loader: DataLoader, rt: Runtime, num_classes: int
             confusion.update(target, pred)
             name = dataset.name(int(info['index']))
             if save_dir:
-                save_mask(pred, os.path.join(save_dir, f'{name}.png'), palette)
+                utils.save_mask(pred, os.path.join(save_dir, f'{name}.png'), palette)
             if confusion_ms is not None:
                 probs = multi_scale_probs(model, image[..., :h, :w], scales or [1.0], flip, crop_size, rt, logits)
                 pred_ms = probs[0].argmax(0)
                 confusion_ms.update(target, pred_ms)
                 if ms_save_dir:
-                    save_mask(pred_ms, os.path.join(ms_save_dir, f'{name}.png'), palette)
+                    utils.save_mask(pred_ms, os.path.join(ms_save_dir, f'{name}.png'), palette)
     except RuntimeError as e:
         raise_if_worker_died(e, batches)
         raise
@@ -320,12 +314,6 @@ def evaluate(model: nn.Module, loader: DataLoader, rt: Runtime, num_classes: int
     if confusion_ms is not None:
         confusion_ms.reduce_from_all_processes()
     return confusion, confusion_ms
-
-
-def save_mask(pred: torch.Tensor, path: str, palette) -> None:
-    image = Image.fromarray(pred.to(torch.uint8).cpu().numpy(), 'P')
-    image.putpalette(palette)
-    utils.save_image(image, path)
 
 
 def run_evaluation(args, rt: Runtime) -> float:
@@ -704,7 +692,7 @@ def main(args) -> float | None:
     utils.setup_logging(info.is_main)
     check_args(args, info)  # before joining a process group, so that a bad flag cannot leave the others waiting
     if args.workers is None:
-        args.workers = default_workers()
+        args.workers = default_workers(info)
     info, device = utils.init_distributed(args.device, args.gpu)
     try:
         rt = make_runtime(args, info, device)
@@ -721,11 +709,11 @@ def cli(argv=None) -> int:
     try:
         main(args)
     except UserError as e:
-        if int(os.environ.get('RANK', 0)) == 0:
+        if utils.dist_info().is_main:
             print(f'error: {e.for_user()}', file=sys.stderr)
         return 1
     except Interrupted as e:
-        if int(os.environ.get('RANK', 0)) == 0:
+        if utils.dist_info().is_main:
             print(str(e), file=sys.stderr)
         return 128 + (e.signum or signal.SIGINT)
     except KeyboardInterrupt:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+from PIL import Image
 
 IGNORE_INDEX = 255
 AMP_DTYPES = {'off': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}  # --amp
@@ -168,6 +169,15 @@ def save_image(image, path: str) -> None:
         raise UserError(f'could not write {path}: {e.strerror or e}.') from None
 
 
+def save_mask(pred, path: str, palette: list[int]) -> None:
+    """Save a class map (tensor or array of class indices) atomically as a palettised PNG."""
+    if isinstance(pred, torch.Tensor):
+        pred = pred.cpu().numpy()
+    image = Image.fromarray(pred.astype(np.uint8), 'P')
+    image.putpalette(palette)
+    save_image(image, path)
+
+
 def strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The state dict without the `module.` (DataParallel/DDP) or `_orig_mod.` (torch.compile) key prefix."""
     state_dict = collections.OrderedDict(state_dict)
@@ -222,6 +232,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1  # processes on this machine
 
     @property
     def distributed(self) -> bool:
@@ -235,7 +246,7 @@ class DistInfo:
 def dist_info() -> DistInfo:
     """This process's rank and the number of processes, as torchrun's environment describes them."""
     return DistInfo(int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1)),
-                    int(os.environ.get('LOCAL_RANK', 0)))
+                    int(os.environ.get('LOCAL_RANK', 0)), int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
 
 
 def init_distributed(device_name: str | None, gpu: int = 0) -> tuple[DistInfo, torch.device]:
@@ -262,6 +273,17 @@ def init_distributed(device_name: str | None, gpu: int = 0) -> tuple[DistInfo, t
     if info.distributed and not dist.is_initialized():
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     return info, device
+
+
+def amp_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of `--amp name` on `device`; a UserError where the device cannot run it."""
+    amp = AMP_DTYPES[name]
+    if amp == torch.float16 and device.type != 'cuda':
+        raise UserError('--amp fp16 needs a CUDA GPU (fp16 kernels and a gradient scaler); on the CPU use '
+                        '--amp bf16, or --amp off.')
+    if amp == torch.bfloat16 and device.type == 'cuda' and not torch.cuda.is_bf16_supported():
+        raise UserError('this GPU has no bf16 support; use --amp fp16 or --amp off.')
+    return amp
 
 
 @contextlib.contextmanager

@@ -134,5 +134,5 @@ def test_default_workers_are_the_originals_4_or_the_cpus_each_process_has(monkey
     for cpus, processes, expected in [(16, 1, 4), (2, 1, 2), (2, 4, 1), (16, 8, 2), (1, 1, 1)]:
         monkeypatch.setattr(os, 'sched_getaffinity', lambda pid, n=cpus: set(range(n)), raising=False)
         monkeypatch.setenv('LOCAL_WORLD_SIZE', str(processes))
-        assert main.default_workers() == expected, (cpus, processes)
+        assert main.default_workers(utils.dist_info()) == expected, (cpus, processes)
     assert main.get_args_parser().parse_args(['--exp', 'x', '--workers', '3']).workers == 3  # explicit: kept
