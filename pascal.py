@@ -38,6 +38,10 @@ SCALE_RANGE = (0.5, 2.0)
 # Reading files
 
 
+IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+EXIF_ORIENTATION = 0x0112
+
+
 def load_image(path: str, exif: bool = False) -> Image.Image:
     """Decode an image file into RGB, whatever its mode (grayscale, RGBA, palette, 16-bit, CMYK, ...)."""
     try:
@@ -46,8 +50,24 @@ def load_image(path: str, exif: bool = False) -> Image.Image:
             if exif:
                 img = ImageOps.exif_transpose(img)
             return to_rgb(img)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise UserError(f'cannot read the image {path} ({e}); replace or remove the file.') from None
+    except IMAGE_ERRORS as e:
+        raise _unreadable(path, e) from None
+
+
+def image_size(path: str, exif: bool = False) -> tuple[int, int]:
+    """(width, height) of the image `load_image` would return, read from the file's header without decoding."""
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            if exif and img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # rotated by 90 degrees
+                w, h = h, w
+            return w, h
+    except IMAGE_ERRORS as e:
+        raise _unreadable(path, e) from None
+
+
+def _unreadable(path: str, e: Exception) -> UserError:
+    return UserError(f'cannot read the image {path} ({e}); replace or remove the file.')
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -14,7 +14,6 @@ import math
 import os
 import sys
 import time
-from collections import defaultdict
 
 import numpy as np
 import torch
@@ -132,47 +131,50 @@ def run(args) -> int:
         raise UserError('--batch_size must be at least 1 and --crop_size at least 32.')
     files = collect_inputs(args.input)
     _, device = utils.init_distributed(args.device)
-    amp = utils.AMP_DTYPES[args.amp]
-    if amp == torch.float16 and device.type != 'cuda':
-        raise UserError('--amp fp16 needs a CUDA GPU; on the CPU use --amp bf16 or off.')
+    amp = utils.amp_dtype(args.amp, device)
     model = deeplab.model_from_checkpoint(args.checkpoint, args.backbone, args.output_stride).to(device).eval()
     predictor = Predictor(model, device, args.crop_size, amp, args.slide)
     to_tensor = pascal.ToTensor()
     palette = utils.voc_palette()
     os.makedirs(args.output, exist_ok=True)
 
-    # Read every image first so that the small ones can be batched; report and skip what cannot be read.
-    photos, skipped = {}, 0
+    # Sizes come from the file headers, so that the images up to the crop size can be batched while only one
+    # batch is decoded at a time; what cannot be read is reported and skipped.
+    skipped, small, large = 0, [], []
     for path in files:
         try:
-            photos[path] = pascal.load_image(path, exif=True)
+            w, h = pascal.image_size(path, exif=True)
         except UserError as e:
             log.warning('skipping: %s', e)
             skipped += 1
-    groups = defaultdict(list)
-    for path, photo in photos.items():
-        small = photo.size[0] <= args.crop_size and photo.size[1] <= args.crop_size
-        groups['small' if small else path].append(path)
+            continue
+        (small if w <= args.crop_size and h <= args.crop_size else large).append(path)
+    chunks = ([(True, small[i:i + args.batch_size]) for i in range(0, len(small), args.batch_size)]
+              + [(False, [path]) for path in large])
 
-    used, done, start = set(), 0, time.time()
+    used, done, total, start = set(), 0, len(small) + len(large), time.time()
     with torch.inference_mode():
-        for key, paths in groups.items():
-            for i in range(0, len(paths), args.batch_size):
-                chunk = paths[i:i + args.batch_size]
-                tensors = [to_tensor(photos[p], photos[p], None)[0] for p in chunk]
-                masks = predictor.batch(tensors) if key == 'small' else [predictor.large(tensors[0])]
-                for path, mask in zip(chunk, masks):
-                    mask = mask.numpy().astype(np.uint8)
-                    stem = unique_stem(path, used)
-                    image = Image.fromarray(mask, 'P')
-                    image.putpalette(palette)
-                    utils.save_image(image, os.path.join(args.output, f'{stem}.png'))
-                    utils.save_image(overlay(photos[path], mask, args.opacity, palette),
-                                     os.path.join(args.output, f'{stem}_overlay.jpg'))
-                    done += 1
-                    log.info('[%d/%d] %s (%dx%d) -> %s.png  %.1f img/s', done, len(photos), path,
-                             photos[path].size[0], photos[path].size[1], os.path.join(args.output, stem),
-                             done / (time.time() - start))
+        for batched, chunk in chunks:
+            photos = {}
+            for path in chunk:
+                try:
+                    photos[path] = pascal.load_image(path, exif=True)
+                except UserError as e:  # a header that reads, a body that does not (a truncated file)
+                    log.warning('skipping: %s', e)
+                    skipped, total = skipped + 1, total - 1
+            if not photos:
+                continue
+            tensors = [to_tensor(photo, photo, None)[0] for photo in photos.values()]
+            masks = predictor.batch(tensors) if batched else [predictor.large(tensors[0])]
+            for (path, photo), mask in zip(photos.items(), masks):
+                mask = mask.numpy().astype(np.uint8)
+                stem = unique_stem(path, used)
+                utils.save_mask(mask, os.path.join(args.output, f'{stem}.png'), palette)
+                utils.save_image(overlay(photo, mask, args.opacity, palette),
+                                 os.path.join(args.output, f'{stem}_overlay.jpg'))
+                done += 1
+                log.info('[%d/%d] %s (%dx%d) -> %s.png  %.1f img/s', done, total, path, photo.size[0],
+                         photo.size[1], os.path.join(args.output, stem), done / (time.time() - start))
     log.info('%d images segmented into %s/%s', done, args.output,
              f'; {skipped} skipped (see the warnings above)' if skipped else '')
     return skipped

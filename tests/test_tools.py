@@ -188,6 +188,29 @@ def test_predicted_masks_equal_the_evaluation_protocol(small_checkpoint, tmp_pat
     assert len(np.unique(expected)) > 1
 
 
+def test_predict_sizes_rotated_photos_from_the_header_and_skips_files_that_fail_to_decode(small_checkpoint, tmp_path,
+                                                                                           run_cli):
+    os.makedirs(tmp_path / 'in')
+    rgb = Image.fromarray(np.random.default_rng(2).integers(0, 255, (30, 50, 3), dtype=np.uint8), 'RGB')
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 50x30, shown rotated: 30x50
+    rgb.save(tmp_path / 'in' / 'rotated.jpg', exif=exif)
+    rgb.resize((200, 30)).save(tmp_path / 'in' / 'wide.jpg')
+    data = (tmp_path / 'in' / 'wide.jpg').read_bytes()
+    (tmp_path / 'in' / 'truncated.jpg').write_bytes(data[:len(data) // 3])  # its header still reads
+    import pascal
+    assert pascal.image_size(tmp_path / 'in' / 'rotated.jpg', exif=True) == (30, 50)
+    assert pascal.image_size(tmp_path / 'in' / 'truncated.jpg') == (200, 30)
+    status, out, err = run_cli('--checkpoint', small_checkpoint, '--input', tmp_path / 'in', '--output',
+                               tmp_path / 'out', '--crop_size', '65', module='predict')
+    assert status == 0, err
+    assert Image.open(tmp_path / 'out' / 'rotated.png').size == (30, 50)
+    assert Image.open(tmp_path / 'out' / 'wide.png').size == (200, 30)
+    assert 'skipping' in err and 'truncated.jpg' in err and 'Traceback' not in err
+    assert not os.path.exists(tmp_path / 'out' / 'truncated.png')
+    assert '[2/2]' in out and '1 skipped' in out
+
+
 def test_predict_refuses_a_backbone_that_contradicts_the_checkpoint(small_checkpoint, tmp_path, run_cli):
     Image.new('RGB', (30, 20)).save(tmp_path / 'a.png')
     status, _, err = run_cli('--checkpoint', small_checkpoint, '--input', tmp_path, '--backbone', 'resnet50',
