@@ -7,15 +7,17 @@
 #      near-tied logits)
 #   4. torchrun + main.py with --amp fp16 --channels_last; distributed evaluation equals a single process's
 #   5. DDP + SyncBatchNorm + NCCL on this GPU at world size 1 (a several-GPU machine is needed for more)
-#   6. where the host CPU has bf16 units (AVX-512 BF16 or AMX), VoVNet-39's CPU rows: inference 513 and the
-#      training step at crop 321, batch 4, fp32 against bf16
+#   6. where the host CPU has bf16 units (AVX-512 BF16 or AMX), VoVNet-39's CPU rows: inference 513
+#      (cpu-inference) and the training step at crop 321, batch 4 (cpu-train), fp32 against bf16
 # The output goes to OUT/gpu_check.log (and the benchmarks' JSON beside it); a step that fails or runs past its
 # time limit is reported and the next one runs. On one H200 the steps took about 2, 4, 2.5, 1, 0.2 and 3 minutes:
 # on a lease of 10 minutes per command, run them as two commands, e.g. STEPS="inference train demo" and then
 # STEPS="torchrun ddp cpu".
 #
 #     scripts/gpu_check.sh [OUT]                        # OUT defaults to gpu_check/
-#     STEPS="inference demo" scripts/gpu_check.sh       # some steps only (inference train demo torchrun ddp cpu)
+#     STEPS="inference demo" scripts/gpu_check.sh       # some steps only: inference train demo torchrun ddp
+#                                                       # cpu-inference cpu-train (cpu: both)
+#     BACKBONES=densenet161,densenet201 STEPS=train ... # the GPU tables for some backbones only
 #     QUICK=1 scripts/gpu_check.sh                      # tiny sizes on the CPU, to try the script itself
 set -u
 OUT=${1:-${OUT:-gpu_check}}
@@ -30,12 +32,14 @@ if [ "${QUICK:-0}" = 1 ]; then
     DEMO_EPOCHS=1; DEMO=(--train_images 16 --val_images 4 --epochs 1 --batch_size 4 --crop_size 65); NPROC=1
     TCONFIGS=fp32+cl; CCONF=fp32+cl,bf16+cl,fp32+cl+compile
 else
-    SIZE=513; CROP=513; BATCH=16; ITERS=50; BACKBONES=vovnet39,vovnet57,resnet50,resnet101,densenet161,densenet201
+    SIZE=513; CROP=513; BATCH=16; ITERS=50
+    BACKBONES=${BACKBONES:-vovnet39,vovnet57,resnet50,resnet101,densenet161,densenet201}
     DEVICE=cuda; CONFIGS=fp32,fp32+cl,fp16+cl,bf16+cl; DEMO=(--workers 8); NPROC=1
     TCONFIGS=fp32+cl,fp16+cl,bf16+cl; CCONF=fp32+cl,fp16+cl,bf16+cl,fp16+cl+compile
 fi
 
 STEPS=${STEPS:-inference train demo torchrun ddp cpu}
+STEPS=${STEPS//cpu-/cpu_}; [[ " $STEPS " == *" cpu "* ]] && STEPS="$STEPS cpu_inference cpu_train"
 LOG=$OUT/gpu_check.log
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 step() { { echo; echo "=== $1 ($(date +%T))"; } | tee -a "$LOG"; }
@@ -128,11 +132,13 @@ PY
 fi
 
 CPU_BF16=$(grep -o -w -E 'avx512_bf16|amx_bf16' /proc/cpuinfo | sort -u | tr '\n' ' ')
+if want cpu_inference || want cpu_train; then
 step "CPU with bf16 units: ${CPU_BF16:-none}"
-if want cpu && { [ -n "$CPU_BF16" ] || [ "${QUICK:-0}" = 1 ]; }; then
-    run cpu_inference 200 $PY benchmark.py --device cpu --backbones vovnet39 --size $SIZE --iters 10 \
+fi
+if [ -n "$CPU_BF16" ] || [ "${QUICK:-0}" = 1 ]; then
+    want cpu_inference && run cpu_inference 200 $PY benchmark.py --device cpu --backbones vovnet39 --size $SIZE --iters 10 \
         --configs fp32+cl,bf16+cl,bf16+cl+compile --json "$OUT/cpu_inference.json"
-    run cpu_train 200 $PY benchmark.py --mode train --device cpu --backbones vovnet39 --crop $((CROP < 321 ? CROP : 321)) \
+    want cpu_train && run cpu_train 300 $PY benchmark.py --mode train --device cpu --backbones vovnet39 --crop $((CROP < 321 ? CROP : 321)) \
         --batch 4 --configs fp32+cl,bf16+cl,bf16+cl+compile --warmup 1 --iters 3 --json "$OUT/cpu_train.json"
 fi
 
