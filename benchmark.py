@@ -14,6 +14,9 @@ process's peak resident set, each measurement in a fresh process), energy in J/f
 on NVIDIA GPUs, parameters, GFLOPs (2 x multiply-adds), the argmax agreement with fp32, and each figure's ratio
 to `original`.
 
+`--mode train` times a training step (forward with autocast, cross entropy, backward, SGD step: PyTorch's
+default implementation for `original`, main.py's fused one for the configurations) at `--crop` and `--batch`.
+
 On CUDA every configuration but `original` runs with `cudnn.benchmark` (as main.py does; the original did not
 set it), and "fp32" convolutions use TF32, PyTorch's default on Ampere and later GPUs. CUDA measurements run in
 this process one after the other (the peak-memory counter is reset for each, the last model freed first); CPU
@@ -37,6 +40,7 @@ import torch.nn.functional as F
 import deeplab
 import pascal
 import synthetic
+import utils
 
 PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
@@ -311,7 +315,10 @@ def measure_training(backbone: str, config: Config, args) -> dict:
     fmt = torch.channels_last if config.channels_last else torch.contiguous_format
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
+    if config.name == ORIGINAL.name:  # PyTorch's default implementation
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
+    else:  # main.py's: fused where PyTorch has the kernel
+        optimizer = utils.sgd([{'params': model.parameters()}], lr=1e-3, momentum=0.9, weight_decay=1e-4)
     net = torch.compile(model) if config.compile else model
     x = sample_batch(args.crop, args.batch).to(device, memory_format=fmt)
     target = torch.randint(0, 21, (args.batch, args.crop, args.crop), device=device)

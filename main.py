@@ -429,8 +429,8 @@ def make_optimizer(model: deeplab.DeepLabV3, args) -> torch.optim.SGD:
     head = [p for p in model.aspp.parameters() if p.requires_grad]
     head_ids = {id(p) for p in model.aspp.parameters()}
     backbone = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
-    return torch.optim.SGD([{'params': backbone}, {'params': head}], lr=args.base_lr, momentum=MOMENTUM,
-                           weight_decay=WEIGHT_DECAY)
+    return utils.sgd([{'params': backbone}, {'params': head}], lr=args.base_lr, momentum=MOMENTUM,
+                     weight_decay=WEIGHT_DECAY)
 
 
 def rng_state(device: torch.device) -> dict:
@@ -679,6 +679,7 @@ def restore_optimizer(optimizer, scaler, checkpoint: dict, path: str) -> None:
     except (ValueError, KeyError, RuntimeError) as e:
         raise UserError(f'the optimizer state in {path} does not fit this run ({e}); it was trained with other '
                         f'options (e.g. --freeze_bn). Resume with the same flags.') from None
+    utils.keep_fused(optimizer)
     if checkpoint.get('scaler') and scaler.is_enabled():
         scaler.load_state_dict(checkpoint['scaler'])
 

@@ -1,4 +1,5 @@
-"""torchrun/DDP on CPU (gloo), mixed precision, channels-last, and the benchmark's smoke test."""
+"""torchrun/DDP on CPU (gloo), mixed precision, channels-last, the fused optimizer, and the benchmark's smoke test."""
+import copy
 import os
 import re
 import subprocess
@@ -77,6 +78,46 @@ def test_bf16_and_channels_last_train_and_evaluate_on_cpu(synthetic_root, tmp_pa
     assert all(v.dtype != torch.bfloat16 for v in checkpoint['state_dict'].values())  # weights stay fp32
     status, out, err = run_cli(*COMMON, '--data_root', synthetic_root, '--device', 'cpu', *flags)
     assert status == 0 and re.search(r'^Mean IoU: \d+\.\d\d$', out, re.M), err
+
+
+def _sgd_run(optimizer_class, steps, resume=None):
+    """A tiny model after `steps` SGD steps in two groups with the poly schedule's changing lr, optionally resumed
+    from `resume` = (model state, optimizer state) as main.py resumes."""
+    import main
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Conv2d(8, 2, 1))
+    optimizer = optimizer_class([{'params': model[:2].parameters()}, {'params': model[2].parameters()}],
+                                lr=0.01, momentum=0.9, weight_decay=0.01)  # decay large enough to be seen
+    if resume is not None:
+        model.load_state_dict(resume[0])
+        main.restore_optimizer(optimizer, None, {'optimizer': copy.deepcopy(resume[1])}, 'x.pth')
+    g = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        for group, lr in zip(optimizer.param_groups, (0.01, 0.1)):
+            group['lr'] = lr * (1 - step / 10) ** 0.9
+        optimizer.zero_grad()
+        model(torch.randn(2, 3, 9, 9, generator=g)).square().mean().backward()
+        optimizer.step()
+    return model.state_dict(), optimizer
+
+
+def test_fused_sgd_updates_as_the_original_loop_and_stays_fused_on_resume():
+    import utils
+    fused, opt_fused = _sgd_run(utils.sgd, 5)
+    loop, opt_loop = _sgd_run(torch.optim.SGD, 5)  # PyTorch's loop over tensors on the CPU, as the original's
+    assert all(g['fused'] for g in opt_fused.param_groups) and not any(g['fused'] for g in opt_loop.param_groups)
+    for k in loop:  # the same update; the fused kernel may round the last bit differently (fused multiply-add)
+        torch.testing.assert_close(fused[k], loop[k], rtol=1e-6, atol=1e-7)
+
+    # resumed from an unfused optimizer's state (older checkpoints, the released ones): still fused, still the same
+    saved = opt_loop.state_dict()
+    for group in saved['param_groups']:
+        del group['fused'], group['foreach']  # as PyTorch 1.1 saved them
+    fused, opt_fused = _sgd_run(utils.sgd, 3, (loop, saved))
+    loop, _ = _sgd_run(torch.optim.SGD, 3, (loop, saved))
+    assert all(g['fused'] for g in opt_fused.param_groups)
+    for k in loop:  # the same update; the fused kernel may round the last bit differently (fused multiply-add)
+        torch.testing.assert_close(fused[k], loop[k], rtol=1e-6, atol=1e-7)
 
 
 def test_channels_last_and_bf16_logits_agree_with_fp32():
