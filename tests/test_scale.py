@@ -120,6 +120,35 @@ def test_fused_sgd_updates_as_the_original_loop_and_stays_fused_on_resume():
         torch.testing.assert_close(fused[k], loop[k], rtol=1e-6, atol=1e-7)
 
 
+def test_fused_sgd_under_the_fp16_gradient_scaler_skips_overflowing_steps_as_the_loop_does():
+    # main.py's --amp fp16 (CUDA) path: the scaler hands the fused kernel its scale and inf flag instead of
+    # unscaling the gradients itself; the same logic runs with a CPU scaler.
+    import utils
+
+    def run(optimizer_class):
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(5))
+        optimizer = optimizer_class([{'params': [w]}], lr=0.1, momentum=0.9, weight_decay=0.01)
+        scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** 10)
+        weights = []
+        for step in range(4):
+            optimizer.zero_grad()
+            loss = (w * torch.tensor([1.0, 2, 3, 4, float('inf') if step == 1 else 5])).sum()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            weights.append(w.detach().clone())
+        return weights, scaler.get_scale(), optimizer.param_groups[0]['fused']
+
+    fused, fused_scale, is_fused = run(utils.sgd)
+    loop, loop_scale, _ = run(torch.optim.SGD)
+    assert is_fused
+    assert torch.equal(fused[1], fused[0]) and not torch.equal(fused[2], fused[1])  # step 1 skipped, then on
+    assert fused_scale == loop_scale == 2.0 ** 9
+    for a, b in zip(fused, loop):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
 def test_channels_last_and_bf16_logits_agree_with_fp32():
     model = deeplab.vovnet39().eval()
     x = torch.randn(1, 3, 65, 65)
