@@ -293,20 +293,17 @@ def sgd(groups: list[dict], lr: float, momentum: float, weight_decay: float) -> 
     """SGD with PyTorch's fused kernel where it has one (CPU, CUDA): the same update as the original's loop over
     tensors (to the last bit's rounding, see tests/test_scale.py) in one kernel per tensor instead of four."""
     groups = [dict(group, params=list(group['params'])) for group in groups]  # parameters() is an iterator
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                           fused=_fusable(p for group in groups for p in group['params']) or None)
-
-
-def _fusable(params) -> bool:
-    return all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params)
+    fused = all(p.device.type in FUSED_DEVICES and p.is_floating_point() for g in groups for p in g['params'])
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=fused or None)
 
 
 def keep_fused(optimizer: torch.optim.Optimizer) -> None:
-    """After `load_state_dict`: a state saved by an unfused optimizer (older checkpoints, PyTorch 1.1's released
-    ones) would switch the fused kernel off; keep this run's choice."""
+    """After `load_state_dict`, which restores each group's flags: a state saved by an unfused optimizer (older
+    checkpoints, PyTorch 1.1's released ones) would switch the fused kernel off; keep this run's choice."""
+    fused = optimizer.defaults.get('fused')
     for group in optimizer.param_groups:
-        group['fused'] = _fusable(group['params']) or None
-        if group['fused']:
+        group['fused'] = fused
+        if fused:
             group['foreach'] = None
 
 
