@@ -163,8 +163,8 @@ def test_compile_trains_and_evaluates_as_eager(synthetic_root, tmp_path, monkeyp
         monkeypatch.chdir(tmp_path / name)
         status, out, err = run_cli(*train, *flags)
         assert status == 0, err
-        rows = open('data/logs/deeplab_vovnet39_pascal_v3_ddp/metrics.jsonl').read().splitlines()
-        losses[name] = [json.loads(row)['loss'] for row in rows]
+        with open('data/logs/deeplab_vovnet39_pascal_v3_ddp/metrics.jsonl') as f:
+            losses[name] = [json.loads(row)['loss'] for row in f]
         checkpoint = torch.load('data/deeplab_vovnet39_pascal_v3_ddp_epoch1.pth', weights_only=True)
         keys[name] = list(checkpoint['state_dict'])
     # The second loss depends on the first step's update. Weights are not compared: rounding differences grow
