@@ -333,11 +333,7 @@ def run_evaluation(args, rt: Runtime) -> float:
     model.to(rt.device)
     if rt.channels_last:
         model.to(memory_format=torch.channels_last)
-    runner = model
-    if args.compile:
-        from torch._inductor import config as inductor_config
-        inductor_config.freezing = True  # inference only: BN folded into convs, weights prepacked
-        runner = torch.compile(model)
+    runner = torch.compile(model) if args.compile else model
     loader = make_loader(dataset, 1, utils.ShardSampler(len(dataset), rt.dist.rank, rt.dist.world_size), args, rt)
 
     ms = bool(args.eval_scales or args.flip)
@@ -345,6 +341,12 @@ def run_evaluation(args, rt: Runtime) -> float:
     start = time.time()
     # Predictions go to a staging folder and join <output_dir>/val only when the evaluation succeeds.
     with contextlib.ExitStack() as stack:
+        if args.compile:
+            # Weights as constants (BN folded into the convolutions, weights prepacked), for this evaluation only:
+            # Inductor compiles at the first call and reads the flag then, and a flag left set would freeze the
+            # weights of any model compiled later in this process, stale once it trains.
+            from torch._inductor import config as inductor_config
+            stack.enter_context(inductor_config.patch(freezing=True))
         save_dir = ms_save_dir = None
         if args.save_predictions:
             save_dir = stack.enter_context(utils.staged_folder(os.path.join(args.output_dir, 'val')))

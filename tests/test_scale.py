@@ -154,7 +154,15 @@ def test_compile_trains_and_evaluates_as_eager(synthetic_root, tmp_path, monkeyp
     # (dynamo, and AOT autograd for the backward pass) and runs them without generating code.
     import functools
     import json
-    monkeypatch.setattr(torch, 'compile', functools.partial(torch.compile, backend='aot_eager'))
+
+    from torch._dynamo.backends.registry import lookup_backend
+    from torch._inductor import config as inductor_config
+    freezing = []  # Inductor's freezing flag at each compilation
+
+    def aot_eager(graph, inputs):
+        freezing.append(inductor_config.freezing)
+        return lookup_backend('aot_eager')(graph, inputs)
+    monkeypatch.setattr(torch, 'compile', functools.partial(torch.compile, backend=aot_eager))
     train = ['--train', '--scratch', '--batch_size', '4', '--seed', '0', '--base_lr', '0.01', '--print_freq', '1',
              '--data_root', synthetic_root, *COMMON]
     losses, keys = {}, {}
@@ -180,6 +188,8 @@ def test_compile_trains_and_evaluates_as_eager(synthetic_root, tmp_path, monkeyp
         assert status == 0, err
         ious.append(re.findall(r'^(?:Mean )?IoU.*$', out, re.M))
     assert ious[0] == ious[1] and len(ious[0]) == 22  # 21 classes and the mean
+    # weights frozen as constants for the compiled evaluation only, not while training nor after
+    assert freezing[0] is False and freezing[-1] is True and inductor_config.freezing is False
 
 
 def test_channels_last_and_bf16_logits_agree_with_fp32():
