@@ -86,17 +86,20 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='comma-separated configurations (default: fp32,fp32+cl,bf16+cl on CPU; '
                         'fp32,fp32+cl,fp16+cl,bf16+cl on CUDA)')
     p.add_argument('--device', default=None, help='cpu or cuda (default: CUDA when available)')
-    p.add_argument('--size', type=int, default=513, help='inference input height and width (default 513)')
-    p.add_argument('--batch', type=int, default=None, help='batch size (default: 1 for inference, 4 for train)')
-    p.add_argument('--crop', type=int, default=321, help='training crop (default 321)')
-    p.add_argument('--warmup', type=int, default=3, help='untimed runs first (default 3)')
-    p.add_argument('--iters', type=int, default=10, help='timed runs; the median is reported (default 10)')
-    p.add_argument('--min_time', type=float, default=None,
+    p.add_argument('--size', type=utils.number(int, 32), default=513,
+                   help='inference input height and width (default 513)')
+    p.add_argument('--batch', type=utils.number(int, 1), default=None,
+                   help='batch size (default: 1 for inference, 4 for train)')
+    p.add_argument('--crop', type=utils.number(int, 64), default=321, help='training crop (default 321)')
+    p.add_argument('--warmup', type=utils.number(int, 0), default=3, help='untimed runs first (default 3)')
+    p.add_argument('--iters', type=utils.number(int, 1), default=10,
+                   help='timed runs; the median is reported (default 10)')
+    p.add_argument('--min_time', type=utils.number(float, 0), default=None,
                    help='keep timing past --iters until this many seconds have passed, so that the energy '
                         'counter (updated every few ms) spans many updates (default: 1 on CUDA, 0 on CPU)')
     p.add_argument('--checkpoint', default=None, help='weights to use (one backbone); default: random weights '
                                                        'with BatchNorm statistics calibrated on the sample image')
-    p.add_argument('--threads', type=int, default=None, help='CPU threads (default: PyTorch\'s)')
+    p.add_argument('--threads', type=utils.number(int, 1), default=None, help='CPU threads (default: PyTorch\'s)')
     p.add_argument('--no_isolate', action='store_true',
                    help='CPU: measure in this process (the memory peak then spans all measurements)')
     p.add_argument('--json', default=None, metavar='FILE', help='also write the results as JSON')
@@ -389,6 +392,9 @@ def run(args) -> list[dict]:
     for b in backbones:
         if b not in deeplab.BACKBONES:
             raise SystemExit(f'error: unknown backbone {b!r}; choose from {", ".join(deeplab.BACKBONES)}')
+    if args.mode == 'train' and args.batch < 2:
+        raise SystemExit('error: a training step needs --batch 2 or more: BatchNorm normalises the ASPP\'s '
+                         'image-pooling branch over the images of the batch')
     if args.checkpoint and len(backbones) != 1:
         raise SystemExit('error: --checkpoint needs exactly one backbone in --backbones')
     if not cuda and any(c.amp == 'fp16' for c in configs):

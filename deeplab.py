@@ -8,6 +8,7 @@ github.com/chenxi116/DeepLabv3.pytorch): the same module names, so `state_dict` 
 One public builder per backbone, with the original's signature:
 `vovnet39`, `vovnet57`, `resnet50`, `resnet101`, `densenet161`, `densenet201`.
 """
+import argparse
 import functools
 import logging
 import os
@@ -391,10 +392,20 @@ def load_weights(model: DeepLabV3, state_dict: dict[str, torch.Tensor], source: 
                         f'{len(unexpected)} unexpected keys {_few(unexpected)}.{hint}')
 
 
-def model_from_checkpoint(path: str, backbone: str | None = None, output_stride: int = 16) -> DeepLabV3:
-    """Rebuild and load the model a checkpoint holds. The backbone and class count come from the checkpoint
-    (this project's records them; a released one is recognised by its keys); `backbone` is needed only when
-    neither tells, and must agree with it when given."""
+def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    """The flags of a script that rebuilds a model with `model_from_checkpoint`."""
+    parser.add_argument('--checkpoint', required=True, help='a checkpoint of main.py --train, or a released one')
+    parser.add_argument('--backbone', default=None, choices=BACKBONES,
+                        help='only needed when the checkpoint does not tell (it usually does)')
+    parser.add_argument('--output_stride', type=int, default=None, choices=OUTPUT_STRIDES,
+                        help='default: the one the checkpoint was trained with (16 for the released ones)')
+
+
+def model_from_checkpoint(path: str, backbone: str | None = None, output_stride: int | None = None) -> DeepLabV3:
+    """Rebuild and load the model a checkpoint holds. The backbone, class count and output stride come from the
+    checkpoint (this project's records them; a released one is recognised by its keys, and has stride 16);
+    `backbone` is needed only when neither tells, and must agree with it when given; `output_stride` overrides
+    the recorded one (the weights fit either)."""
     checkpoint = load_checkpoint(path)
     state = strip_prefixes(checkpoint['state_dict'])
     model_args = dict(checkpoint.get('model_args') or {})
@@ -407,7 +418,8 @@ def model_from_checkpoint(path: str, backbone: str | None = None, output_stride:
                         f'the matching checkpoint.')
     model = build_model(held or backbone, num_classes=model_args.get('num_classes', classes or 21),
                         num_groups=model_args.get('num_groups'), weight_std=model_args.get('weight_std', False),
-                        beta=model_args.get('beta', False), output_stride=output_stride)
+                        beta=model_args.get('beta', False),
+                        output_stride=output_stride or model_args.get('output_stride', 16))
     load_weights(model, state, path)
     return model
 

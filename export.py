@@ -21,17 +21,19 @@ from utils import UserError
 
 log = logging.getLogger('export')
 
+# Resize with align_corners=True (the ASPP's and the output's upsampling) needs opset 11.
+MIN_OPSET = 11
+
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--checkpoint', required=True, help='a checkpoint of main.py --train, or a released one')
+    deeplab.add_checkpoint_args(p)
     p.add_argument('--output', default=None, help='ONNX file to write (default: the checkpoint name with .onnx)')
-    p.add_argument('--backbone', default=None, choices=deeplab.BACKBONES,
-                   help='only needed when the checkpoint does not tell (it usually does)')
-    p.add_argument('--output_stride', type=int, default=16, choices=deeplab.OUTPUT_STRIDES)
-    p.add_argument('--height', type=int, default=513, help='height of the example traced (default 513)')
-    p.add_argument('--width', type=int, default=513, help='width of the example traced (default 513)')
-    p.add_argument('--opset', type=int, default=17, help='ONNX opset (default 17)')
+    p.add_argument('--height', type=utils.number(int, 32), default=513,
+                   help='height of the example traced (default 513)')
+    p.add_argument('--width', type=utils.number(int, 32), default=513, help='width of the example traced (default 513)')
+    p.add_argument('--opset', type=utils.number(int, MIN_OPSET), default=17,
+                   help=f'ONNX opset, {MIN_OPSET} or later (default 17)')
     p.add_argument('--no_check', action='store_true', help='skip the ONNX Runtime comparison')
     return p
 
@@ -72,16 +74,23 @@ def run(args) -> None:
         export(model, output, args.height, args.width, args.opset)
     except OSError as e:
         raise UserError(f'could not write {output}: {e.strerror or e}.') from None
+    except (torch.onnx.errors.OnnxExporterError, RuntimeError) as e:
+        if 'opset' not in str(e):
+            raise
+        raise UserError(f'PyTorch {torch.__version__} cannot export opset {args.opset}: '
+                        f'{str(e).splitlines()[0]}. Use an opset from {MIN_OPSET} up to the newest it '
+                        f'supports (default 17).') from None
     log.info('wrote %s (%s, %d classes, dynamic batch/height/width)', output, model.backbone_name, model.num_classes)
     if args.no_check:
         return
     # Another size than the traced one, odd on one side, exercises the dynamic axes.
-    result = check(model, output, args.height + 32, args.width - 31)
+    height, width = args.height + 32, args.width + 31
+    result = check(model, output, height, width)
     if result is None:
         log.info('ONNX Runtime is not installed, so the export was not checked (pip install onnxruntime).')
         return
     log.info('ONNX Runtime vs PyTorch on a %dx%d input: logits %s, max |difference| %.2e, argmax agreement %.4f%%',
-             args.height + 32, args.width - 31, result['shape'], result['max_abs_diff'], result['argmax_agreement'])
+             height, width, result['shape'], result['max_abs_diff'], result['argmax_agreement'])
 
 
 def cli(argv=None) -> int:

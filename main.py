@@ -41,19 +41,6 @@ CHECKPOINT_VERSION = 1
 # Command line
 
 
-def _number(kind, minimum, inclusive=True):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
-        if value < minimum or (not inclusive and value == minimum) or (kind is float and not math.isfinite(value)):
-            bound = f'at least {minimum}' if inclusive else f'greater than {minimum}'
-            raise argparse.ArgumentTypeError(f'must be {bound}, not {text}')
-        return value
-    return parse
-
-
 def _scales(text):
     try:
         scales = [float(s) for s in text.split(',') if s.strip()]
@@ -69,55 +56,57 @@ def get_args_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group('flags of the original (same names and defaults)')
     o.add_argument('--train', action='store_true', help='train; without it, evaluate')
     o.add_argument('--exp', required=True, help='experiment name, part of the checkpoint file names')
-    o.add_argument('--gpu', type=_number(int, 0), default=0, help='CUDA device of a single-process run (default 0)')
+    o.add_argument('--gpu', type=utils.number(int, 0), default=0,
+                   help='CUDA device of a single-process run (default 0)')
     o.add_argument('--backbone', default='resnet101', choices=deeplab.BACKBONES, help='default: %(default)s')
     o.add_argument('--dataset', default='pascal', choices=pascal.DATASETS,
                    help='pascal (VOC 2012 + SBD, or any dataset in its list layout) or cityscapes')
-    o.add_argument('--groups', type=_number(int, 1), default=None,
+    o.add_argument('--groups', type=utils.number(int, 1), default=None,
                    help='GroupNorm with this many groups instead of BatchNorm')
-    o.add_argument('--epochs', type=_number(int, 1), default=30,
+    o.add_argument('--epochs', type=utils.number(int, 1), default=30,
                    help='epochs to train; for evaluation, the epoch of the checkpoint to load (default 30)')
-    o.add_argument('--batch_size', type=_number(int, 1), default=16,
+    o.add_argument('--batch_size', type=utils.number(int, 1), default=16,
                    help='images per iteration in total over all processes: 16 means 16 whatever the number '
                         'of GPUs under torchrun, each taking batch_size / N (default 16)')
-    o.add_argument('--base_lr', type=_number(float, 0, inclusive=False), default=0.00025,
+    o.add_argument('--base_lr', type=utils.number(float, 0, inclusive=False), default=0.00025,
                    help='initial learning rate of the poly schedule (the published runs use 0.007)')
-    o.add_argument('--last_mult', type=_number(float, 0), default=1.0, help='LR multiplier of the ASPP head')
+    o.add_argument('--last_mult', type=utils.number(float, 0), default=1.0, help='LR multiplier of the ASPP head')
     o.add_argument('--scratch', action='store_true', help='train from random initialisation, no ImageNet weights')
     o.add_argument('--freeze_bn', action='store_true', help='keep BatchNorm statistics and affine parameters fixed')
     o.add_argument('--weight_std', action='store_true', help='weight standardisation (ResNet only)')
     o.add_argument('--beta', action='store_true', help='three 3x3 convs as the stem (ResNet only)')
-    o.add_argument('--crop_size', type=_number(int, 1), default=513,
+    o.add_argument('--crop_size', type=utils.number(int, 1), default=513,
                    help='training crop and evaluation canvas (default 513)')
     o.add_argument('--resume', default=None, metavar='PATH',
                    help='continue training from a checkpoint: weights, optimizer, epoch, iteration, RNG')
-    o.add_argument('--workers', type=_number(int, 0), default=None,
+    o.add_argument('--workers', type=utils.number(int, 0), default=None,
                    help='data-loading processes per training process (default 4, fewer where this machine has '
                         'fewer CPUs for each process)')
 
     d = p.add_argument_group('data and output')
     d.add_argument('--data_root', default=None,
                    help='dataset folder (default data/VOCdevkit for pascal, data/cityscapes for cityscapes)')
-    d.add_argument('--num_classes', type=_number(int, 2), default=None,
+    d.add_argument('--num_classes', type=utils.number(int, 2), default=None,
                    help='classes of a custom dataset in the VOC layout, background included (default: 21/19)')
     d.add_argument('--class_names', default=None, metavar='FILE', help='file with one class name per line')
     d.add_argument('--output_dir', default='data',
                    help='where checkpoints, predictions (val/) and logs (logs/) go (default: data)')
-    d.add_argument('--seed', type=_number(int, 0), default=None,
+    d.add_argument('--seed', type=utils.number(int, 0), default=None,
                    help='seed of shuffling, augmentation and initialisation (default: random, logged and saved)')
 
     m = p.add_argument_group('model')
-    m.add_argument('--output_stride', type=int, choices=deeplab.OUTPUT_STRIDES, default=16,
-                   help='16 (the original) or 8: finer features, ASPP rates 12/24/36, about 3x the compute')
+    m.add_argument('--output_stride', type=int, choices=deeplab.OUTPUT_STRIDES, default=None,
+                   help='16 (the original) or 8: finer features, ASPP rates 12/24/36, about 3x the compute '
+                        '(default: 16 for training, the checkpoint\'s for evaluation)')
     m.add_argument('--pretrained_path', default=None, metavar='FILE',
                    help='ImageNet weights to start from instead of the default file (VoVNet) or torchvision\'s')
 
     t = p.add_argument_group('training extras')
-    t.add_argument('--save_every', type=_number(int, 1), default=10,
+    t.add_argument('--save_every', type=utils.number(int, 1), default=10,
                    help='write a checkpoint every N epochs; the last epoch is always written (default 10)')
-    t.add_argument('--val_every', type=_number(int, 0), default=0,
+    t.add_argument('--val_every', type=utils.number(int, 0), default=0,
                    help='validate every N epochs and keep the best checkpoint (_best.pth); 0: never (default)')
-    t.add_argument('--print_freq', type=_number(int, 1), default=10, help='log every N iterations (default 10)')
+    t.add_argument('--print_freq', type=utils.number(int, 1), default=10, help='log every N iterations (default 10)')
 
     s = p.add_argument_group('devices and speed')
     s.add_argument('--device', default=None, help='cpu, cuda or cuda:N (default: CUDA when available, else CPU)')
@@ -163,10 +152,11 @@ def default_workers(info: utils.DistInfo) -> int:
 
 def check_args(args, info: utils.DistInfo) -> None:
     """Flag combinations argparse cannot check alone; each a clear message."""
-    min_crop = 4 * args.output_stride
+    output_stride = args.output_stride or 16
+    min_crop = 4 * output_stride
     if args.crop_size < min_crop:
-        raise UserError(f'--crop_size {args.crop_size} is too small for output stride {args.output_stride}: the '
-                        f'features would be {math.ceil(args.crop_size / args.output_stride)} pixels wide. '
+        raise UserError(f'--crop_size {args.crop_size} is too small for output stride {output_stride}: the '
+                        f'features would be {math.ceil(args.crop_size / output_stride)} pixels wide. '
                         f'Use at least {min_crop}.')
     if args.batch_size % info.world_size:
         raise UserError(f'--batch_size {args.batch_size} is the total over all processes and must divide among '
@@ -219,12 +209,14 @@ def unwrap(model: nn.Module) -> deeplab.DeepLabV3:
 
 
 def create_model(args, num_classes: int, pretrained: bool, model_args: dict | None = None) -> deeplab.DeepLabV3:
-    """The model the flags describe; a checkpoint's own model_args (norm layers, stem) take precedence."""
+    """The model the flags describe; a checkpoint's own model_args (norm layers, stem) take precedence, and its
+    output stride is the default (an evaluation may choose another: the weights fit both)."""
     model_args = model_args or {}
     return deeplab.build_model(args.backbone, pretrained=pretrained, num_classes=num_classes,
                                num_groups=model_args.get('num_groups', args.groups),
                                weight_std=model_args.get('weight_std', args.weight_std),
-                               beta=model_args.get('beta', args.beta), output_stride=args.output_stride,
+                               beta=model_args.get('beta', args.beta),
+                               output_stride=args.output_stride or model_args.get('output_stride', 16),
                                pretrained_path=args.pretrained_path)
 
 
@@ -337,7 +329,8 @@ def run_evaluation(args, rt: Runtime) -> float:
     loader = make_loader(dataset, 1, utils.ShardSampler(len(dataset), rt.dist.rank, rt.dist.world_size), args, rt)
 
     ms = bool(args.eval_scales or args.flip)
-    log.info('evaluating %s on %d images of %s (%s)', path, len(dataset), args.dataset, rt.device)
+    log.info('evaluating %s on %d images of %s (%s, output stride %d)', path, len(dataset), args.dataset, rt.device,
+             model.output_stride)
     start = time.time()
     # Predictions go to a staging folder and join <output_dir>/val only when the evaluation succeeds.
     with contextlib.ExitStack() as stack:

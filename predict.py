@@ -30,15 +30,14 @@ log = logging.getLogger('predict')
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--checkpoint', required=True, help='a checkpoint of main.py --train, or a released one')
+    deeplab.add_checkpoint_args(p)
     p.add_argument('--input', required=True, help='an image, a folder of images, or a glob such as "photos/*.jpg"')
     p.add_argument('--output', default='predictions', help='output folder (default: %(default)s)')
-    p.add_argument('--backbone', default=None, choices=deeplab.BACKBONES,
-                   help='only needed when the checkpoint does not tell (it usually does)')
-    p.add_argument('--output_stride', type=int, default=16, choices=deeplab.OUTPUT_STRIDES)
-    p.add_argument('--crop_size', type=int, default=513, help='canvas smaller images are padded to (default 513)')
-    p.add_argument('--batch_size', type=int, default=4, help='images per forward pass (default 4)')
-    p.add_argument('--opacity', type=float, default=0.5, help='opacity of the overlay colours, 0-1 (default 0.5)')
+    p.add_argument('--crop_size', type=utils.number(int, 32), default=513,
+                   help='canvas smaller images are padded to (default 513)')
+    p.add_argument('--batch_size', type=utils.number(int, 1), default=4, help='images per forward pass (default 4)')
+    p.add_argument('--opacity', type=utils.number(float, 0, maximum=1), default=0.5,
+                   help='opacity of the overlay colours, 0-1 (default 0.5)')
     p.add_argument('--slide', action='store_true',
                    help='predict images larger than the crop tile by tile (overlapping crop_size windows) '
                         'instead of whole')
@@ -125,10 +124,6 @@ def unique_stem(path: str, used: set) -> str:
 
 def run(args) -> int:
     """Predict every readable input; returns the number of files skipped."""
-    if not 0 <= args.opacity <= 1:
-        raise UserError(f'--opacity must be between 0 and 1, not {args.opacity}.')
-    if args.batch_size < 1 or args.crop_size < 32:
-        raise UserError('--batch_size must be at least 1 and --crop_size at least 32.')
     files = collect_inputs(args.input)
     _, device = utils.init_distributed(args.device)
     amp = utils.amp_dtype(args.amp, device)

@@ -1,10 +1,12 @@
 """Shared helpers: user-facing errors, the confusion matrix and IoU, the poly LR schedule, the VOC palette,
 atomic checkpoint/output writing and checkpoint reading, distributed and logging helpers."""
+import argparse
 import collections
 import contextlib
 import io
 import json
 import logging
+import math
 import os
 import pickle
 import shutil
@@ -35,6 +37,25 @@ class UserError(Exception):
         if text.startswith('Caught ') and marker in text:
             text = text[text.rindex(marker) + len(marker):].strip()
         return text
+
+
+def number(kind: type, minimum, inclusive: bool = True, maximum=None) -> Callable:
+    """An argparse type: a finite `kind` (int or float) of at least `minimum` (above it when not `inclusive`) and
+    at most `maximum`, so that a bad value is argparse's one-line message rather than a failure later on."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f'must be a finite number, not {text}')
+        if value < minimum or (not inclusive and value == minimum):
+            bound = f'at least {minimum}' if inclusive else f'greater than {minimum}'
+            raise argparse.ArgumentTypeError(f'must be {bound}, not {text}')
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f'must be at most {maximum}, not {text}')
+        return value
+    return parse
 
 
 def run_command(parser, run: Callable, argv=None) -> int:

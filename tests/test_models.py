@@ -232,6 +232,20 @@ def test_a_bare_state_dict_loads_too(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), source.state_dict().values()))
 
 
+def test_a_checkpoint_is_rebuilt_at_the_output_stride_it_was_trained_with(tmp_path, released_checkpoint):
+    x = torch.randn(1, 3, 65, 65)
+    source = randomize(deeplab.vovnet39(output_stride=8), seed=4).eval()
+    torch.save({'state_dict': source.state_dict(), 'model_args': {'backbone': 'vovnet39', 'output_stride': 8}},
+               tmp_path / 'os8.pth')
+    model = deeplab.model_from_checkpoint(str(tmp_path / 'os8.pth'))
+    assert model.output_stride == 8
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), source(x))
+    assert deeplab.model_from_checkpoint(str(tmp_path / 'os8.pth'), output_stride=16).output_stride == 16
+    released = released_checkpoint(randomize(deeplab.vovnet39(), seed=5))  # records no stride: the original's 16
+    assert deeplab.model_from_checkpoint(str(released)).output_stride == 16
+
+
 def released_state(model):
     return {f'module.{k}': v for k, v in model.state_dict().items()}
 

@@ -105,9 +105,16 @@ def test_output_stride_8_trains_and_evaluates(synthetic_root, tmp_path, monkeypa
     assert status == 0, err
     checkpoint = torch.load('data/deeplab_vovnet39_pascal_v3_x_epoch1.pth', weights_only=True)
     assert checkpoint['model_args']['output_stride'] == 8
-    status, out, err = run_cli('--exp', 'x', '--epochs', '1', '--backbone', 'vovnet39', '--crop_size', '65',
-                               '--output_stride', '8', '--data_root', synthetic_root, '--workers', '0')
-    assert status == 0 and 'Mean IoU: ' in out, err
+    evaluate = ['--exp', 'x', '--epochs', '1', '--backbone', 'vovnet39', '--crop_size', '65', '--data_root',
+                synthetic_root, '--workers', '0', '--no-save_predictions']
+    found = []
+    for flag in ([], ['--output_stride', '8'], ['--output_stride', '16']):
+        status, out, err = run_cli(*evaluate, *flag)
+        assert status == 0, err
+        found.append((re.search(r'output stride (\d+)\)', out).group(1),
+                      re.search(r'^Mean IoU: (\S+)$', out, re.M).group(1)))
+    # Without the flag, the checkpoint's stride (the same model as with --output_stride 8); 16 on request.
+    assert found[0] == found[1] and found[0][0] == '8' and found[2][0] == '16'
 
 
 def test_a_custom_dataset_with_its_own_classes(voc_copy, tmp_path, monkeypatch, run_cli):
@@ -211,6 +218,16 @@ def test_predict_sizes_rotated_photos_from_the_header_and_skips_files_that_fail_
     assert '[2/2]' in out and '1 skipped' in out
 
 
+@pytest.mark.parametrize('flag,value,message', [('--opacity', '1.5', 'must be at most 1, not 1.5'),
+                                                ('--batch_size', '0', 'must be at least 1, not 0'),
+                                                ('--crop_size', '16', 'must be at least 32, not 16'),
+                                                ('--opacity', 'nan', 'must be a finite number')])
+def test_predict_refuses_numbers_out_of_range_before_loading_anything(flag, value, message, tmp_path, run_cli):
+    status, _, err = run_cli('--checkpoint', tmp_path / 'absent.pth', '--input', tmp_path, flag, value,
+                             module='predict')
+    assert status == 2 and f'argument {flag}: {message}' in err, err
+
+
 def test_predict_refuses_a_backbone_that_contradicts_the_checkpoint(small_checkpoint, tmp_path, run_cli):
     Image.new('RGB', (30, 20)).save(tmp_path / 'a.png')
     status, _, err = run_cli('--checkpoint', small_checkpoint, '--input', tmp_path, '--backbone', 'resnet50',
@@ -238,6 +255,17 @@ def test_onnx_export_matches_pytorch_argmax_on_every_pixel(small_checkpoint, tmp
         assert got.shape == (2, 21, h, w)
         assert np.array_equal(got.argmax(1), expected.argmax(1))
     assert sorted(os.listdir(tmp_path)) == ['model.onnx']
+
+
+def test_export_refuses_sizes_and_opsets_it_cannot_trace_with_a_message(small_checkpoint, tmp_path, run_cli):
+    output = tmp_path / 'm.onnx'
+    for flags, status_wanted, message in ((['--height', '8'], 2, '--height: must be at least 32, not 8'),
+                                          (['--opset', '9'], 2, '--opset: must be at least 11, not 9'),
+                                          (['--opset', '99'], 1, 'cannot export opset 99')):
+        status, _, err = run_cli('--checkpoint', small_checkpoint, '--output', output, '--no_check', *flags,
+                                 module='export')
+        assert status == status_wanted and message in err and 'Traceback' not in err, err
+    assert os.listdir(tmp_path) == []
 
 
 def test_export_without_onnxruntime_says_it_did_not_check(small_checkpoint, tmp_path, run_cli, monkeypatch):
