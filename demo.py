@@ -13,7 +13,7 @@ import time
 
 import main as deeplab_main
 import synthetic
-from utils import UserError, format_seconds
+from utils import format_seconds, number
 
 DEFAULTS = dict(root='data/synthetic', output_dir='data/demo', train_images=600, val_images=120, epochs=8,
                 base_lr=0.02, batch_size=8, crop_size=81, workers=1)
@@ -24,41 +24,56 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--root', default=DEFAULTS['root'], help='synthetic dataset folder (default: %(default)s)')
     p.add_argument('--output_dir', default=DEFAULTS['output_dir'],
                    help='checkpoints, predictions and logs (default: %(default)s)')
-    p.add_argument('--train_images', type=int, default=DEFAULTS['train_images'])
-    p.add_argument('--val_images', type=int, default=DEFAULTS['val_images'])
-    p.add_argument('--epochs', type=int, default=DEFAULTS['epochs'])
-    p.add_argument('--base_lr', type=float, default=DEFAULTS['base_lr'])
-    p.add_argument('--batch_size', type=int, default=DEFAULTS['batch_size'])
-    p.add_argument('--crop_size', type=int, default=DEFAULTS['crop_size'])
-    p.add_argument('--workers', type=int, default=DEFAULTS['workers'])
+    p.add_argument('--train_images', type=number(int, 1), default=DEFAULTS['train_images'])
+    p.add_argument('--val_images', type=number(int, 1), default=DEFAULTS['val_images'])
+    p.add_argument('--epochs', type=number(int, 1), default=DEFAULTS['epochs'])
+    p.add_argument('--base_lr', type=number(float, 0, inclusive=False), default=DEFAULTS['base_lr'])
+    p.add_argument('--batch_size', type=number(int, 2), default=DEFAULTS['batch_size'])
+    p.add_argument('--crop_size', type=number(int, 64), default=DEFAULTS['crop_size'])
+    p.add_argument('--workers', type=number(int, 0), default=DEFAULTS['workers'])
     p.add_argument('--device', default=None, help='default: CUDA when available, else CPU')
     return p
 
 
 def run(argv) -> float | None:
     print('$ python main.py ' + shlex.join(argv), flush=True)
-    return deeplab_main.main(deeplab_main.get_args_parser().parse_args(argv))
+    try:
+        return deeplab_main.main(deeplab_main.get_args_parser().parse_args(argv))
+    except deeplab_main.Interrupted as e:  # its "same command" is main.py's, not the demo's
+        raise deeplab_main.Interrupted(e.signum, f'{e} (the command printed above); python demo.py starts '
+                                                 f'the demo over') from None
+
+
+def count_lines(path: str) -> int:
+    with open(path) as f:
+        return sum(1 for line in f if line.strip())
 
 
 def demo(args) -> float:
     start = time.time()
-    if not os.path.isfile(os.path.join(args.root, 'VOC2012', 'list', 'val.txt')):
+    lists = os.path.join(args.root, 'VOC2012', 'list')
+    if not os.path.isfile(os.path.join(lists, 'val.txt')):  # written last: a dataset cut short is made again
         print(f'generating {args.train_images} + {args.val_images} synthetic images in {args.root} ...', flush=True)
         synthetic.generate(args.root, args.train_images, args.val_images)
+    found = count_lines(os.path.join(lists, 'train_aug.txt')), count_lines(os.path.join(lists, 'val.txt'))
+    if found != (args.train_images, args.val_images):
+        print(f'using the dataset already in {args.root}: {found[0]} + {found[1]} images (to generate '
+              f'{args.train_images} + {args.val_images}, delete it or give another --root)', flush=True)
     common = ['--exp', 'demo', '--backbone', 'vovnet39', '--epochs', str(args.epochs), '--crop_size',
               str(args.crop_size), '--data_root', args.root, '--output_dir', args.output_dir, '--workers',
               str(args.workers), '--channels_last'] + (['--device', args.device] if args.device else [])
     run(['--train', '--scratch', '--base_lr', str(args.base_lr), '--batch_size', str(args.batch_size),
          '--seed', '0', '--print_freq', '25', '--val_every', '2'] + common)
     miou = run(common)
-    print(f'\ndemo finished in {format_seconds(time.time() - start)}: mean IoU {miou:.2f} on {args.val_images} '
+    print(f'\ndemo finished in {format_seconds(time.time() - start)}: mean IoU {miou:.2f} on {found[1]} '
           f'synthetic validation images; predictions in {os.path.join(args.output_dir, "val")}/')
     return miou
 
 
+def cli(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    return deeplab_main.exit_status(lambda: demo(args))
+
+
 if __name__ == '__main__':
-    try:
-        demo(get_args_parser().parse_args())
-    except UserError as e:
-        print(f'error: {e.for_user()}', file=sys.stderr)
-        sys.exit(1)
+    sys.exit(cli())

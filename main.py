@@ -702,8 +702,14 @@ def main(args) -> float | None:
 
 def cli(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
+    return exit_status(lambda: main(args))
+
+
+def exit_status(run) -> int:
+    """Call `run()` and return the process's exit status: 0, or after a failure the user can fix or an interruption,
+    one message on stderr (from rank 0) and 1 or 128 + the signal, instead of a traceback."""
     try:
-        main(args)
+        run()
     except UserError as e:
         if utils.dist_info().is_main:
             print(f'error: {e.for_user()}', file=sys.stderr)

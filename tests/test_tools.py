@@ -281,3 +281,39 @@ def test_export_without_onnxruntime_says_it_did_not_check(small_checkpoint, tmp_
                              '--width', '65', module='export')
     assert status == 0 and 'ONNX Runtime is not installed' in out
     assert os.path.getsize(tmp_path / 'm.onnx') > 10**6
+
+
+# --- demo.py
+
+
+def test_the_demo_generates_trains_evaluates_and_reports_the_evaluations_mean_iou(tmp_path, run_cli):
+    flags = ['--root', tmp_path / 'synthetic', '--output_dir', tmp_path / 'demo', '--train_images', '8',
+             '--val_images', '4', '--epochs', '1', '--batch_size', '4', '--crop_size', '65', '--workers', '0']
+    status, out, err = run_cli(*flags, module='demo')
+    assert status == 0, err
+    assert 'generating 8 + 4 synthetic images' in out
+    miou = re.search(r'^Mean IoU: (\d+\.\d\d)$', out, re.M).group(1)
+    assert re.search(rf'demo finished in .*: mean IoU {miou} on 4 synthetic validation images', out), out
+    assert len(os.listdir(tmp_path / 'demo' / 'val')) == 4
+    assert os.path.isfile(tmp_path / 'demo' / 'deeplab_vovnet39_pascal_v3_demo_epoch1.pth')
+    # A second run keeps the dataset it finds, and says so when other sizes were asked for.
+    flags[flags.index('--val_images') + 1] = '6'
+    status, out, err = run_cli(*flags, module='demo')
+    assert status == 0, err
+    assert 'using the dataset already in' in out and '8 + 4 images' in out and 'generating' not in out
+    assert 'on 4 synthetic validation images' in out
+
+
+def test_an_interrupted_demo_says_which_command_resumes_without_a_traceback(tmp_path, run_cli, monkeypatch):
+    import signal
+
+    import main
+
+    def interrupted(args, rt):
+        raise main.Interrupted(signal.SIGINT, 'stopped by signal 2; Resume with the same command plus --resume x')
+    monkeypatch.setattr(main, 'train', interrupted)
+    status, out, err = run_cli('--root', tmp_path, '--train_images', '2', '--val_images', '1', '--output_dir',
+                               tmp_path / 'out', module='demo')
+    assert status == 128 + signal.SIGINT
+    assert '--resume x (the command printed above); python demo.py starts the demo over' in err
+    assert 'Traceback' not in err and '$ python main.py --train' in out
