@@ -13,7 +13,7 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from utils import IGNORE_INDEX, save_image, voc_palette
+from utils import IGNORE_INDEX, number, save_image, voc_palette
 
 NUM_OBJECT_CLASSES = 20
 # Saturated colours, one per class, at least 100 apart in RGB (farthest-point picks among colours with a
@@ -121,12 +121,16 @@ def generate(root: str, num_train: int = 600, num_val: int = 120, seed: int = 0,
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--root', default='data/synthetic', help='folder to write (default: %(default)s)')
-    parser.add_argument('--train', type=int, default=600, help='training images (default: %(default)s)')
-    parser.add_argument('--val', type=int, default=120, help='validation images (default: %(default)s)')
-    parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--min_size', type=int, default=72, help='smallest image side (default: %(default)s)')
-    parser.add_argument('--max_size', type=int, default=128, help='largest image side (default: %(default)s)')
+    parser.add_argument('--train', type=number(int, 1), default=600, help='training images (default: %(default)s)')
+    parser.add_argument('--val', type=number(int, 1), default=120, help='validation images (default: %(default)s)')
+    parser.add_argument('--seed', type=number(int, 0), default=0)
+    parser.add_argument('--min_size', type=number(int, 16), default=72,
+                        help='smallest image side (default: %(default)s)')
+    parser.add_argument('--max_size', type=number(int, 16), default=128,
+                        help='largest image side (default: %(default)s)')
     args = parser.parse_args(argv)
+    if args.min_size > args.max_size:
+        parser.error(f'--min_size {args.min_size} is larger than --max_size {args.max_size}')
     base = generate(args.root, args.train, args.val, args.seed, args.min_size, args.max_size)
     print(f'wrote {args.train} training and {args.val} validation images to {base}')
 

@@ -150,3 +150,13 @@ def test_cityscapes_layout(tmp_path):
     os.remove(tmp_path / 'gtFine' / 'train' / 'aachen' / 'aachen_000000_000019_gtFine_labelTrainIds.png')
     with pytest.raises(utils.UserError, match='1 of the 2 files named by'):
         pascal.build_dataset('cityscapes', str(tmp_path), 'train', None)
+
+
+@pytest.mark.parametrize('flags,message', [(['--train', '0'], 'argument --train: must be at least 1, not 0'),
+                                           (['--min_size', '200'], '--min_size 200 is larger than --max_size 128')])
+def test_synthetic_refuses_sizes_it_cannot_generate_before_writing_anything(flags, message, tmp_path, capsys):
+    import synthetic
+    with pytest.raises(SystemExit) as exit_:
+        synthetic.main(['--root', str(tmp_path / 'out'), *flags])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / 'out')
