@@ -689,6 +689,7 @@ def main(args) -> float | None:
     check_args(args, info)  # before joining a process group, so that a bad flag cannot leave the others waiting
     if args.workers is None:
         args.workers = default_workers(info)
+    utils.make_output_folder(args.output_dir, '--output_dir')
     info, device = utils.init_distributed(args.device, args.gpu)
     try:
         rt = make_runtime(args, info, device)

@@ -125,13 +125,13 @@ def unique_stem(path: str, used: set) -> str:
 def run(args) -> int:
     """Predict every readable input; returns the number of files skipped."""
     files = collect_inputs(args.input)
+    utils.make_output_folder(args.output, '--output')
     _, device = utils.init_distributed(args.device)
     amp = utils.amp_dtype(args.amp, device)
     model = deeplab.model_from_checkpoint(args.checkpoint, args.backbone, args.output_stride).to(device).eval()
     predictor = Predictor(model, device, args.crop_size, amp, args.slide)
     to_tensor = pascal.ToTensor()
     palette = utils.voc_palette()
-    os.makedirs(args.output, exist_ok=True)
 
     # Sizes come from the file headers, so that the images up to the crop size can be batched while only one
     # batch is decoded at a time; what cannot be read is reported and skipped.

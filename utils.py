@@ -12,6 +12,7 @@ import pickle
 import shutil
 import signal
 import sys
+import tempfile
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -171,6 +172,17 @@ def atomic_write(path: str, write: Callable[[io.BufferedWriter], None]) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def make_output_folder(path: str, flag: str) -> None:
+    """Create an output folder and check that it takes files, so that one that cannot be written is a message
+    before any work is done rather than a traceback after it."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise UserError(f'cannot write to the output folder {path} ({e.strerror or e}); fix its permissions or '
+                        f'choose another with {flag}.') from None
 
 
 def save_checkpoint(checkpoint: dict, path: str) -> None:

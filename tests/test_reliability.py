@@ -234,6 +234,22 @@ def test_a_bad_device(workdir, run_cli):
     assert_clean_failure(run_cli(*TRAIN, '--device', 'tpu'), '--device tpu')
 
 
+@pytest.mark.parametrize('train', [True, False])
+def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(workdir, synthetic_root, run_cli,
+                                                                             train):
+    (workdir / 'a_file').write_text('')  # nothing, not even root, can create a folder under a file
+    flags = TRAIN + ['--data_root', synthetic_root] if train else EVAL + ['--checkpoint', 'x.pth']
+    assert_clean_failure(run_cli(*flags, '--output_dir', 'a_file/out'), 'cannot write to the output folder a_file/out',
+                         '--output_dir')
+
+
+def test_predict_refuses_an_output_folder_it_cannot_write(workdir, run_cli):
+    (workdir / 'a_file').write_text('')
+    Image.new('RGB', (8, 8)).save(workdir / 'photo.png')
+    assert_clean_failure(run_cli('--checkpoint', 'x.pth', '--input', 'photo.png', '--output', 'a_file/out',
+                                 module='predict'), 'cannot write to the output folder a_file/out', '--output')
+
+
 # --- faults
 
 
