@@ -446,6 +446,7 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 class TrainState:
     epoch: int = 0  # completed epochs
     iteration: int = 0  # completed iterations over all epochs
+    batches_per_epoch: int = 0
     seed: int = 0
     best_miou: float | None = None
     last_checkpoint: str | None = None
@@ -454,7 +455,8 @@ class TrainState:
 def make_checkpoint(model, optimizer, scaler, state: TrainState, args, rt: Runtime, class_names) -> dict:
     return {
         'format': 'vovnet-deeplabv3', 'version': CHECKPOINT_VERSION,
-        'epoch': state.epoch, 'iteration': state.iteration, 'seed': state.seed, 'best_miou': state.best_miou,
+        'epoch': state.epoch, 'iteration': state.iteration, 'batches_per_epoch': state.batches_per_epoch,
+        'seed': state.seed, 'best_miou': state.best_miou,
         'state_dict': unwrap(model).state_dict(), 'optimizer': optimizer.state_dict(),
         'scaler': scaler.state_dict() if scaler.is_enabled() else None,
         'model_args': model_args_of(unwrap(model), args), 'dataset': args.dataset,
@@ -576,9 +578,12 @@ def train(args, rt: Runtime) -> None:
     per_process = args.batch_size // info.world_size
     sampler = utils.TrainSampler(len(dataset), per_process, state.seed, info.rank, info.world_size)
     loader = make_loader(dataset, per_process, sampler, args, rt)
-    iterations = sampler.batches_per_epoch
-    if resume is not None and 'iteration' not in resume:
-        state.iteration = state.epoch * iterations
+    iterations = state.batches_per_epoch = sampler.batches_per_epoch
+    if iterations == 0:
+        raise UserError(f'the training set has {len(dataset)} image(s), too few for a batch of two in each of '
+                        f'{info.world_size} process(es); add images or use fewer processes.')
+    if resume is not None:
+        state.iteration = resume_iteration(resume, state, iterations, args.resume)
     max_iterations = args.epochs * iterations
     val_loader = None
     if args.val_every:
@@ -627,7 +632,7 @@ def train(args, rt: Runtime) -> None:
                     checkpoint(checkpoint_path(args, state.epoch))
     finally:
         metrics.close()
-    if info.is_main:
+    if info.is_main and os.path.isfile(metrics.path):
         curves = os.path.join(args.output_dir, 'logs', run_name(args), 'curves.png')
         plots.training_curves(metrics.path, curves)
         log.info('finished %d epochs in %s; curves in %s', args.epochs,
@@ -663,6 +668,29 @@ def agree(loss: torch.Tensor, stop: bool, info: utils.DistInfo):
     torch.distributed.all_reduce(values)
     loss_sum, stops = values.tolist()
     return loss_sum / info.world_size, stops > 0
+
+
+def resume_iteration(checkpoint: dict, state: TrainState, iterations: int, path: str) -> int:
+    """The iteration to continue from, with `iterations` batches per epoch. A checkpoint of the end of an epoch
+    continues with the next one whatever its batches per epoch were (another batch size, dataset or number of
+    processes); one written mid-epoch continues only with the batches per epoch it was trained with."""
+    if 'iteration' not in checkpoint:  # a released checkpoint: only the epoch is known
+        return state.epoch * iterations
+    recorded = checkpoint.get('batches_per_epoch')  # absent from checkpoints of before it was recorded
+    offset = state.iteration - state.epoch * (recorded or iterations)
+    if recorded and offset == 0:
+        if recorded != iterations:
+            log.warning('%s was trained with %d batches per epoch, this run has %d; the schedule continues from '
+                        'epoch %d on this run\'s iterations', path, recorded, iterations, state.epoch + 1)
+        return state.epoch * iterations
+    if recorded in (None, iterations) and 0 <= offset < iterations:
+        return state.iteration
+    advice = 'Resume with the --batch_size, dataset and number of processes it was trained with'
+    if recorded:
+        raise UserError(f'{path} stopped {offset} of {recorded} batches into epoch {state.epoch + 1}, but this run '
+                        f'has {iterations} batches per epoch. {advice}, or from the checkpoint of a completed epoch.')
+    raise UserError(f'{path} ({state.iteration} iterations in {state.epoch} epochs) was trained with another number '
+                    f'of batches per epoch than this run\'s {iterations}. {advice}.')
 
 
 def restore_optimizer(optimizer, scaler, checkpoint: dict, path: str) -> None:

@@ -55,6 +55,17 @@ def test_missing_list_file(workdir, voc_copy, run_cli):
     assert outputs(workdir) == []
 
 
+def test_a_training_set_too_small_for_one_batch(workdir, voc_copy, run_cli):
+    lists = os.path.join(voc(voc_copy), 'list', 'train_aug.txt')
+    with open(lists) as f:
+        first = f.readline()
+    with open(lists, 'w') as f:
+        f.write(first)
+    assert_clean_failure(run_cli(*TRAIN, '--data_root', voc_copy, '--workers', '0'),
+                         'the training set has 1 image(s), too few for a batch of two')
+    assert outputs(workdir) == []
+
+
 def test_files_named_in_a_list_that_do_not_exist(workdir, voc_copy, run_cli):
     for i in (1, 4, 6):
         os.remove(os.path.join(voc(voc_copy), 'SegmentationClassAug', f'synthetic_train_{i:05d}.png'))

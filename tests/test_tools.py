@@ -56,6 +56,40 @@ def test_resuming_from_an_intermediate_epoch_gives_the_uninterrupted_weights(run
     assert resumed['iteration'] == 6 and resumed['epoch'] == 3
 
 
+def test_an_epoch_checkpoint_resumes_with_another_batch_size_on_the_new_schedule(run3, synthetic_root, tmp_path,
+                                                                                  monkeypatch, run_cli):
+    monkeypatch.chdir(tmp_path)
+    flags = TRAIN + ['--epochs', '3', '--data_root', synthetic_root, '--resume',
+                     run3 / 'data' / 'deeplab_vovnet39_pascal_v3_x_epoch1.pth']
+    flags[flags.index('--batch_size') + 1] = '2'  # 8 images: 4 batches per epoch instead of 2
+    status, out, err = run_cli(*flags)
+    assert status == 0, err
+    assert 'trained with 2 batches per epoch, this run has 4' in err and 'at epoch 2, iteration 4' in out
+    resumed = torch.load('data/deeplab_vovnet39_pascal_v3_x_epoch3.pth', weights_only=True)
+    assert (resumed['epoch'], resumed['iteration'], resumed['batches_per_epoch']) == (3, 12, 4)
+
+
+@pytest.mark.parametrize('recorded', [True, False])
+def test_a_mid_epoch_checkpoint_refuses_another_number_of_batches_per_epoch(run3, synthetic_root, tmp_path,
+                                                                            monkeypatch, run_cli, recorded):
+    monkeypatch.chdir(tmp_path)
+    checkpoint = torch.load(run3 / 'data' / 'deeplab_vovnet39_pascal_v3_x_epoch1.pth', weights_only=True)
+    checkpoint['iteration'] = 3  # one of the 2 batches of epoch 2 done, as an interrupted run saves it
+    if not recorded:  # as checkpoints written before batches_per_epoch was
+        del checkpoint['batches_per_epoch']
+    torch.save(checkpoint, 'interrupted.pth')
+    flags = TRAIN + ['--epochs', '3', '--data_root', synthetic_root, '--resume', 'interrupted.pth']
+    flags[flags.index('--batch_size') + 1] = '2'
+    status, out, err = run_cli(*flags)
+    needle = ('stopped 1 of 2 batches into epoch 2, but this run has 4 batches per epoch' if recorded
+              else '(3 iterations in 1 epochs) was trained with another number of batches per epoch')
+    assert status == 1 and needle in err and 'Traceback' not in err, err
+    assert not os.path.exists('data/deeplab_vovnet39_pascal_v3_x_epoch3.pth')
+    flags[flags.index('--batch_size') + 1] = '4'  # the batches per epoch it was trained with: it continues
+    status, out, err = run_cli(*flags)
+    assert status == 0 and 'at epoch 2, iteration 3' in out, err
+
+
 def test_metrics_log_and_curves_after_training(run3):
     folder = run3 / 'data' / 'logs' / 'deeplab_vovnet39_pascal_v3_x'
     rows = [json.loads(line) for line in open(folder / 'metrics.jsonl')]
