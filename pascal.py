@@ -92,7 +92,11 @@ def load_mask(path: str, num_classes: int) -> Image.Image:
         raise UserError(f'the mask {path} is a {mask.mode} image; masks must hold one class index per pixel '
                         f'(0..{num_classes - 1}, {IGNORE_INDEX} = ignore), like SegmentationClassAug. Colour masks '
                         f'(VOC\'s SegmentationClass) must be converted to indices first.')
-    values = np.unique(np.asarray(mask))
+    array = np.asarray(mask)
+    if array.dtype == np.uint8:  # a histogram is 10x faster than np.unique, and this runs for every sample
+        values = np.flatnonzero(np.bincount(array.ravel(), minlength=256))
+    else:
+        values = np.unique(array)
     bad = values[(values >= num_classes) & (values != IGNORE_INDEX) | (values < 0)]
     if bad.size:
         shown = ', '.join(str(v) for v in bad[:8]) + (', ...' if bad.size > 8 else '')
@@ -167,20 +171,28 @@ class PadTo:
         return image, mask
 
 
-class RandomCrop:
-    def __init__(self, size: int):
+class NormalizePadCrop:
+    """The original's last three steps: normalise, pad bottom/right to at least size x size (0 for the image, 255
+    for the mask), and take a random size x size crop. The crop is taken from the PIL image first and only its
+    pixels are normalised: the same tensors and random draws as in the original's order, without normalising
+    the up to 16x larger upscaled image."""
+
+    def __init__(self, size: int, mean: Sequence[float] = MEAN, std: Sequence[float] = STD):
         self.size = size
+        self.to_tensor, self.pad = ToTensor(mean, std), PadTo(size)
 
     def __call__(self, image, mask, rng):
-        h, w = image.shape[-2:]
-        i = rng.randint(0, h - self.size)
-        j = rng.randint(0, w - self.size)
-        return (image[:, i:i + self.size, j:j + self.size], mask[i:i + self.size, j:j + self.size])
+        w, h = image.size
+        i = rng.randint(0, max(h, self.size) - self.size)  # top-left corner on the padded canvas
+        j = rng.randint(0, max(w, self.size) - self.size)
+        box = (j, i, min(w, j + self.size), min(h, i + self.size))  # the part of the crop inside the image
+        image, mask = self.to_tensor(image.crop(box), mask.crop(box), rng)
+        return self.pad(image, mask, rng)
 
 
 def train_transforms(crop_size: int) -> Compose:
     """The original's training augmentation: flip, scale 0.5-2, normalise, pad, random crop."""
-    return Compose([RandomHorizontalFlip(), RandomScale(), ToTensor(), PadTo(crop_size), RandomCrop(crop_size)])
+    return Compose([RandomHorizontalFlip(), RandomScale(), NormalizePadCrop(crop_size)])
 
 
 def eval_transforms(crop_size: int) -> Compose:

@@ -75,11 +75,30 @@ def decoded_grey(image: torch.Tensor) -> np.ndarray:
     return ((image[0] * pascal.STD[0] + pascal.MEAN[0]) * 255).numpy()  # undo the normalisation
 
 
+def original_order_pad_crop(image, mask, rng, size):
+    """The original's last steps as it ran them: normalise the whole image, pad it, then crop the tensors."""
+    image, mask = pascal.PadTo(size)(*pascal.ToTensor()(image, mask, rng), rng)
+    i, j = rng.randint(0, image.shape[1] - size), rng.randint(0, image.shape[2] - size)
+    return image[:, i:i + size, j:j + size], mask[i:i + size, j:j + size]
+
+
+@pytest.mark.parametrize('size', [(50, 40), (65, 65), (90, 80), (60, 100), (200, 150)])
+def test_cropping_before_normalising_gives_the_original_orders_tensors_and_draws(size):
+    image = Image.fromarray(np.random.default_rng(size[0]).integers(0, 256, (size[1], size[0], 3), np.uint8))
+    mask = Image.fromarray(np.random.default_rng(size[1]).integers(0, 21, (size[1], size[0]), np.uint8), 'L')
+    for seed in range(10):
+        ours, theirs = random.Random(seed), random.Random(seed)
+        got = pascal.NormalizePadCrop(65)(image, mask, ours)
+        expected = original_order_pad_crop(image, mask, theirs, 65)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+        assert ours.random() == theirs.random()  # the same number of draws
+
+
 @pytest.mark.parametrize('seed', range(8))
 @pytest.mark.parametrize('size', [(50, 40), (90, 80), (60, 100)])
 def test_flip_pad_and_crop_keep_image_and_mask_aligned_to_the_pixel(seed, size):
     image, mask = label_coded_pair(seed, size=size)
-    t = pascal.Compose([pascal.RandomHorizontalFlip(), pascal.ToTensor(), pascal.PadTo(65), pascal.RandomCrop(65)])
+    t = pascal.Compose([pascal.RandomHorizontalFlip(), pascal.NormalizePadCrop(65)])
     out_image, out_mask = t(image, mask, random.Random(seed))
     m = out_mask.numpy()
     valid = m != 255
