@@ -168,8 +168,8 @@ def run(args) -> int:
                 utils.save_image(overlay(photo, mask, args.opacity, palette),
                                  os.path.join(args.output, f'{stem}_overlay.jpg'))
                 done += 1
-                log.info('[%d/%d] %s (%dx%d) -> %s.png  %.1f img/s', done, total, path, photo.size[0],
-                         photo.size[1], os.path.join(args.output, stem), done / (time.time() - start))
+                log.info('[%d/%d] %s (%dx%d) -> %s.png  %s', done, total, path, photo.size[0], photo.size[1],
+                         os.path.join(args.output, stem), utils.format_rate(done, time.time() - start))
     log.info('%d images segmented into %s/%s', done, args.output,
              f'; {skipped} skipped (see the warnings above)' if skipped else '')
     return skipped

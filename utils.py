@@ -384,6 +384,14 @@ def setup_logging(is_main: bool = True) -> None:
         logging.getLogger(name).setLevel(logging.INFO if is_main else logging.WARNING)
 
 
+def format_rate(images: int, seconds: float) -> str:
+    """Throughput as images/s, or s/image when slower than one a second (where '0.0 img/s' would say nothing)."""
+    if images <= 0 or seconds <= 0:
+        return '- img/s'
+    rate = images / seconds
+    return f'{rate:.1f} img/s' if rate >= 1 else f'{seconds / images:.1f} s/img'
+
+
 def format_seconds(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     h, rem = divmod(seconds, 3600)

@@ -83,3 +83,9 @@ def test_voc_palette():
     assert palette[:9] == [0, 0, 0, 128, 0, 0, 0, 128, 0]
     assert palette[15 * 3:15 * 3 + 3] == [192, 128, 128]  # person
     assert palette[255 * 3:] == [224, 224, 192]  # the ignore colour
+
+
+def test_throughput_reads_as_seconds_per_image_when_below_one_image_a_second():
+    assert utils.format_rate(3, 1.0) == '3.0 img/s'
+    assert utils.format_rate(2, 30.0) == '15.0 s/img'  # not '0.1 img/s'
+    assert utils.format_rate(0, 0.0) == '- img/s'
