@@ -45,6 +45,8 @@ def run(argv) -> float | None:
 
 
 def count_lines(path: str) -> int:
+    if not os.path.isfile(path):  # main.py names what is missing
+        return 0
     with open(path) as f:
         return sum(1 for line in f if line.strip())
 

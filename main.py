@@ -560,7 +560,10 @@ def train(args, rt: Runtime) -> None:
 
     dataset = pascal.build_dataset(args.dataset, args.data_root, 'train', pascal.train_transforms(args.crop_size),
                                    args.num_classes, class_names_of(args), seed=state.seed)
-    model = create_model(args, dataset.num_classes, pretrained=not args.scratch and resume is None)
+    # A resumed run keeps the output stride it was trained with, unless --output_stride says otherwise.
+    stride = ((resume or {}).get('model_args') or {}).get('output_stride')
+    model = create_model(args, dataset.num_classes, pretrained=not args.scratch and resume is None,
+                         model_args={'output_stride': stride} if stride else None)
     if resume is not None:
         deeplab.load_weights(model, resume['state_dict'], args.resume)
     model.to(rt.device)

@@ -149,6 +149,12 @@ def test_output_stride_8_trains_and_evaluates(synthetic_root, tmp_path, monkeypa
                       re.search(r'^Mean IoU: (\S+)$', out, re.M).group(1)))
     # Without the flag, the checkpoint's stride (the same model as with --output_stride 8); 16 on request.
     assert found[0] == found[1] and found[0][0] == '8' and found[2][0] == '16'
+    # Resumed without the flag, training goes on at the stride it was trained with.
+    status, _, err = run_cli(*TRAIN, '--epochs', '2', '--data_root', synthetic_root, '--resume',
+                             'data/deeplab_vovnet39_pascal_v3_x_epoch1.pth')
+    assert status == 0, err
+    checkpoint = torch.load('data/deeplab_vovnet39_pascal_v3_x_epoch2.pth', weights_only=True)
+    assert checkpoint['model_args']['output_stride'] == 8
 
 
 def test_a_custom_dataset_with_its_own_classes(voc_copy, tmp_path, monkeypatch, run_cli):
