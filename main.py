@@ -681,12 +681,13 @@ def resume_iteration(checkpoint: dict, state: TrainState, iterations: int, path:
         return state.epoch * iterations
     recorded = checkpoint.get('batches_per_epoch')  # absent from checkpoints of before it was recorded
     offset = state.iteration - state.epoch * (recorded or iterations)
-    if recorded and offset == 0:
+    if recorded and offset in (0, recorded):  # at the start or the end of an epoch (stopped after its last batch)
         if recorded != iterations:
             log.warning('%s was trained with %d batches per epoch, this run has %d; the schedule continues from '
-                        'epoch %d on this run\'s iterations', path, recorded, iterations, state.epoch + 1)
-        return state.epoch * iterations
-    if recorded in (None, iterations) and 0 <= offset < iterations:
+                        'epoch %d on this run\'s iterations', path, recorded, iterations,
+                        state.epoch + (2 if offset else 1))
+        return (state.epoch + (1 if offset else 0)) * iterations
+    if recorded in (None, iterations) and 0 <= offset <= iterations:
         return state.iteration
     advice = 'Resume with the --batch_size, dataset and number of processes it was trained with'
     if recorded:

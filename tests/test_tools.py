@@ -90,6 +90,24 @@ def test_a_mid_epoch_checkpoint_refuses_another_number_of_batches_per_epoch(run3
     assert status == 0 and 'at epoch 2, iteration 3' in out, err
 
 
+def test_a_run_stopped_after_the_last_batch_of_an_epoch_resumes_at_the_next_one(run3, synthetic_root, tmp_path,
+                                                                               monkeypatch, run_cli):
+    monkeypatch.chdir(tmp_path)
+    checkpoint = torch.load(run3 / 'data' / 'deeplab_vovnet39_pascal_v3_x_epoch2.pth', weights_only=True)
+    checkpoint['epoch'] = 1  # as an interrupted run saves it: both batches of epoch 2 done, epoch 2 not closed
+    torch.save(checkpoint, 'interrupted.pth')
+    flags = TRAIN + ['--epochs', '3', '--data_root', synthetic_root, '--resume', 'interrupted.pth']
+    status, out, err = run_cli(*flags)  # the same batches per epoch: epoch 2 has nothing left
+    assert status == 0, err
+    resumed = torch.load('data/deeplab_vovnet39_pascal_v3_x_epoch3.pth', weights_only=True)
+    assert (resumed['epoch'], resumed['iteration']) == (3, 6)
+    flags[flags.index('--batch_size') + 1] = '2'  # 4 batches per epoch: epoch 3 on the new schedule
+    status, out, err = run_cli(*flags)
+    assert status == 0 and 'continues from epoch 3' in err and 'at epoch 2, iteration 8' in out, (out, err)
+    resumed = torch.load('data/deeplab_vovnet39_pascal_v3_x_epoch3.pth', weights_only=True)
+    assert (resumed['epoch'], resumed['iteration']) == (3, 12)
+
+
 def test_metrics_log_and_curves_after_training(run3):
     folder = run3 / 'data' / 'logs' / 'deeplab_vovnet39_pascal_v3_x'
     rows = [json.loads(line) for line in open(folder / 'metrics.jsonl')]
