@@ -26,6 +26,7 @@ import argparse
 import gc
 import json
 import multiprocessing as mp
+import os
 import platform
 import statistics
 import sys
@@ -41,6 +42,7 @@ import deeplab
 import pascal
 import synthetic
 import utils
+from utils import UserError
 
 PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
@@ -380,25 +382,48 @@ def _fmt(value, spec):
     return '-' if value is None else format(value, spec)
 
 
+def check_args(args) -> tuple[list[str], list[Config]]:
+    """Check before measuring what can be checked (a bad flag found, or a results file that cannot be written,
+    after an hour of measurements would waste them); each failure a message. Returns the backbones and the
+    configurations to measure."""
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        raise UserError(f'--device {args.device} is not a device; use cpu or cuda.') from None
+    if device.type not in ('cpu', 'cuda'):
+        raise UserError(f'--device {args.device} is not supported; use cpu or cuda.')
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise UserError('--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device cpu.')
+    default = 'fp32,fp32+cl,fp16+cl,bf16+cl' if device.type == 'cuda' else 'fp32,fp32+cl,bf16+cl'
+    try:
+        configs = [Config.parse(c) for c in (args.configs or default).split(',') if c]
+    except argparse.ArgumentTypeError as e:
+        raise UserError(f'--configs: {e}.') from None
+    backbones = [b for b in args.backbones.split(',') if b]
+    for b in backbones:
+        if b not in deeplab.BACKBONES:
+            raise UserError(f'unknown backbone {b!r} in --backbones; choose from {", ".join(deeplab.BACKBONES)}.')
+    if args.mode == 'train' and args.batch < 2:
+        raise UserError('a training step needs --batch 2 or more: BatchNorm normalises the ASPP\'s image-pooling '
+                        'branch over the images of the batch.')
+    if device.type != 'cuda' and any(c.amp == 'fp16' for c in configs):
+        raise UserError('fp16 configurations need CUDA; use bf16 on the CPU.')
+    if args.checkpoint:
+        if len(backbones) != 1:
+            raise UserError('--checkpoint needs exactly one backbone in --backbones.')
+        deeplab.model_from_checkpoint(args.checkpoint, backbones[0])  # a message now, not one per row later
+    if args.json:
+        utils.make_output_folder(os.path.dirname(os.path.abspath(args.json)), '--json')
+    return backbones, configs
+
+
 def run(args) -> list[dict]:
     args.device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     args.batch = args.batch or (1 if args.mode == 'inference' else 4)
     cuda = args.device.startswith('cuda')
     if args.min_time is None:
         args.min_time = 1.0 if cuda else 0.0
-    default = 'fp32,fp32+cl,fp16+cl,bf16+cl' if cuda else 'fp32,fp32+cl,bf16+cl'
-    configs = [Config.parse(c) for c in (args.configs or default).split(',') if c]
-    backbones = [b for b in args.backbones.split(',') if b]
-    for b in backbones:
-        if b not in deeplab.BACKBONES:
-            raise SystemExit(f'error: unknown backbone {b!r}; choose from {", ".join(deeplab.BACKBONES)}')
-    if args.mode == 'train' and args.batch < 2:
-        raise SystemExit('error: a training step needs --batch 2 or more: BatchNorm normalises the ASPP\'s '
-                         'image-pooling branch over the images of the batch')
-    if args.checkpoint and len(backbones) != 1:
-        raise SystemExit('error: --checkpoint needs exactly one backbone in --backbones')
-    if not cuda and any(c.amp == 'fp16' for c in configs):
-        raise SystemExit('error: fp16 configurations need CUDA; use bf16 on the CPU')
+    backbones, configs = check_args(args)
     device_name = torch.cuda.get_device_name(0) if cuda else (platform.processor() or platform.machine())
     threads = args.threads or torch.get_num_threads()
     if cuda:
@@ -440,10 +465,14 @@ def run(args) -> list[dict]:
         print('# argmax agreement of random weights is pessimistic (their logits are nearly tied); '
               'use --checkpoint for a trained model\'s')
     if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(dict(device=device_name, torch=torch.__version__, threads=threads, mode=args.mode,
-                           size=args.size, crop=args.crop, batch=args.batch, results=results,
-                           configs=[asdict(c) for c in configs]), f, indent=1)
+        text = json.dumps(dict(device=device_name, torch=torch.__version__, threads=threads, mode=args.mode,
+                               size=args.size, crop=args.crop, batch=args.batch, results=results,
+                               configs=[asdict(c) for c in configs]), indent=1)
+        try:
+            utils.atomic_write(args.json, lambda f: f.write(text.encode()))
+        except OSError as e:
+            raise UserError(f'could not write {args.json}: {e.strerror or e}; the results are printed above.') \
+                from None
     return results
 
 
@@ -459,6 +488,9 @@ def _row(r, mode) -> str:
             f'(x{_fmt(r.get("memory_ratio"), ".2f")})  (warm-up {r["warmup_s"]:.1f} s)')
 
 
+def cli(argv=None) -> int:
+    return utils.run_command(get_args_parser(), run, argv)
+
+
 if __name__ == '__main__':
-    run(get_args_parser().parse_args())
-    sys.exit(0)
+    sys.exit(cli())

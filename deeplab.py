@@ -414,8 +414,8 @@ def model_from_checkpoint(path: str, backbone: str | None = None, output_stride:
     if held is None and backbone is None:
         raise UserError(f'cannot tell which backbone {path} was trained with; pass --backbone.')
     if backbone and held and backbone != held:
-        raise UserError(f'{path} holds {describe(held, classes)}, not a {backbone}; drop --backbone or pick '
-                        f'the matching checkpoint.')
+        raise UserError(f'{path} holds {describe(held, classes)}, not a {backbone}; ask for {held} (predict.py '
+                        f'and export.py need no --backbone) or pick the matching checkpoint.')
     model = build_model(held or backbone, num_classes=model_args.get('num_classes', classes or 21),
                         num_groups=model_args.get('num_groups'), weight_std=model_args.get('weight_std', False),
                         beta=model_args.get('beta', False),

@@ -222,3 +222,22 @@ def test_benchmark_smoke(tmp_path):
                            capture_output=True, text=True, timeout=300)
     assert train.returncode == 0, train.stderr[-3000:]
     assert re.search(r'vovnet39\s+fp32\+cl\s+[\d.]+ ms/step \(x[\d.]+\)\s+[\d.]+ img/s', train.stdout)
+
+
+@pytest.mark.parametrize('flags,message', [
+    (['--configs', 'fp32,fp33'], "--configs: unknown token 'fp33'"),
+    (['--device', 'tpu'], '--device tpu is not a device'),
+    (['--backbones', 'resnet50', '--checkpoint', 'vov.pth'], 'holds a DeepLabV3-vovnet39 with 21 classes, not a '
+                                                             'resnet50'),
+    (['--backbones', 'vovnet39', '--checkpoint', 'absent.pth'], 'checkpoint absent.pth does not exist'),
+    (['--json', 'a_file/out.json'], 'cannot write to the output folder'),
+    (['--mode', 'train', '--batch', '1'], 'a training step needs --batch 2 or more'),
+])
+def test_benchmark_refuses_what_would_fail_before_measuring_anything(flags, message, tmp_path, monkeypatch, run_cli):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'a_file').write_text('')
+    torch.save({'state_dict': deeplab.vovnet39().state_dict()}, 'vov.pth')
+    status, out, err = run_cli('--device', 'cpu', '--size', '65', '--iters', '1', '--backbones', 'vovnet39', *flags,
+                               module='benchmark')
+    assert status == 1 and message in err and 'Traceback' not in err, err
+    assert 'ms' not in out  # not a row measured
