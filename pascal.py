@@ -174,8 +174,8 @@ class PadTo:
 class NormalizePadCrop:
     """The original's last three steps: normalise, pad bottom/right to at least size x size (0 for the image, 255
     for the mask), and take a random size x size crop. The crop is taken from the PIL image first and only its
-    pixels are normalised: the same tensors and random draws as in the original's order, without normalising
-    the up to 16x larger upscaled image."""
+    pixels are normalised: the same tensors and random draws as in the original's order, without normalising the
+    whole rescaled image (a 500x375 VOC image at scale 2 is 2.9x the area of a 513x513 crop)."""
 
     def __init__(self, size: int, mean: Sequence[float] = MEAN, std: Sequence[float] = STD):
         self.size = size
