@@ -310,7 +310,7 @@ def evaluate(model: nn.Module, loader: DataLoader, rt: Runtime, num_classes: int
 
 def run_evaluation(args, rt: Runtime) -> float:
     path = args.checkpoint or checkpoint_path(args, args.epochs)
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         found = sorted(glob.glob(os.path.join(args.output_dir, f'deeplab_{args.backbone}_*.pth')))
         listing = ('checkpoints there for this backbone: ' + ', '.join(os.path.basename(f) for f in found)
                    if found else f'no checkpoint for {args.backbone} is in {args.output_dir}/')

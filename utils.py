@@ -225,6 +225,8 @@ def load_checkpoint(path: str, what: str = 'checkpoint') -> dict:
     Accepts a released checkpoint ({'epoch', 'state_dict', 'optimizer'}), this project's checkpoints, a bare
     state dict, or {'model': state_dict}. Anything else is a UserError that says what the file holds.
     """
+    if os.path.isdir(path):
+        raise UserError(f'{what} {path} is a folder; give the .pth file in it.')
     if not os.path.isfile(path):
         raise UserError(f'{what} {path} does not exist.')
     try:

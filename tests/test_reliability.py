@@ -177,6 +177,12 @@ def test_a_truncated_checkpoint(workdir, synthetic_root, run_cli):
     assert not os.path.exists('data/val')
 
 
+def test_a_folder_given_as_checkpoint(workdir, synthetic_root, run_cli):
+    os.makedirs('runs')
+    assert_clean_failure(run_cli(*EVAL, '--data_root', synthetic_root, '--checkpoint', 'runs'),
+                         'checkpoint runs is a folder; give the .pth file in it')
+
+
 def test_a_file_that_is_not_a_checkpoint(workdir, synthetic_root, run_cli):
     os.makedirs('data')
     path = 'data/deeplab_vovnet39_pascal_v3_r_epoch1.pth'
