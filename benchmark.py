@@ -386,14 +386,7 @@ def check_args(args) -> tuple[list[str], list[Config]]:
     """Check before measuring what can be checked (a bad flag found, or a results file that cannot be written,
     after an hour of measurements would waste them); each failure a message. Returns the backbones and the
     configurations to measure."""
-    try:
-        device = torch.device(args.device)
-    except (RuntimeError, ValueError):
-        raise UserError(f'--device {args.device} is not a device; use cpu or cuda.') from None
-    if device.type not in ('cpu', 'cuda'):
-        raise UserError(f'--device {args.device} is not supported; use cpu or cuda.')
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise UserError('--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device cpu.')
+    _, device = utils.init_distributed(args.device)  # main.py's checks of --device
     default = 'fp32,fp32+cl,fp16+cl,bf16+cl' if device.type == 'cuda' else 'fp32,fp32+cl,bf16+cl'
     try:
         configs = [Config.parse(c) for c in (args.configs or default).split(',') if c]

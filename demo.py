@@ -13,7 +13,7 @@ import time
 
 import main as deeplab_main
 import synthetic
-from utils import format_seconds, number
+from utils import Interrupted, exit_status, format_seconds, number
 
 DEFAULTS = dict(root='data/synthetic', output_dir='data/demo', train_images=600, val_images=120, epochs=8,
                 base_lr=0.02, batch_size=8, crop_size=81, workers=1)
@@ -39,9 +39,9 @@ def run(argv) -> float | None:
     print('$ python main.py ' + shlex.join(argv), flush=True)
     try:
         return deeplab_main.main(deeplab_main.get_args_parser().parse_args(argv))
-    except deeplab_main.Interrupted as e:  # its "same command" is main.py's, not the demo's
-        raise deeplab_main.Interrupted(e.signum, f'{e} (the command printed above); python demo.py starts '
-                                                 f'the demo over') from None
+    except Interrupted as e:  # its "same command" is main.py's, not the demo's
+        raise Interrupted(e.signum, f'{e} (the command printed above); python demo.py starts the demo over') \
+            from None
 
 
 def count_lines(path: str) -> int:
@@ -74,7 +74,7 @@ def demo(args) -> float:
 
 def cli(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
-    return deeplab_main.exit_status(lambda: demo(args))
+    return exit_status(lambda: demo(args))
 
 
 if __name__ == '__main__':

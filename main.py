@@ -28,7 +28,7 @@ import deeplab
 import pascal
 import plots
 import utils
-from utils import IGNORE_INDEX, UserError
+from utils import IGNORE_INDEX, Interrupted, UserError
 
 log = logging.getLogger('main')
 
@@ -655,14 +655,6 @@ def validate(model, loader, rt: Runtime, num_classes: int, args, state: TrainSta
         checkpoint(os.path.join(args.output_dir, f'{run_name(args)}_best.pth'))
 
 
-class Interrupted(Exception):
-    """Training stopped on request (SIGINT, SIGTERM) after saving its state."""
-
-    def __init__(self, signum: int, message: str):
-        super().__init__(message)
-        self.signum = signum
-
-
 def agree(loss: torch.Tensor, stop: bool, info: utils.DistInfo):
     """The mean loss over all processes and whether any of them was asked to stop, so all act alike."""
     if not info.distributed:
@@ -735,26 +727,7 @@ def main(args) -> float | None:
 
 def cli(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
-    return exit_status(lambda: main(args))
-
-
-def exit_status(run) -> int:
-    """Call `run()` and return the process's exit status: 0, or after a failure the user can fix or an interruption,
-    one message on stderr (from rank 0) and 1 or 128 + the signal, instead of a traceback."""
-    try:
-        run()
-    except UserError as e:
-        if utils.dist_info().is_main:
-            print(f'error: {e.for_user()}', file=sys.stderr)
-        return 1
-    except Interrupted as e:
-        if utils.dist_info().is_main:
-            print(str(e), file=sys.stderr)
-        return 128 + (e.signum or signal.SIGINT)
-    except KeyboardInterrupt:
-        print('interrupted', file=sys.stderr)
-        return 130
-    return 0
+    return utils.exit_status(lambda: main(args))
 
 
 if __name__ == '__main__':

@@ -59,16 +59,38 @@ def number(kind: type, minimum, inclusive: bool = True, maximum=None) -> Callabl
     return parse
 
 
+class Interrupted(Exception):
+    """A run stopped on request (SIGINT, SIGTERM) after saving its state; the message says how to resume."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
+def exit_status(run: Callable[[], object]) -> int:
+    """Call `run()` and return the process's exit status: 0, or after a failure the user can fix or an interruption,
+    one message on stderr (from rank 0) and 1 or 128 + the signal, instead of a traceback."""
+    try:
+        run()
+    except UserError as e:
+        if dist_info().is_main:
+            print(f'error: {e.for_user()}', file=sys.stderr)
+        return 1
+    except Interrupted as e:
+        if dist_info().is_main:
+            print(str(e), file=sys.stderr)
+        return 128 + (e.signum or signal.SIGINT)
+    except KeyboardInterrupt:
+        print('interrupted', file=sys.stderr)
+        return 128 + signal.SIGINT
+    return 0
+
+
 def run_command(parser, run: Callable, argv=None) -> int:
-    """A script's command line: parse, log to stdout, run; a UserError is one line on stderr and status 1."""
+    """A script's command line: parse, log to stdout, run; its exit status as `exit_status` gives it."""
     args = parser.parse_args(argv)
     setup_logging()
-    try:
-        run(args)
-    except UserError as e:
-        print(f'error: {e.for_user()}', file=sys.stderr)
-        return 1
-    return 0
+    return exit_status(lambda: run(args))
 
 
 # ---------------------------------------------------------------------------------------------------------------

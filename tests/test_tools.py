@@ -375,3 +375,13 @@ def test_an_interrupted_demo_says_which_command_resumes_without_a_traceback(tmp_
     assert status == 128 + signal.SIGINT
     assert '--resume x (the command printed above); python demo.py starts the demo over' in err
     assert 'Traceback' not in err and '$ python main.py --train' in out
+
+
+def test_ctrl_c_in_a_script_is_a_line_and_status_130_not_a_traceback(tmp_path, run_cli, monkeypatch):
+    import predict
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(predict, 'run', interrupted)
+    status, _, err = run_cli('--checkpoint', 'x.pth', '--input', tmp_path, module='predict')
+    assert status == 130 and err.strip() == 'interrupted', err
