@@ -304,7 +304,7 @@ def measure_inference(backbone: str, config: Config, args) -> dict:
 
     warmup_s, times, memory, energy = time_runs(forward, device, args)
     out = forward()
-    pred = out.float().argmax(1).to(torch.uint8).cpu().numpy()
+    pred = utils.class_map(out.float()).to(torch.uint8).cpu().numpy()
     return dict(backbone=backbone, config=config.name, latency_ms=statistics.median(times),
                 peak_mb=memory.mb, joules_per_frame=None if energy.joules is None else
                 energy.joules / (len(times) * args.batch), energy_note=energy.why, params=params, gflops=gflops,

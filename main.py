@@ -286,14 +286,14 @@ def evaluate(model: nn.Module, loader: DataLoader, rt: Runtime, num_classes: int
             h, w = int(info['size'][0]), int(info['size'][1])
             target = mask[0, :h, :w].to(rt.device, non_blocking=True)
             logits = predict_logits(model, image, rt)[..., :h, :w]
-            pred = logits[0].argmax(0)
+            pred = utils.class_map(logits[0], 0)
             confusion.update(target, pred)
             name = dataset.name(int(info['index']))
             if save_dir:
                 utils.save_mask(pred, os.path.join(save_dir, f'{name}.png'), palette)
             if confusion_ms is not None:
                 probs = multi_scale_probs(model, image[..., :h, :w], scales or [1.0], flip, crop_size, rt, logits)
-                pred_ms = probs[0].argmax(0)
+                pred_ms = utils.class_map(probs[0], 0)
                 confusion_ms.update(target, pred_ms)
                 if ms_save_dir:
                     utils.save_mask(pred_ms, os.path.join(ms_save_dir, f'{name}.png'), palette)

@@ -74,7 +74,7 @@ class Predictor:
         canvas = torch.zeros(len(images), 3, self.crop, self.crop)
         for i, image in enumerate(images):
             canvas[i, :, :image.shape[1], :image.shape[2]] = image
-        pred = self._forward(canvas).argmax(1).cpu()
+        pred = utils.class_map(self._forward(canvas)).cpu()
         return [pred[i, :image.shape[1], :image.shape[2]] for i, image in enumerate(images)]
 
     def large(self, image: torch.Tensor) -> torch.Tensor:
@@ -83,7 +83,7 @@ class Predictor:
         h, w = image.shape[1:]
         padded = F.pad(image, (0, max(0, self.crop - w), 0, max(0, self.crop - h)))
         if not self.slide:
-            return self._forward(padded[None]).argmax(1)[0, :h, :w].cpu()
+            return utils.class_map(self._forward(padded[None]))[0, :h, :w].cpu()
         ph, pw = padded.shape[1:]
         crop, stride = self.crop, max(1, self.crop * 2 // 3)
         total, count = None, torch.zeros(1, ph, pw)
@@ -94,7 +94,7 @@ class Predictor:
                     total = torch.zeros(probs.shape[0], ph, pw)
                 total[:, y:y + crop, x:x + crop] += probs
                 count[:, y:y + crop, x:x + crop] += 1
-        return (total / count).argmax(0)[:h, :w]
+        return utils.class_map(total / count, 0)[:h, :w]
 
 
 def _starts(length: int, window: int, stride: int) -> list[int]:

@@ -224,6 +224,16 @@ def save_image(image, path: str) -> None:
         raise UserError(f'could not write {path}: {e.strerror or e}.') from None
 
 
+def class_map(scores: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """The class of each pixel: the index of the highest score along `dim`, the first one where several tie.
+
+    Same result as `scores.argmax(dim)` (tests/test_metrics.py), but torch.max's kernel: on the CPU, argmax over
+    a dimension other than the last runs 4x slower (24 ms vs 6 ms for VOC's 21 x 375 x 500 on 2 cores, most of
+    the evaluation's time outside the model).
+    """
+    return scores.max(dim).indices
+
+
 def save_mask(pred, path: str, palette: list[int]) -> None:
     """Save a class map (tensor or array of class indices) atomically as a palettised PNG."""
     if isinstance(pred, torch.Tensor):

@@ -89,3 +89,16 @@ def test_throughput_reads_as_seconds_per_image_when_below_one_image_a_second():
     assert utils.format_rate(3, 1.0) == '3.0 img/s'
     assert utils.format_rate(2, 30.0) == '15.0 s/img'  # not '0.1 img/s'
     assert utils.format_rate(0, 0.0) == '- img/s'
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_class_map_is_argmax_with_the_first_class_on_ties(dtype):
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 3, (2, 21, 37, 41), generator=g).to(dtype)  # many ties
+    scores[0, 4, 0, 0] = float('nan')
+    view = scores[..., :30, 1:]  # cropped like the evaluation's logits, not contiguous
+    for x, dim in ((view, 1), (view[1], 0), (view.contiguous(memory_format=torch.channels_last), 1)):
+        assert torch.equal(utils.class_map(x, dim), x.argmax(dim))
+    tied = torch.zeros(21, 2, 2)
+    tied[[3, 7]] = 1
+    assert utils.class_map(tied, 0).eq(3).all()
