@@ -329,8 +329,8 @@ def run_evaluation(args, rt: Runtime) -> float:
     loader = make_loader(dataset, 1, utils.ShardSampler(len(dataset), rt.dist.rank, rt.dist.world_size), args, rt)
 
     ms = bool(args.eval_scales or args.flip)
-    log.info('evaluating %s on %d images of %s (%s, output stride %d)', path, len(dataset), args.dataset, rt.device,
-             model.output_stride)
+    log.info('evaluating %s on %s of %s (%s, output stride %d)', path, utils.plural(len(dataset), 'image'),
+             args.dataset, rt.device, model.output_stride)
     start = time.time()
     # Predictions go to a staging folder and join <output_dir>/val only when the evaluation succeeds.
     with contextlib.ExitStack() as stack:
@@ -371,7 +371,7 @@ def report(confusion, confusion_ms, class_names, args, path, seconds, count) -> 
     plots.iou_bar_chart(class_names, iou * 100, chart, f'{os.path.basename(path)}: mIoU {iou.mean() * 100:.2f}',
                         extra=None if confusion_ms is None else confusion_ms.iou() * 100, extra_label=label)
     where = f'predictions in {os.path.join(args.output_dir, "val")}/, ' if args.save_predictions else ''
-    log.info('%d images in %.1f s; %sIoU chart %s', count, seconds, where, chart)
+    log.info('%s in %.1f s; %sIoU chart %s', utils.plural(count, 'image'), seconds, where, chart)
 
 
 def _side_by_side(class_names, iou, iou_ms) -> str:
@@ -555,7 +555,8 @@ def train(args, rt: Runtime) -> None:
         if resume is not None:  # a released checkpoint: only the epoch is known
             state.epoch = int(resume.get('epoch', 0))
     if state.epoch >= args.epochs:
-        raise UserError(f'{args.resume} has already trained {state.epoch} epochs; ask for more with --epochs.')
+        raise UserError(f'{args.resume} has already trained {utils.plural(state.epoch, "epoch")}; ask for more '
+                        f'with --epochs.')
     torch.manual_seed(state.seed + info.rank)
 
     dataset = pascal.build_dataset(args.dataset, args.data_root, 'train', pascal.train_transforms(args.crop_size),
@@ -601,9 +602,9 @@ def train(args, rt: Runtime) -> None:
     if args.compile:
         net = torch.compile(net)
     criterion = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
-    log.info('training %s (%s parameters) on %d images of %s: %d epochs x %d iterations, batch %d%s, seed %d, '
-             '%s%s%s', run_name(args), f'{deeplab.count_parameters(model):,}', len(dataset), args.dataset,
-             args.epochs, iterations, args.batch_size,
+    log.info('training %s (%s parameters) on %s of %s: %s x %s, batch %d%s, seed %d, '
+             '%s%s%s', run_name(args), f'{deeplab.count_parameters(model):,}', utils.plural(len(dataset), 'image'),
+             args.dataset, utils.plural(args.epochs, 'epoch'), utils.plural(iterations, 'iteration'), args.batch_size,
              f' ({per_process} per process x {info.world_size})' if info.distributed else '', state.seed,
              rt.device, f', amp {args.amp}' if rt.amp else '', ', channels last' if rt.channels_last else '')
     if state.iteration:
@@ -638,7 +639,7 @@ def train(args, rt: Runtime) -> None:
     if info.is_main and os.path.isfile(metrics.path):
         curves = os.path.join(args.output_dir, 'logs', run_name(args), 'curves.png')
         plots.training_curves(metrics.path, curves)
-        log.info('finished %d epochs in %s; curves in %s', args.epochs,
+        log.info('finished %s in %s; curves in %s', utils.plural(args.epochs, 'epoch'),
                  utils.format_seconds(time.time() - progress.start), curves)
 
 
@@ -685,8 +686,8 @@ def resume_iteration(checkpoint: dict, state: TrainState, iterations: int, path:
     if recorded:
         raise UserError(f'{path} stopped {offset} of {recorded} batches into epoch {state.epoch + 1}, but this run '
                         f'has {iterations} batches per epoch. {advice}, or from the checkpoint of a completed epoch.')
-    raise UserError(f'{path} ({state.iteration} iterations in {state.epoch} epochs) was trained with another number '
-                    f'of batches per epoch than this run\'s {iterations}. {advice}.')
+    raise UserError(f'{path} ({utils.plural(state.iteration, "iteration")} in {utils.plural(state.epoch, "epoch")}) '
+                    f'was trained with another number of batches per epoch than this run\'s {iterations}. {advice}.')
 
 
 def restore_optimizer(optimizer, scaler, checkpoint: dict, path: str) -> None:

@@ -170,7 +170,7 @@ def run(args) -> int:
                 done += 1
                 log.info('[%d/%d] %s (%dx%d) -> %s.png  %s', done, total, path, photo.size[0], photo.size[1],
                          os.path.join(args.output, stem), utils.format_rate(done, time.time() - start))
-    log.info('%d images segmented into %s/%s', done, args.output,
+    log.info('%s segmented into %s/%s', utils.plural(done, 'image'), args.output,
              f'; {skipped} skipped (see the warnings above)' if skipped else '')
     return skipped
 

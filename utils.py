@@ -418,6 +418,11 @@ def setup_logging(is_main: bool = True) -> None:
         logging.getLogger(name).setLevel(logging.INFO if is_main else logging.WARNING)
 
 
+def plural(count: int, noun: str) -> str:
+    """'1 epoch', '2 epochs'."""
+    return f'{count} {noun}{"" if count == 1 else "s"}'
+
+
 def format_rate(images: int, seconds: float) -> str:
     """Throughput as images/s, or s/image when slower than one a second (where '0.0 img/s' would say nothing)."""
     if images <= 0 or seconds <= 0:

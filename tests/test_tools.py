@@ -82,7 +82,7 @@ def test_a_mid_epoch_checkpoint_refuses_another_number_of_batches_per_epoch(run3
     flags[flags.index('--batch_size') + 1] = '2'
     status, out, err = run_cli(*flags)
     needle = ('stopped 1 of 2 batches into epoch 2, but this run has 4 batches per epoch' if recorded
-              else '(3 iterations in 1 epochs) was trained with another number of batches per epoch')
+              else '(3 iterations in 1 epoch) was trained with another number of batches per epoch')
     assert status == 1 and needle in err and 'Traceback' not in err, err
     assert not os.path.exists('data/deeplab_vovnet39_pascal_v3_x_epoch3.pth')
     flags[flags.index('--batch_size') + 1] = '4'  # the batches per epoch it was trained with: it continues
