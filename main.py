@@ -540,6 +540,12 @@ def train_one_epoch(net, criterion, optimizer, scaler, loader, state: TrainState
     return True
 
 
+def initial_seed(seed: int | None) -> int:
+    """The run's seed: `--seed`, or one drawn at random and the same on every process (each shards the same
+    permutation of the training set; seeds of their own would have them see overlapping shards)."""
+    return seed if seed is not None else utils.from_main_process(random.SystemRandom().randrange(2 ** 31))
+
+
 def train(args, rt: Runtime) -> None:
     info = rt.dist
     resume = utils.load_checkpoint(args.resume, what='the checkpoint to resume') if args.resume else None
@@ -551,7 +557,7 @@ def train(args, rt: Runtime) -> None:
             log.warning('--seed %d differs from the resumed run\'s seed %d; keeping %d so the schedule continues '
                         'as it was', args.seed, state.seed, state.seed)
     else:
-        state.seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2 ** 31)
+        state.seed = initial_seed(args.seed)
         if resume is not None:  # a released checkpoint: only the epoch is known
             state.epoch = int(resume.get('epoch', 0))
     if state.epoch >= args.epochs:

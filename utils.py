@@ -316,6 +316,16 @@ def dist_info() -> DistInfo:
                     int(os.environ.get('LOCAL_RANK', 0)), int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
 
 
+def from_main_process(value):
+    """Rank 0's `value` on every process of the group (`value` itself without one): for choices that must agree,
+    such as a seed drawn at random, which shuffles the data that the processes then shard between them."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def init_distributed(device_name: str | None, gpu: int = 0) -> tuple[DistInfo, torch.device]:
     """Pick the device (`device_name` when given, else CUDA when available, else the CPU) and, under torchrun,
     join the process group (nccl on GPUs, gloo on CPU)."""

@@ -1,5 +1,6 @@
 """torchrun/DDP on CPU (gloo), mixed precision, channels-last, the fused optimizer, and the benchmark's smoke test."""
 import copy
+import json
 import os
 import re
 import subprocess
@@ -11,13 +12,14 @@ import torch
 import deeplab
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAIN = os.path.join(ROOT, 'main.py')
 COMMON = ['--exp', 'ddp', '--backbone', 'vovnet39', '--epochs', '1', '--crop_size', '65', '--workers', '0']
 
 
-def torchrun(nproc, args, cwd):
+def torchrun(nproc, args, cwd, script=MAIN):
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT)
     return subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone',
-                           f'--nproc_per_node={nproc}', os.path.join(ROOT, 'main.py')] + [str(a) for a in args],
+                           f'--nproc_per_node={nproc}', script] + [str(a) for a in args],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -44,6 +46,25 @@ def test_torchrun_two_processes_train_and_evaluate_like_one(synthetic_root, tmp_
     assert distributed == single and len(single) == 1  # printed once, by rank 0
     per_class = re.findall(r'^IoU .*$', out, re.M)
     assert per_class == re.findall(r'^IoU .*$', evaluation.stdout, re.M)
+
+
+def test_without_seed_every_process_shards_the_same_random_permutation(tmp_path):
+    # Each process drawing its own seed would shuffle the training set its own way: their shards would overlap
+    # and miss images. The seed main.py draws is rank 0's on every process, and so is the permutation.
+    script = tmp_path / 'seeds.py'
+    script.write_text('import json, main, utils\n'
+                      'info, _ = utils.init_distributed("cpu")\n'
+                      'seed = main.initial_seed(None)\n'
+                      'shard = list(utils.TrainSampler(10, 1, seed, info.rank, info.world_size))\n'
+                      'with open(f"rank{info.rank}.json", "w") as f:\n'
+                      '    json.dump({"seed": seed, "shard": shard}, f)\n'
+                      'utils.cleanup_distributed()\n')
+    result = torchrun(3, [], tmp_path, script=str(script))
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f'rank{r}.json').read_text()) for r in range(3)]
+    assert len({r['seed'] for r in ranks}) == 1
+    seen = [i for r in ranks for i in r['shard']]
+    assert len(seen) == 12 and set(seen) == set(range(10))  # all ten, padded to 3 x 4 as DistributedSampler does
 
 
 def test_distributed_evaluation_sees_every_image_exactly_once():
