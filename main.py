@@ -499,6 +499,29 @@ class Progress:
         self.window_start, self.window_images = now, 0
 
 
+class BatchCrossEntropy(nn.Module):
+    """Cross entropy ignoring 255, averaged over the labelled pixels of the whole batch as the original's (its
+    DataParallel gathered the logits of all GPUs before the loss), also when processes split the batch.
+
+    The mean of each process's own mean would weigh a pixel by how many labelled pixels its process happens to
+    have (scale augmentation pads small images with 255). So each process divides its sum by the count over all
+    processes, times their number, which DDP's gradient averaging divides out. In one process this is
+    `nn.CrossEntropyLoss`'s mean, bit for bit.
+    """
+
+    def __init__(self, world_size: int = 1):
+        super().__init__()
+        self.world_size = world_size
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
+        total = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction='sum')
+        count = (target != IGNORE_INDEX).sum().to(total.dtype)
+        torch.distributed.all_reduce(count)
+        return total * self.world_size / count
+
+
 def train_one_epoch(net, criterion, optimizer, scaler, loader, state: TrainState, max_iterations: int, args,
                     rt: Runtime, stop: utils.GracefulStop, progress: Progress) -> bool:
     """Train from the state's iteration to the end of its epoch; False when a stop was requested first."""
@@ -607,7 +630,7 @@ def train(args, rt: Runtime) -> None:
             model, device_ids=[rt.device.index] if rt.device.type == 'cuda' else None)
     if args.compile:
         net = torch.compile(net)
-    criterion = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
+    criterion = BatchCrossEntropy(info.world_size)
     log.info('training %s (%s parameters) on %s of %s: %s x %s, batch %d%s, seed %d, '
              '%s%s%s', run_name(args), f'{deeplab.count_parameters(model):,}', utils.plural(len(dataset), 'image'),
              args.dataset, utils.plural(args.epochs, 'epoch'), utils.plural(iterations, 'iteration'), args.batch_size,

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import deeplab
+import main
 import utils
 
 TRAIN = ['--train', '--exp', 'r', '--epochs', '1', '--backbone', 'vovnet39', '--scratch', '--crop_size', '65',
@@ -288,13 +289,13 @@ def test_a_failed_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkeyp
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(workdir, synthetic_root, run_cli,
                                                                             monkeypatch):
     calls = []
-    real = torch.nn.CrossEntropyLoss.forward
+    real = main.BatchCrossEntropy.forward
 
     def poisoned(self, logits, target):
         calls.append(1)
         loss = real(self, logits, target)
         return loss * float('nan') if len(calls) == 3 else loss  # epoch 2, its first iteration
-    monkeypatch.setattr(torch.nn.CrossEntropyLoss, 'forward', poisoned)
+    monkeypatch.setattr(main.BatchCrossEntropy, 'forward', poisoned)
     args = TRAIN[:3] + ['--epochs', '2', '--save_every', '1'] + TRAIN[5:] + ['--data_root', synthetic_root,
                                                                           '--workers', '0']
     assert_clean_failure(run_cli(*args), 'the loss became nan at epoch 2, iteration 1/2',
