@@ -517,7 +517,7 @@ class BatchCrossEntropy(nn.Module):
         if self.world_size == 1:
             return F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
         total = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction='sum')
-        count = (target != IGNORE_INDEX).sum().to(total.dtype)
+        count = (target != IGNORE_INDEX).sum()  # int64: exact for any batch
         torch.distributed.all_reduce(count)
         return total * self.world_size / count
 
