@@ -13,6 +13,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -502,11 +503,18 @@ def ignore_interrupts_in_worker(worker_id: int) -> None:
 
 
 class GracefulStop:
-    """Turns the first SIGINT/SIGTERM into a request the training loop polls between iterations; a second one
-    acts as usual (stops at once)."""
+    """Turns the first SIGINT/SIGTERM into a request the training loop polls between iterations; a later one
+    acts as usual (stops at once).
 
-    def __init__(self):
+    The same signal again within `repeat_window` seconds counts as the first one delivered twice: a Ctrl-C in the
+    terminal reaches every process of torchrun's group, and torchrun forwards it to its workers once more (a
+    cluster scheduler's SIGTERM does the same), which would otherwise stop them before they save anything.
+    """
+
+    def __init__(self, repeat_window: float = 2.0):
         self.signal: int | None = None
+        self.repeat_window = repeat_window
+        self._first = 0.0
         self._previous = {}
 
     def __enter__(self):
@@ -515,8 +523,18 @@ class GracefulStop:
         return self
 
     def _handle(self, signum, frame):
-        self.signal = signum
-        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+        now = time.monotonic()
+        if self.signal is None:
+            self.signal, self._first = signum, now
+            return
+        if signum == self.signal and now - self._first < self.repeat_window:
+            return
+        previous = self._previous.get(signum, signal.SIG_DFL)
+        signal.signal(signum, previous)
+        if callable(previous):  # Python's SIGINT handler: KeyboardInterrupt
+            previous(signum, frame)
+        elif previous == signal.SIG_DFL:
+            os.kill(os.getpid(), signum)
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():

@@ -3,6 +3,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -77,3 +78,60 @@ def test_sigkill_mid_epoch_resumes_from_the_last_checkpoint(uninterrupted, synth
     assert process.returncode == -signal.SIGKILL
     assert sorted(os.listdir(tmp_path / 'data')) == [f'{RUN}_epoch1.pth', 'logs']  # nothing half-written
     resume_and_compare(tmp_path / 'data' / f'{RUN}_epoch1.pth', synthetic_root, uninterrupted)
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir('/proc'):
+        if entry.isdigit():
+            try:
+                with open(f'/proc/{entry}/stat') as f:
+                    if int(f.read().rsplit(')', 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return found
+
+
+def test_ctrl_c_under_torchrun_saves_a_resumable_checkpoint(synthetic_root, tmp_path):
+    # A Ctrl-C in the terminal reaches torchrun and each of its workers, and torchrun forwards it to the workers
+    # once more. Where a worker has handled the first SIGINT before the second arrives (sent here 0.2 s later to
+    # make that order certain), it must still finish the iteration and save the state.
+    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')
+    process = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                                os.path.join(ROOT, 'main.py')] + ARGS + ['--batch_size', '4',  # 2 per process
+                                                                          '--data_root', str(synthetic_root)],
+                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)  # its own process group, as a terminal's foreground job
+    lines = wait_for(process, 'epoch 1/3  iter 1/2')
+    workers = children(process.pid)
+    assert len(workers) == 2
+    os.killpg(process.pid, signal.SIGINT)
+    time.sleep(0.2)
+    for pid in workers:
+        try:
+            os.kill(pid, signal.SIGINT)
+        except ProcessLookupError:
+            pass
+    out = ''.join(lines) + process.communicate(timeout=120)[0]
+    path = tmp_path / 'data' / f'{RUN}_interrupted.pth'
+    assert f'stopped by signal {int(signal.SIGINT)} at epoch' in out, out[-3000:]
+    assert f'--resume {os.path.join("data", path.name)}' in out
+    checkpoint = torch.load(path, weights_only=True)
+    assert 1 <= checkpoint['iteration'] <= 2
+
+
+def test_a_repeated_signal_is_one_stop_and_a_later_one_stops_at_once():
+    import utils
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)  # ignored where pytest runs in background
+    try:
+        with utils.GracefulStop(repeat_window=0.5) as stop:
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)  # the same Ctrl-C, delivered twice
+            assert stop.signal == signal.SIGINT
+            time.sleep(0.6)
+            with pytest.raises(KeyboardInterrupt):
+                signal.raise_signal(signal.SIGINT)  # pressed again: stop now
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, inherited)
