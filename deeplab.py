@@ -224,6 +224,12 @@ def _torchvision_imagenet(name: str) -> dict:
 # Builders
 
 
+def uses_batchnorm(backbone: str, num_groups: int | None) -> bool:
+    """Whether the model has BatchNorm layers: every one but a ResNet with GroupNorm (`num_groups`), since a
+    VoVNet's GroupNorm stops at the backbone and its ASPP keeps BatchNorm, as in the original."""
+    return num_groups is None or not backbone.startswith('resnet')
+
+
 def _create_deeplab(backbone: str, pretrained: bool = False, num_classes: int = 21, num_groups: int | None = None,
                     weight_std: bool = False, beta: bool = False, output_stride: int = 16,
                     pretrained_path: str | None = None) -> DeepLabV3:

@@ -140,7 +140,15 @@ def checkpoint_path(args, epoch) -> str:
 
 def sync_batchnorm(args, info: utils.DistInfo, cuda: bool) -> bool:
     """SyncBatchNorm: on by default for BatchNorm models trained by several processes on GPUs."""
-    return info.distributed and cuda and args.sync_bn is not False and args.groups is None
+    return (info.distributed and cuda and args.sync_bn is not False
+            and deeplab.uses_batchnorm(args.backbone, args.groups))
+
+
+def batchnorm_per_process(args, info: utils.DistInfo, cuda: bool) -> bool:
+    """Whether training normalises each process's images on their own (BatchNorm, training, not synchronised):
+    then each process needs 2 images or more in every batch."""
+    return (deeplab.uses_batchnorm(args.backbone, args.groups) and not args.freeze_bn
+            and not sync_batchnorm(args, info, cuda))
 
 
 def default_workers(info: utils.DistInfo) -> int:
@@ -161,16 +169,14 @@ def check_args(args, info: utils.DistInfo) -> None:
     if args.batch_size % info.world_size:
         raise UserError(f'--batch_size {args.batch_size} is the total over all processes and must divide among '
                         f'the {info.world_size} started by torchrun; use a multiple of {info.world_size}.')
-    uses_batchnorm = args.groups is None and not args.freeze_bn
     cuda = (args.device or ('cuda' if torch.cuda.is_available() else 'cpu')).startswith('cuda')
     if args.sync_bn and not cuda:
         raise UserError('--sync_bn needs CUDA GPUs: PyTorch\'s SyncBatchNorm does not run on the CPU. Drop it, or '
                         'run on GPUs.')
-    sync = sync_batchnorm(args, info, cuda)
-    if args.train and uses_batchnorm and not sync and args.batch_size // info.world_size < 2:
-        raise UserError('with BatchNorm each process needs at least 2 images per batch (the ASPP\'s image-pooling '
-                        'branch normalises one value per image): raise --batch_size, or use --groups or '
-                        '--freeze_bn.')
+    if args.train and batchnorm_per_process(args, info, cuda) and args.batch_size // info.world_size < 2:
+        groups = ', --groups (ResNet)' if args.backbone.startswith('resnet') else ''
+        raise UserError(f'with BatchNorm each process needs at least 2 images per batch (the ASPP\'s image-pooling '
+                        f'branch normalises one value per image): raise --batch_size, or use --freeze_bn{groups}.')
     if args.resume and not args.train:
         raise UserError('--resume continues a training run: add --train, or use --checkpoint to evaluate a file.')
 
@@ -609,12 +615,14 @@ def train(args, rt: Runtime) -> None:
             set_rng_state(resume['rng'], rt.device)
 
     per_process = args.batch_size // info.world_size
-    sampler = utils.TrainSampler(len(dataset), per_process, state.seed, info.rank, info.world_size)
+    sampler = utils.TrainSampler(len(dataset), per_process, state.seed, info.rank, info.world_size,
+                                 drop_single=batchnorm_per_process(args, info, rt.device.type == 'cuda'))
     loader = make_loader(dataset, per_process, sampler, args, rt)
     iterations = state.batches_per_epoch = sampler.batches_per_epoch
     if iterations == 0:
-        raise UserError(f'the training set has {len(dataset)} image(s), too few for a batch of two in each of '
-                        f'{info.world_size} process(es); add images or use fewer processes.')
+        smallest = 'two' if sampler.drop_single else 'one'
+        raise UserError(f'the training set has {len(dataset)} image(s), too few for a batch of {smallest} in each '
+                        f'of {info.world_size} process(es); add images or use fewer processes.')
     if resume is not None:
         state.iteration = resume_iteration(resume, state, iterations, args.resume)
     max_iterations = args.epochs * iterations

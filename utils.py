@@ -453,17 +453,20 @@ class TrainSampler(torch.utils.data.Sampler):
     """Training order for one process: a permutation seeded by (seed, epoch), padded to a multiple of the number
     of processes and sharded across them as DistributedSampler does, and able to start mid-epoch (resume).
 
-    A final per-process batch of a single image is dropped: BatchNorm cannot train on one value per channel,
-    which the ASPP's image-pooling branch would then have.
+    With `drop_single`, a final per-process batch of a single image is dropped: BatchNorm cannot train on one
+    value per channel, which the ASPP's image-pooling branch would then have. Without BatchNorm, or with it
+    synchronised across processes, that batch is kept: 662 iterations per epoch on train_aug at batch 16, as the
+    original, also on 8 GPUs.
     """
 
-    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 drop_single: bool = True):
         self.size, self.batch_size, self.seed = size, batch_size, seed
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.drop_single = rank, world_size, drop_single
         self.epoch, self.start_batch = 0, 0
         per_process = -(-size // world_size)
         remainder = per_process % batch_size
-        self.per_process = per_process - (1 if remainder == 1 and batch_size > 1 else 0)
+        self.per_process = per_process - (1 if drop_single and remainder == 1 and batch_size > 1 else 0)
         self.batches_per_epoch = -(-self.per_process // batch_size)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:

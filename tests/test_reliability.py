@@ -244,8 +244,9 @@ def test_fp16_without_cuda_is_refused(workdir, synthetic_root, run_cli):
     assert_clean_failure(run_cli(*TRAIN, '--data_root', synthetic_root, '--amp', 'fp16'), '--amp fp16 needs a CUDA')
 
 
-def test_batchnorm_with_one_image_per_process_is_refused(workdir, run_cli):
-    assert_clean_failure(run_cli(*TRAIN, '--batch_size', '1'), 'at least 2 images per batch')
+@pytest.mark.parametrize('flags', [[], ['--groups', '16']])  # VoVNet's GroupNorm leaves the ASPP's BatchNorm
+def test_batchnorm_with_one_image_per_process_is_refused(workdir, run_cli, flags):
+    assert_clean_failure(run_cli(*TRAIN, '--batch_size', '1', *flags), 'at least 2 images per batch')
 
 
 def test_a_bad_device(workdir, run_cli):

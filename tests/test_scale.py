@@ -117,6 +117,24 @@ def test_training_sampler_shards_a_global_batch_and_resumes_mid_epoch():
     assert list(samplers[0]) != first[0]
     single = utils.TrainSampler(10582, 16, seed=0)
     assert single.batches_per_epoch == 662  # the original's iterations per epoch on train_aug
+    # 8 processes x 2: 1323 images each, the last alone in its batch; kept where BatchNorm is synchronised
+    eight = [utils.TrainSampler(10582, 2, seed=0, rank=r, world_size=8, drop_single=False) for r in range(8)]
+    assert {s.batches_per_epoch for s in eight} == {662}
+    assert set().union(*(list(s) for s in eight)) == set(range(10582))
+    assert utils.TrainSampler(10582, 2, seed=0, rank=0, world_size=8).batches_per_epoch == 661
+
+
+@pytest.mark.parametrize('backbone, flags, iterations', [('vovnet39', [], '1 iteration'),
+                                                         ('vovnet39', ['--freeze_bn'], '2 iterations'),
+                                                         ('resnet50', ['--groups', '32'], '2 iterations')])
+def test_a_last_batch_of_one_image_is_kept_unless_batchnorm_trains_on_it(synthetic_root, tmp_path, monkeypatch,
+                                                                          run_cli, backbone, flags, iterations):
+    monkeypatch.chdir(tmp_path)
+    status, out, err = run_cli('--train', '--scratch', '--exp', 'last', '--backbone', backbone, '--epochs', '1',
+                               '--crop_size', '65', '--workers', '0', '--batch_size', '7', '--seed', '0',
+                               '--data_root', synthetic_root, *flags)  # 8 images: 7 + 1
+    assert status == 0, err
+    assert f'1 epoch x {iterations}, batch 7' in out
 
 
 @pytest.mark.parametrize('flags', [['--amp', 'bf16'], ['--channels_last'], ['--amp', 'bf16', '--channels_last']])
