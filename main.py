@@ -174,7 +174,7 @@ def check_args(args, info: utils.DistInfo) -> None:
         raise UserError('--sync_bn needs CUDA GPUs: PyTorch\'s SyncBatchNorm does not run on the CPU. Drop it, or '
                         'run on GPUs.')
     if args.train and batchnorm_per_process(args, info, cuda) and args.batch_size // info.world_size < 2:
-        groups = ', --groups (ResNet)' if args.backbone.startswith('resnet') else ''
+        groups = '' if deeplab.uses_batchnorm(args.backbone, num_groups=1) else ', --groups'
         raise UserError(f'with BatchNorm each process needs at least 2 images per batch (the ASPP\'s image-pooling '
                         f'branch normalises one value per image): raise --batch_size, or use --freeze_bn{groups}.')
     if args.resume and not args.train:
