@@ -139,7 +139,7 @@ if [ -n "$CPU_BF16" ] || [ "${QUICK:-0}" = 1 ]; then
     want cpu_inference && run cpu_inference 200 $PY benchmark.py --device cpu --backbones vovnet39 --size $SIZE --iters 10 \
         --configs fp32+cl,bf16+cl,bf16+cl+compile --json "$OUT/cpu_inference.json"
     want cpu_train && run cpu_train 300 $PY benchmark.py --mode train --device cpu --backbones vovnet39 --crop $((CROP < 321 ? CROP : 321)) \
-        --batch 4 --configs fp32+cl,bf16+cl,bf16+cl+compile --warmup 1 --iters 3 --json "$OUT/cpu_train.json"
+        --batch 4 --configs fp32+cl,bf16+cl,bf16+cl+compile --warmup 2 --iters 5 --json "$OUT/cpu_train.json"
 fi
 
 step done
