@@ -320,15 +320,16 @@ def measure_training(backbone: str, config: Config, args) -> dict:
     fmt = torch.channels_last if config.channels_last else torch.contiguous_format
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    dtype = PRECISIONS[config.amp]
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     if config.name == ORIGINAL.name:  # PyTorch's default implementation
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
-    else:  # main.py's: fused where PyTorch has the kernel
-        optimizer = utils.sgd([{'params': model.parameters()}], lr=1e-3, momentum=0.9, weight_decay=1e-4)
+    else:  # main.py's: fused where PyTorch has the kernel and no gradient scaler is used
+        optimizer = utils.sgd([{'params': model.parameters()}], lr=1e-3, momentum=0.9, weight_decay=1e-4,
+                              grad_scaler=scaler.is_enabled())
     net = torch.compile(model) if config.compile else model
     x = sample_batch(args.crop, args.batch).to(device, memory_format=fmt)
     target = torch.randint(0, 21, (args.batch, args.crop, args.crop), device=device)
-    dtype = PRECISIONS[config.amp]
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     def step():
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):

@@ -431,7 +431,7 @@ def make_optimizer(model: deeplab.DeepLabV3, args) -> torch.optim.SGD:
     head_ids = {id(p) for p in model.aspp.parameters()}
     backbone = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
     return utils.sgd([{'params': backbone}, {'params': head}], lr=args.base_lr, momentum=MOMENTUM,
-                     weight_decay=WEIGHT_DECAY)
+                     weight_decay=WEIGHT_DECAY, grad_scaler=args.amp == 'fp16')
 
 
 def rng_state(device: torch.device) -> dict:

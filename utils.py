@@ -367,11 +367,17 @@ def amp_dtype(name: str, device: torch.device) -> torch.dtype | None:
 FUSED_DEVICES = ('cpu', 'cuda')
 
 
-def sgd(groups: list[dict], lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
+def sgd(groups: list[dict], lr: float, momentum: float, weight_decay: float,
+        grad_scaler: bool = False) -> torch.optim.SGD:
     """SGD with PyTorch's fused kernel where it has one (CPU, CUDA): the same update as the original's loop over
-    tensors (to the last bit's rounding, see tests/test_scale.py) in one kernel per tensor instead of four."""
+    tensors (to the last bit's rounding, see tests/test_scale.py) in one kernel per tensor instead of four.
+
+    Not under a gradient scaler (`grad_scaler`, fp16): when the scaler skips the first step for an overflow, as
+    it does at its initial scale, PyTorch's fused kernel (2.11 to 2.14 at least) leaves the momentum buffers it
+    allocated uninitialised, and the next step adds that memory to the weights (NaN loss within a few steps)."""
     groups = [dict(group, params=list(group['params'])) for group in groups]  # parameters() is an iterator
-    fused = all(p.device.type in FUSED_DEVICES and p.is_floating_point() for g in groups for p in g['params'])
+    fused = not grad_scaler and all(p.device.type in FUSED_DEVICES and p.is_floating_point()
+                                    for g in groups for p in g['params'])
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=fused or None)
 
 

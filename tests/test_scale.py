@@ -189,33 +189,49 @@ def test_fused_sgd_updates_as_the_original_loop_and_stays_fused_on_resume():
         torch.testing.assert_close(fused[k], loop[k], rtol=1e-6, atol=1e-7)
 
 
-def test_fused_sgd_under_the_fp16_gradient_scaler_skips_overflowing_steps_as_the_loop_does():
-    # main.py's --amp fp16 (CUDA) path: the scaler hands the fused kernel its scale and inf flag instead of
-    # unscaling the gradients itself; the same logic runs with a CPU scaler.
+@pytest.mark.parametrize('overflow', [0, 1])  # 0: the first step, as at the scaler's initial scale in training
+def test_sgd_under_the_fp16_gradient_scaler_skips_overflowing_steps_as_the_loop_does(overflow):
+    # main.py's --amp fp16 (CUDA) path; the scaler's logic is the same with a CPU scaler. PyTorch's fused kernel
+    # skips an overflowing first step without initialising the momentum buffers it allocated, so the next step
+    # adds whatever memory they got: utils.sgd must not fuse under a scaler.
     import utils
 
     def run(optimizer_class):
         torch.manual_seed(0)
-        w = torch.nn.Parameter(torch.randn(5))
-        optimizer = optimizer_class([{'params': [w]}], lr=0.1, momentum=0.9, weight_decay=0.01)
+        w = torch.nn.Parameter(torch.randn(512))
+        optimizer = optimizer_class([{'params': [w]}], lr=0.1, momentum=0.9, weight_decay=0.01, **kwargs)
         scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** 10)
-        weights = []
+        weights = [w.detach().clone()]  # before each step, then after the last
         for step in range(4):
             optimizer.zero_grad()
-            loss = (w * torch.tensor([1.0, 2, 3, 4, float('inf') if step == 1 else 5])).sum()
-            scaler.scale(loss).backward()
+            coefficients = torch.linspace(1, 5, 512)
+            coefficients[-1] = float('inf') if step == overflow else 5
+            scaler.scale((w * coefficients).sum()).backward()
+            garbage = torch.full_like(w, float('nan'))  # freed memory that an uninitialised buffer may reuse
+            del garbage
             scaler.step(optimizer)
             scaler.update()
             weights.append(w.detach().clone())
-        return weights, scaler.get_scale(), optimizer.param_groups[0]['fused']
+        return weights, scaler.get_scale()
 
-    fused, fused_scale, is_fused = run(utils.sgd)
-    loop, loop_scale, _ = run(torch.optim.SGD)
-    assert is_fused
-    assert torch.equal(fused[1], fused[0]) and not torch.equal(fused[2], fused[1])  # step 1 skipped, then on
-    assert fused_scale == loop_scale == 2.0 ** 9
-    for a, b in zip(fused, loop):
+    kwargs = {'grad_scaler': True}
+    scaled, scaled_scale = run(utils.sgd)
+    kwargs = {}
+    loop, loop_scale = run(torch.optim.SGD)
+    assert scaled_scale == loop_scale == 2.0 ** 9
+    assert torch.equal(scaled[overflow + 1], scaled[overflow])  # the overflowing step is skipped
+    assert not torch.equal(scaled[overflow + 2], scaled[overflow + 1])  # and the next one steps
+    for a, b in zip(scaled, loop):
+        assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_main_fuses_sgd_except_under_the_fp16_gradient_scaler():
+    import main
+    model = deeplab.build_model('vovnet39', num_classes=3)
+    for amp, fused in (('off', True), ('bf16', True), ('fp16', None)):
+        args = main.get_args_parser().parse_args(['--exp', 'x', '--amp', amp])
+        assert [g['fused'] for g in main.make_optimizer(model, args).param_groups] == [fused, fused]
 
 
 def test_compile_trains_and_evaluates_as_eager(synthetic_root, tmp_path, monkeypatch, run_cli):
