@@ -10,9 +10,10 @@
 #   6. where the host CPU has bf16 units (AVX-512 BF16 or AMX), VoVNet-39's CPU rows: inference 513
 #      (cpu-inference) and the training step at crop 321, batch 4 (cpu-train), fp32 against bf16
 # The output goes to OUT/gpu_check.log (and the benchmarks' JSON beside it); a step that fails or runs past its
-# time limit is reported and the next one runs. On one H200 the steps took about 2, 4, 2.5, 1, 0.2 and 3 minutes:
-# on a lease of 10 minutes per command, run them as two commands, e.g. STEPS="inference train demo" and then
-# STEPS="torchrun ddp cpu".
+# time limit is reported and the next one runs. On one H200 the steps took about 2, 8 (1.2 per VoVNet or ResNet,
+# 1.5 per DenseNet), 2.5, 1, 0.2 and 4 minutes (3 of them cpu-train, whose compiled step takes 2): on a lease of
+# 10 minutes per command, run them as several commands, e.g. STEPS="inference demo torchrun ddp", then
+# STEPS=train with BACKBONES=vovnet39,vovnet57,resnet50,resnet101, then the DenseNets with STEPS="train cpu".
 #
 #     scripts/gpu_check.sh [OUT]                        # OUT defaults to gpu_check/
 #     STEPS="inference demo" scripts/gpu_check.sh       # some steps only: inference train demo torchrun ddp
@@ -68,7 +69,7 @@ fi
 
 if want train; then
 step "benchmark: training"
-run bench_train 300 $PY benchmark.py --mode train --device $DEVICE --backbones $BACKBONES --crop $CROP \
+run bench_train 420 $PY benchmark.py --mode train --device $DEVICE --backbones $BACKBONES --crop $CROP \
     --batch $BATCH --configs $TCONFIGS --warmup 2 --iters 8 --min_time 0 --json "$OUT/bench_train.json"
 fi
 
