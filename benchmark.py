@@ -383,10 +383,10 @@ def _fmt(value, spec):
     return '-' if value is None else format(value, spec)
 
 
-def check_args(args) -> tuple[list[str], list[Config]]:
+def check_args(args) -> tuple[torch.device, list[str], list[Config]]:
     """Check before measuring what can be checked (a bad flag found, or a results file that cannot be written,
-    after an hour of measurements would waste them); each failure a message. Returns the backbones and the
-    configurations to measure."""
+    after an hour of measurements would waste them); each failure a message. Returns the device, the backbones
+    and the configurations to measure."""
     _, device = utils.init_distributed(args.device)  # main.py's checks of --device
     default = 'fp32,fp32+cl,fp16+cl,bf16+cl' if device.type == 'cuda' else 'fp32,fp32+cl,bf16+cl'
     try:
@@ -408,17 +408,17 @@ def check_args(args) -> tuple[list[str], list[Config]]:
         deeplab.model_from_checkpoint(args.checkpoint, backbones[0])  # a message now, not one per row later
     if args.json:
         utils.make_output_folder(os.path.dirname(os.path.abspath(args.json)), '--json')
-    return backbones, configs
+    return device, backbones, configs
 
 
 def run(args) -> list[dict]:
     args.device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     args.batch = args.batch or (1 if args.mode == 'inference' else 4)
-    cuda = args.device.startswith('cuda')
+    device, backbones, configs = check_args(args)
+    cuda = device.type == 'cuda'
     if args.min_time is None:
         args.min_time = 1.0 if cuda else 0.0
-    backbones, configs = check_args(args)
-    device_name = torch.cuda.get_device_name(0) if cuda else (platform.processor() or platform.machine())
+    device_name = torch.cuda.get_device_name(device) if cuda else (platform.processor() or platform.machine())
     threads = args.threads or torch.get_num_threads()
     if cuda:
         device_name += f' (TF32 convolutions {"on" if torch.backends.cudnn.allow_tf32 else "off"})'
@@ -428,7 +428,7 @@ def run(args) -> list[dict]:
           f'median of {args.iters} after {args.warmup} warm-up', flush=True)
     fn = measure_inference if args.mode == 'inference' else measure_training
     if cuda:
-        warm_up_gpu(torch.device(args.device))
+        warm_up_gpu(device)
     results = []
     key = 'latency_ms' if args.mode == 'inference' else 'step_ms'
     for backbone in backbones:

@@ -621,8 +621,9 @@ def train(args, rt: Runtime) -> None:
     iterations = state.batches_per_epoch = sampler.batches_per_epoch
     if iterations == 0:
         smallest = 'two' if sampler.drop_single else 'one'
-        raise UserError(f'the training set has {len(dataset)} image(s), too few for a batch of {smallest} in each '
-                        f'of {info.world_size} process(es); add images or use fewer processes.')
+        raise UserError(f'the training set has {utils.plural(len(dataset), "image")}, too few for a batch of '
+                        f'{smallest} in each of {utils.plural(info.world_size, "process", "processes")}; add '
+                        f'images or use fewer processes.')
     if resume is not None:
         state.iteration = resume_iteration(resume, state, iterations, args.resume)
     max_iterations = args.epochs * iterations

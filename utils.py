@@ -435,9 +435,9 @@ def setup_logging(is_main: bool = True) -> None:
         logging.getLogger(name).setLevel(logging.INFO if is_main else logging.WARNING)
 
 
-def plural(count: int, noun: str) -> str:
-    """'1 epoch', '2 epochs'."""
-    return f'{count} {noun}{"" if count == 1 else "s"}'
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """'1 epoch', '2 epochs'; `nouns` where the plural is not noun + 's'."""
+    return f'{count} {noun if count == 1 else nouns or noun + "s"}'
 
 
 def format_rate(images: int, seconds: float) -> str:

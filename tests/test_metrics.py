@@ -91,6 +91,13 @@ def test_throughput_reads_as_seconds_per_image_when_below_one_image_a_second():
     assert utils.format_rate(0, 0.0) == '- img/s'
 
 
+
+def test_counts_read_in_the_singular_for_one():
+    assert utils.plural(1, 'epoch') == '1 epoch' and utils.plural(0, 'epoch') == '0 epochs'
+    assert utils.plural(2, 'process', 'processes') == '2 processes'
+    assert utils.plural(1, 'process', 'processes') == '1 process'
+
+
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 def test_class_map_is_argmax_with_the_first_class_on_ties(dtype):
     g = torch.Generator().manual_seed(0)

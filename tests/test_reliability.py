@@ -63,7 +63,7 @@ def test_a_training_set_too_small_for_one_batch(workdir, voc_copy, run_cli):
     with open(lists, 'w') as f:
         f.write(first)
     assert_clean_failure(run_cli(*TRAIN, '--data_root', voc_copy, '--workers', '0'),
-                         'the training set has 1 image(s), too few for a batch of two')
+                         'the training set has 1 image, too few for a batch of two in each of 1 process;')
     assert outputs(workdir) == []
 
 

@@ -196,7 +196,7 @@ def test_sgd_under_the_fp16_gradient_scaler_skips_overflowing_steps_as_the_loop_
     # adds whatever memory they got: utils.sgd must not fuse under a scaler.
     import utils
 
-    def run(optimizer_class):
+    def run(optimizer_class, **kwargs):
         torch.manual_seed(0)
         w = torch.nn.Parameter(torch.randn(512))
         optimizer = optimizer_class([{'params': [w]}], lr=0.1, momentum=0.9, weight_decay=0.01, **kwargs)
@@ -214,9 +214,7 @@ def test_sgd_under_the_fp16_gradient_scaler_skips_overflowing_steps_as_the_loop_
             weights.append(w.detach().clone())
         return weights, scaler.get_scale()
 
-    kwargs = {'grad_scaler': True}
-    scaled, scaled_scale = run(utils.sgd)
-    kwargs = {}
+    scaled, scaled_scale = run(utils.sgd, grad_scaler=True)
     loop, loop_scale = run(torch.optim.SGD)
     assert scaled_scale == loop_scale == 2.0 ** 9
     assert torch.equal(scaled[overflow + 1], scaled[overflow])  # the overflowing step is skipped
