@@ -1,4 +1,5 @@
-"""Speed, memory and energy of the six DeepLabV3 models: the columns of the original's table, measured here.
+"""Speed, memory and energy of the DeepLabV3 models: the columns of the original's table, measured here for its six
+backbones and the two eSE-VoVNets.
 
     python benchmark.py                                   # inference, all backbones, 513x513, batch 1
     python benchmark.py --backbones vovnet39 --configs fp32+cl,bf16+cl,bf16+cl+compile
@@ -24,6 +25,7 @@ measurements each run in a fresh process, since the resident-set peak cannot be 
 """
 import argparse
 import gc
+import importlib.util
 import json
 import multiprocessing as mp
 import os
@@ -83,7 +85,8 @@ ORIGINAL = Config('original', grad=True)
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--mode', choices=('inference', 'train'), default='inference')
-    p.add_argument('--backbones', default=','.join(deeplab.BACKBONES), help='comma-separated (default: all six)')
+    p.add_argument('--backbones', default=None,
+                   help='comma-separated (default: all eight; the original six where timm is not installed)')
     p.add_argument('--configs', default=None,
                    help='comma-separated configurations (default: fp32,fp32+cl,bf16+cl on CPU; '
                         'fp32,fp32+cl,fp16+cl,bf16+cl on CUDA)')
@@ -383,6 +386,14 @@ def _fmt(value, spec):
     return '-' if value is None else format(value, spec)
 
 
+def default_backbones() -> tuple[str, ...]:
+    """All eight backbones, or the original six where timm, which the eSE-VoVNets need, is not installed."""
+    if importlib.util.find_spec('timm') is None:
+        print(f'# {", ".join(deeplab.TIMM_BACKBONES)} left out: they need timm (pip install timm)', flush=True)
+        return deeplab.ORIGINAL_BACKBONES
+    return deeplab.BACKBONES
+
+
 def check_args(args) -> tuple[torch.device, list[str], list[Config]]:
     """Check before measuring what can be checked (a bad flag found, or a results file that cannot be written,
     after an hour of measurements would waste them); each failure a message. Returns the device, the backbones
@@ -393,10 +404,12 @@ def check_args(args) -> tuple[torch.device, list[str], list[Config]]:
         configs = [Config.parse(c) for c in (args.configs or default).split(',') if c]
     except argparse.ArgumentTypeError as e:
         raise UserError(f'--configs: {e}.') from None
-    backbones = [b for b in args.backbones.split(',') if b]
+    backbones = [b for b in (args.backbones or ','.join(default_backbones())).split(',') if b]
     for b in backbones:
         if b not in deeplab.BACKBONES:
             raise UserError(f'unknown backbone {b!r} in --backbones; choose from {", ".join(deeplab.BACKBONES)}.')
+        if b in deeplab.TIMM_BACKBONES:
+            utils.require('timm', f'the {b} backbone')
     if args.mode == 'train' and args.batch < 2:
         raise UserError('a training step needs --batch 2 or more: BatchNorm normalises the ASPP\'s image-pooling '
                         'branch over the images of the batch.')

@@ -5,14 +5,13 @@ Chen, Papandreou, Schroff, Adam, "Rethinking Atrous Convolution for Semantic Ima
 github.com/chenxi116/DeepLabv3.pytorch): the same module names, so `state_dict` keys equal those of the released
 `.pth` files once their `module.` prefix is removed, and the same arithmetic, so they give the same logits.
 
-One public builder per backbone, with the original's signature:
-`vovnet39`, `vovnet57`, `resnet50`, `resnet101`, `densenet161`, `densenet201`.
+One public builder per backbone, with the original's signature: `vovnet39`, `vovnet57`, `resnet50`,
+`resnet101`, `densenet161`, `densenet201` (the original's six), and `ese_vovnet39b`, `ese_vovnet57b` (VoVNetV2,
+timm's modules, dilated like VoVNet; needs timm). `imagenet.py` holds where their ImageNet weights come from.
 """
 import argparse
 import functools
 import logging
-import os
-import re
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -21,12 +20,18 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+import imagenet
 import vovnet
-from utils import UserError, load_checkpoint, strip_prefixes
+from utils import UserError, check_finite, few, load_checkpoint, short_error, strip_prefixes
 
 log = logging.getLogger(__name__)
 
-BACKBONES = ('vovnet39', 'vovnet57', 'resnet50', 'resnet101', 'densenet161', 'densenet201')
+ORIGINAL_BACKBONES = ('vovnet39', 'vovnet57', 'resnet50', 'resnet101', 'densenet161', 'densenet201')
+TIMM_BACKBONES = tuple(vovnet.TIMM_WEIGHTS)  # ese_vovnet39b, ese_vovnet57b
+BACKBONES = ORIGINAL_BACKBONES + TIMM_BACKBONES
+FAMILIES = {'vovnet39': 'vovnet', 'vovnet57': 'vovnet', 'resnet50': 'resnet', 'resnet101': 'resnet',
+            'densenet161': 'densenet', 'densenet201': 'densenet', 'ese_vovnet39b': 'ese_vovnet',
+            'ese_vovnet57b': 'ese_vovnet'}
 OUTPUT_STRIDES = (8, 16)
 ASPP_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
 ASPP_DEPTH = 256
@@ -34,9 +39,10 @@ RESNET_BN_MOMENTUM = 0.05
 # The original ASPP calls `norm(channels, 0.0003)`. For ResNet `norm` is a lambda whose second parameter is the
 # momentum; for VoVNet and DenseNet it is BatchNorm2d itself, whose second parameter is eps. The released
 # checkpoints were trained (and their running statistics accumulated) with exactly these settings.
+# eSE-VoVNet has no released checkpoint; its ASPP is VoVNet's, quirk included, so that the two differ in the
+# backbone only.
 RESNET_ASPP_BN = dict(eps=1e-5, momentum=0.0003)
 OTHER_ASPP_BN = dict(eps=0.0003, momentum=0.1)
-VOVNET_PRETRAINED = 'data/pretrained/{name}_statedict_norm.pth'
 
 NormLayer = Callable[[int], nn.Module]
 
@@ -144,21 +150,21 @@ def _vovnet_backbone(name: str, num_groups: int | None, output_stride: int) -> n
     return vovnet.VoVNet(name, norm_layer=norm, output_stride=output_stride)
 
 
-def _resnet_backbone(name: str, imagenet: dict | None, num_groups: int | None, beta: bool,
+def _resnet_backbone(name: str, imagenet_state: dict | None, num_groups: int | None, beta: bool,
                      output_stride: int) -> nn.Sequential:
     norm = (functools.partial(nn.BatchNorm2d, momentum=RESNET_BN_MOMENTUM) if num_groups is None
             else functools.partial(_group_norm, num_groups))
     net = getattr(torchvision.models, name)(norm_layer=norm,
                                             replace_stride_with_dilation=[False, output_stride == 8, True])
     vovnet.init_weights(net)
-    if imagenet is not None:
-        _load_imagenet(net, imagenet, name)
+    if imagenet_state is not None:
+        imagenet.load_torchvision(net, imagenet_state, name)
     if beta:  # three 3x3 convs, no norm between them, in place of the 7x7
         net.conv1 = nn.Sequential(nn.Conv2d(3, 64, 3, stride=2, padding=1, bias=False),
                                   nn.Conv2d(64, 64, 3, padding=1, bias=False),
                                   nn.Conv2d(64, 64, 3, padding=1, bias=False))
         vovnet.init_weights(net.conv1)
-        if imagenet is not None:
+        if imagenet_state is not None:
             log.warning('the --beta stem starts from random weights: the ImageNet weights have a 7x7 conv1')
     stages = OrderedDict((n, m) for n, m in net.named_children() if n not in ('avgpool', 'fc'))
     backbone = nn.Sequential(stages)
@@ -166,10 +172,10 @@ def _resnet_backbone(name: str, imagenet: dict | None, num_groups: int | None, b
     return backbone
 
 
-def _densenet_backbone(name: str, imagenet: dict | None, output_stride: int) -> nn.Sequential:
+def _densenet_backbone(name: str, imagenet_state: dict | None, output_stride: int) -> nn.Sequential:
     net = getattr(torchvision.models, name)()
-    if imagenet is not None:
-        _load_imagenet(net, _rename_legacy_densenet_keys(imagenet), name)
+    if imagenet_state is not None:
+        imagenet.load_torchvision(net, imagenet_state, name)
     features = net.features
     # The last transition keeps the resolution and the last block is dilated (output stride 16); at output
     # stride 8 the one before too.
@@ -192,32 +198,11 @@ def _group_norm(num_groups: int, channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups, channels)
 
 
-def _imagenet_weights(name: str):
-    """torchvision's ImageNet weights of `name` (the ones the original used) and their file in the hub cache."""
-    weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
-    return weights, os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(weights.url))
-
-
-def _load_imagenet(net: nn.Module, state_dict: dict, name: str) -> None:
-    try:
-        net.load_state_dict(state_dict)
-    except RuntimeError as e:
-        weights, cached = _imagenet_weights(name)
-        raise UserError(f'the ImageNet weights in {cached} do not fit torchvision\'s {name} ({_short(e)}); delete '
-                        f'the file so that it is downloaded again, or copy {weights.url} there.') from None
-
-
-def _torchvision_imagenet(name: str) -> dict:
-    """torchvision's ImageNet state dict for `name`, read from torch's hub cache or downloaded into it, or a
-    clear error."""
-    weights, cached = _imagenet_weights(name)
-    try:
-        return weights.get_state_dict(progress=False, check_hash=True)
-    except Exception as e:  # no network, a refused download, a corrupt cached file
-        raise UserError(
-            f'the ImageNet weights of {name} are needed but could not be read or downloaded ({e}). '
-            f'Download {weights.url} to {cached} (or set TORCH_HOME), or add --scratch to train without them.'
-        ) from None
+def _timm_group_norm(num_channels: int, num_groups: int, **kwargs) -> nn.Module:
+    """timm's GroupNorm + activation layer, with `_group_norm`'s check of the group count."""
+    from timm.layers import GroupNormAct
+    _group_norm(num_groups, num_channels)
+    return GroupNormAct(num_channels, num_groups=num_groups, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -227,7 +212,7 @@ def _torchvision_imagenet(name: str) -> dict:
 def uses_batchnorm(backbone: str, num_groups: int | None) -> bool:
     """Whether the model has BatchNorm layers: every one but a ResNet with GroupNorm (`num_groups`), since a
     VoVNet's GroupNorm stops at the backbone and its ASPP keeps BatchNorm, as in the original."""
-    return num_groups is None or not backbone.startswith('resnet')
+    return num_groups is None or FAMILIES[backbone] != 'resnet'
 
 
 def _create_deeplab(backbone: str, pretrained: bool = False, num_classes: int = 21, num_groups: int | None = None,
@@ -241,37 +226,54 @@ def _create_deeplab(backbone: str, pretrained: bool = False, num_classes: int = 
         raise UserError(f'the number of classes must be positive, not {num_classes}.')
     if num_groups is not None and num_groups < 1:
         raise UserError(f'--groups must be a positive number of groups, not {num_groups}.')
-    family = backbone.rstrip('0123456789')
-    refused = {'vovnet': ('weight_std', 'beta'), 'densenet': ('num_groups', 'weight_std', 'beta')}.get(family, ())
+    family = FAMILIES[backbone]
+    refused = {'vovnet': ('weight_std', 'beta'), 'ese_vovnet': ('weight_std', 'beta'),
+               'densenet': ('num_groups', 'weight_std', 'beta')}.get(family, ())
     options = dict(num_groups=num_groups is not None, weight_std=weight_std, beta=beta)
     for option in refused:
         if options[option]:
             flag = '--groups' if option == 'num_groups' else f'--{option}'
             raise UserError(f'{flag} is a ResNet option of the original; {backbone} has no such variant. '
                             f'Drop {flag}, or use --backbone resnet50/resnet101.')
-    # ImageNet init comes from torchvision for ResNet/DenseNet with BatchNorm; from a file otherwise.
-    from_torchvision = pretrained and pretrained_path is None and family != 'vovnet'
-    if from_torchvision and num_groups is not None:
-        raise UserError(f'torchvision has no GroupNorm ImageNet weights for {backbone}: pass the path of a '
+    # Without a file, ImageNet weights come from a library: torchvision (ResNet, DenseNet), timm (eSE-VoVNet),
+    # or, for VoVNet, the original's file or pytorchcv (imagenet.load_vovnet). None has GroupNorm weights.
+    from_library = pretrained and pretrained_path is None and family in ('resnet', 'densenet', 'ese_vovnet')
+    if from_library and num_groups is not None:
+        library = 'timm' if family == 'ese_vovnet' else 'torchvision'
+        raise UserError(f'{library} has no GroupNorm ImageNet weights for {backbone}: pass the path of a '
                         f'GroupNorm state dict with --pretrained_path, or add --scratch.')
-    imagenet = _torchvision_imagenet(backbone) if from_torchvision else None
+    initial = imagenet.SCRATCH
+    imagenet_state = None
+    if from_library and family != 'ese_vovnet':
+        imagenet_state, initial = imagenet.torchvision_weights(backbone)
 
     if family == 'vovnet':
         body = _vovnet_backbone(backbone, num_groups, output_stride)
-        aspp_norm = functools.partial(nn.BatchNorm2d, **OTHER_ASPP_BN)
+    elif family == 'ese_vovnet':
+        net = vovnet.timm_vovnet(backbone, None if num_groups is None
+                                 else functools.partial(_timm_group_norm, num_groups=num_groups))
+        if from_library:
+            initial = imagenet.load_timm(net, backbone)
+        body = vovnet.dilate_timm_vovnet(net, output_stride)
     elif family == 'resnet':
-        body = _resnet_backbone(backbone, imagenet, num_groups, beta, output_stride)
+        body = _resnet_backbone(backbone, imagenet_state, num_groups, beta, output_stride)
+    else:
+        body = _densenet_backbone(backbone, imagenet_state, output_stride)
+    if family == 'resnet':
         aspp_norm = (functools.partial(nn.BatchNorm2d, **RESNET_ASPP_BN) if num_groups is None
                      else functools.partial(_group_norm, num_groups))
     else:
-        body = _densenet_backbone(backbone, imagenet, output_stride)
         aspp_norm = functools.partial(nn.BatchNorm2d, **OTHER_ASPP_BN)
     model = DeepLabV3(body, num_classes, aspp_norm, output_stride, backbone)
     if weight_std:
         convert_weight_std(model, skip=(model.aspp.conv3,))
-    if pretrained and not from_torchvision:
-        path = pretrained_path or VOVNET_PRETRAINED.format(name=backbone)
-        load_pretrained(model, path)
+    if pretrained and pretrained_path is not None:
+        initial = imagenet.load_file(model, family, pretrained_path, num_groups)
+    elif pretrained and family == 'vovnet':
+        initial = imagenet.load_vovnet(model, backbone, num_groups)
+    model.initial_weights = initial
+    if pretrained:
+        log.info('initial weights: %s', imagenet.describe(initial))
     return model
 
 
@@ -339,6 +341,31 @@ def densenet201(pretrained: bool = False, num_classes: int = 21, num_groups: int
                            **kwargs)
 
 
+def ese_vovnet39b(pretrained: bool = False, num_classes: int = 21, num_groups: int | None = None,
+                  weight_std: bool = False, beta: bool = False, output_stride: int = 16, **kwargs) -> DeepLabV3:
+    """DeepLabV3 with timm's eSE-VoVNet-39 (VoVNetV2: an eSE channel attention on the last block of each stage),
+    dilated as VoVNet-39 is, with VoVNet's ASPP. Needs timm.
+
+    Args:
+        pretrained: initialise the backbone from timm's ImageNet weights (`ese_vovnet39b.ra_in1k`, through its
+            hub cache), or from `pretrained_path=` (a timm state dict).
+        num_classes: number of output classes.
+        num_groups: GroupNorm (timm's GroupNormAct) with this many groups in the backbone instead of BatchNorm.
+        weight_std, beta: ResNet-only options of the original; refused here.
+        output_stride: 16 or 8.
+    """
+    return _create_deeplab('ese_vovnet39b', pretrained, num_classes, num_groups, weight_std, beta, output_stride,
+                           **kwargs)
+
+
+def ese_vovnet57b(pretrained: bool = False, num_classes: int = 21, num_groups: int | None = None,
+                  weight_std: bool = False, beta: bool = False, output_stride: int = 16, **kwargs) -> DeepLabV3:
+    """DeepLabV3 with timm's eSE-VoVNet-57 (ImageNet weights `ese_vovnet57b.ra4_e3600_r256_in1k`); arguments as
+    `ese_vovnet39b`."""
+    return _create_deeplab('ese_vovnet57b', pretrained, num_classes, num_groups, weight_std, beta, output_stride,
+                           **kwargs)
+
+
 def build_model(backbone: str, **kwargs) -> DeepLabV3:
     """The builder named `backbone`, called with `kwargs`; an unknown name is a clear error."""
     if backbone not in BACKBONES:
@@ -352,6 +379,8 @@ def build_model(backbone: str, **kwargs) -> DeepLabV3:
 
 # A key that only this backbone's state dict holds, tried in order.
 _SIGNATURES = (
+    ('ese_vovnet57b', 'stages.2.blocks.3.conv_concat.conv.weight'),
+    ('ese_vovnet39b', 'stages.0.blocks.0.conv_concat.conv.weight'),
     ('vovnet57', 'stage4.OSA4_4.concat.OSA4_4_concat/conv.weight'),
     ('vovnet39', 'stem.stem_1/conv.weight'),
     ('resnet101', 'layer3.22.conv1.weight'),
@@ -385,17 +414,18 @@ def load_weights(model: DeepLabV3, state_dict: dict[str, torch.Tensor], source: 
                         f'{describe(model.backbone_name, model.num_classes)}. '
                         f'Pass --backbone {backbone or "..."} and --num_classes {classes}, or pick the matching '
                         f'checkpoint.')
+    check_finite(state_dict, source)
     try:
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
     except RuntimeError as e:  # shape mismatches
-        raise UserError(f'{source} does not fit the model: {_short(e)}') from None
+        raise UserError(f'{source} does not fit the model: {short_error(e)}') from None
     if missing or unexpected:
         hint = ''
         if any(k.endswith('running_mean') for k in list(missing) + list(unexpected)):
             hint = (' Its norm layers differ from the model\'s (BatchNorm vs GroupNorm): '
                     'pass the --groups it was trained with.')
-        raise UserError(f'{source} does not fit the model: {len(missing)} missing keys {_few(missing)}, '
-                        f'{len(unexpected)} unexpected keys {_few(unexpected)}.{hint}')
+        raise UserError(f'{source} does not fit the model: {len(missing)} missing keys {few(missing)}, '
+                        f'{len(unexpected)} unexpected keys {few(unexpected)}.{hint}')
 
 
 def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
@@ -430,67 +460,19 @@ def model_from_checkpoint(path: str, backbone: str | None = None, output_stride:
     return model
 
 
-def load_pretrained(model: DeepLabV3, path: str) -> None:
-    """Initialise the backbone from an ImageNet state dict file; report what did not fit, never merge silently.
-
-    Accepts a bare state dict or `{'state_dict': ...}`, with or without a `module.` prefix; the ImageNet
-    classifier (`classifier.*`, `fc.*`) is dropped, and so is any `aspp.*`: the ASPP keeps its own initialisation.
-    """
-    if not os.path.isfile(path):
-        raise UserError(f'ImageNet weights for {model.backbone_name} are needed at {path}, which does not exist. '
-                        f'Download {os.path.basename(path)} (see README, "ImageNet weights") into '
-                        f'{os.path.dirname(path) or "."}/, pass another file with --pretrained_path, or add '
-                        f'--scratch to train from random initialisation.')
-    state_dict = strip_prefixes(load_checkpoint(path, what='ImageNet weights')['state_dict'])
-    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(('classifier.', 'fc.', 'aspp.'))}
-    state_dict = _rename_legacy_densenet_keys(state_dict)
-    own = model.state_dict()
-    mismatched = [k for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
-    if mismatched:
-        raise UserError(f'{path} does not fit {model.backbone_name}: {len(mismatched)} tensors have other shapes '
-                        f'(e.g. {mismatched[0]}: file {tuple(state_dict[mismatched[0]].shape)}, model '
-                        f'{tuple(own[mismatched[0]].shape)}). Is it the weights of another backbone?')
-    loaded = [k for k in state_dict if k in own]
-    if not loaded:
-        raise UserError(f'{path} holds none of the weights of {model.backbone_name} (e.g. it has '
-                        f'{_first(state_dict)}); give the ImageNet weights of this backbone.')
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    missing = [k for k in missing if not k.startswith('aspp.')]
-    log.info('loaded ImageNet weights from %s (%d tensors)', path, len(loaded))
-    if missing:
-        log.warning('%d backbone tensors are not in %s and keep their initialisation: %s',
-                    len(missing), path, _few(missing))
-    if unexpected:
-        log.warning('%d tensors of %s match nothing in %s and were ignored: %s',
-                    len(unexpected), path, model.backbone_name, _few(unexpected))
-
-
-# torchvision's DenseNet files name layers `norm.1`, `conv.2`, ...; its modules are `norm1`, `conv2`.
-_LEGACY_DENSENET_KEY = re.compile(
-    r'^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$')
-
-
-def _rename_legacy_densenet_keys(state_dict):
-    return {_LEGACY_DENSENET_KEY.sub(r'\1\2', k): v for k, v in state_dict.items()}
+def convert_sync_batchnorm(model: DeepLabV3) -> DeepLabV3:
+    """The model with SyncBatchNorm for BatchNorm. timm's layers fuse BatchNorm and activation
+    (BatchNormAct2d), which PyTorch's converter would turn into a plain SyncBatchNorm, dropping the activation;
+    timm's converter keeps it (and converts the ASPP's plain BatchNorm as PyTorch's does)."""
+    if FAMILIES[model.backbone_name] == 'ese_vovnet':
+        from timm.layers import convert_sync_batchnorm as timm_convert
+        return timm_convert(model)
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _few(keys, n: int = 3) -> str:
-    keys = list(keys)
-    return '(' + ', '.join(keys[:n]) + (', ...' if len(keys) > n else '') + ')'
-
-
 def _first(state_dict) -> str:
     return next(iter(state_dict), '(nothing)')
-
-
-def _short(e: Exception) -> str:
-    """The informative lines of load_state_dict's error, shortened."""
-    lines = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
-    text = '; '.join(lines[:3]) or str(e).strip()
-    return text if len(text) <= 300 else text[:297] + '...'
-
-

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import deeplab
+import imagenet
 import pascal
 import plots
 import utils
@@ -99,7 +100,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='16 (the original) or 8: finer features, ASPP rates 12/24/36, about 3x the compute '
                         '(default: 16 for training, the checkpoint\'s for evaluation)')
     m.add_argument('--pretrained_path', default=None, metavar='FILE',
-                   help='ImageNet weights to start from instead of the default file (VoVNet) or torchvision\'s')
+                   help='ImageNet weights to start from instead of the default source, in the original\'s, '
+                        'pytorchcv\'s, timm\'s or torchvision\'s format (README, "ImageNet weights")')
 
     t = p.add_argument_group('training extras')
     t.add_argument('--save_every', type=utils.number(int, 1), default=10,
@@ -177,6 +179,8 @@ def check_args(args, info: utils.DistInfo) -> None:
         groups = '' if deeplab.uses_batchnorm(args.backbone, num_groups=1) else ', --groups'
         raise UserError(f'with BatchNorm each process needs at least 2 images per batch (the ASPP\'s image-pooling '
                         f'branch normalises one value per image): raise --batch_size, or use --freeze_bn{groups}.')
+    if args.backbone in deeplab.TIMM_BACKBONES:
+        utils.require('timm', f'--backbone {args.backbone}')
     if args.resume and not args.train:
         raise UserError('--resume continues a training run: add --train, or use --checkpoint to evaluate a file.')
 
@@ -337,6 +341,7 @@ def run_evaluation(args, rt: Runtime) -> float:
     ms = bool(args.eval_scales or args.flip)
     log.info('evaluating %s on %s of %s (%s, output stride %d)', path, utils.plural(len(dataset), 'image'),
              args.dataset, rt.device, model.output_stride)
+    log.info('initial weights of its training: %s', imagenet.describe(checkpoint.get('initial_weights')))
     start = time.time()
     # Predictions go to a staging folder and join <output_dir>/val only when the evaluation succeeds.
     with contextlib.ExitStack() as stack:
@@ -456,6 +461,7 @@ class TrainState:
     seed: int = 0
     best_miou: float | None = None
     last_checkpoint: str | None = None
+    initial_weights: dict | None = None  # where the run's weights started (imagenet.describe)
 
 
 def make_checkpoint(model, optimizer, scaler, state: TrainState, args, rt: Runtime, class_names) -> dict:
@@ -465,7 +471,8 @@ def make_checkpoint(model, optimizer, scaler, state: TrainState, args, rt: Runti
         'seed': state.seed, 'best_miou': state.best_miou,
         'state_dict': unwrap(model).state_dict(), 'optimizer': optimizer.state_dict(),
         'scaler': scaler.state_dict() if scaler.is_enabled() else None,
-        'model_args': model_args_of(unwrap(model), args), 'dataset': args.dataset,
+        'model_args': model_args_of(unwrap(model), args), 'initial_weights': state.initial_weights,
+        'dataset': args.dataset,
         'class_names': list(class_names), 'rng': rng_state(rt.device),
         'args': {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))},
     }
@@ -600,11 +607,12 @@ def train(args, rt: Runtime) -> None:
     stride = ((resume or {}).get('model_args') or {}).get('output_stride')
     model = create_model(args, dataset.num_classes, pretrained=not args.scratch and resume is None,
                          model_args={'output_stride': stride} if stride else None)
+    state.initial_weights = resume.get('initial_weights') if resume is not None else model.initial_weights
     if resume is not None:
         deeplab.load_weights(model, resume['state_dict'], args.resume)
     model.to(rt.device)
     if sync_batchnorm(args, info, rt.device.type == 'cuda'):
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = deeplab.convert_sync_batchnorm(model)
     if rt.channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, args)

@@ -3,6 +3,7 @@ atomic checkpoint/output writing and checkpoint reading, distributed and logging
 import argparse
 import collections
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -39,6 +40,19 @@ class UserError(Exception):
         if text.startswith('Caught ') and marker in text:
             text = text[text.rindex(marker) + len(marker):].strip()
         return text
+
+
+EXTRAS = 'requirements-extras.txt'  # the optional libraries: pytorchcv, timm
+
+
+def require(module: str, purpose: str):
+    """Import an optional library, or a one-line UserError naming what needs it and the pip install."""
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f'{purpose} needs {module}, which is not installed: pip install {module} '
+                        f'(or pip install -r {EXTRAS}).') from None
 
 
 def number(kind: type, minimum, inclusive: bool = True, maximum=None) -> Callable:
@@ -286,6 +300,44 @@ def load_checkpoint(path: str, what: str = 'checkpoint') -> dict:
                     f'--train, a released checkpoint, or a saved state dict.')
 
 
+def first_non_finite(state_dict: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding a NaN or an infinity, or None."""
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            return name
+    return None
+
+
+def check_finite(state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse weights with NaN or infinite values, naming the file and the first such tensor: a model built
+    from them predicts nothing useful, and an evaluation would print a near-zero mean IoU without a word."""
+    bad = first_non_finite(state_dict)
+    if bad is not None:
+        raise UserError(f'{source} has non-finite values (NaN or infinity) in {bad}: it was written by a run that '
+                        f'diverged, or is damaged. Use an earlier checkpoint, or download or copy it again.')
+
+
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def few(items, n: int = 3) -> str:
+    """'(a, b, c, ...)': the first `n` of a list, for messages."""
+    items = list(items)
+    return '(' + ', '.join(items[:n]) + (', ...' if len(items) > n else '') + ')'
+
+
+def short_error(e: Exception) -> str:
+    """The informative lines of load_state_dict's error, shortened."""
+    lines = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+    text = '; '.join(lines[:3]) or str(e).strip()
+    return text if len(text) <= 300 else text[:297] + '...'
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0][:200]
@@ -414,7 +466,8 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
-PROJECT_LOGGERS = ('main', 'deeplab', 'pascal', 'utils', 'plots', 'predict', 'export', 'benchmark', 'demo')
+PROJECT_LOGGERS = ('main', 'deeplab', 'imagenet', 'vovnet', 'pascal', 'utils', 'plots', 'predict', 'export',
+                   'benchmark', 'demo')
 
 
 def setup_logging(is_main: bool = True) -> None:

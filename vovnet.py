@@ -1,9 +1,13 @@
-"""VoVNet backbone (V1: OSA blocks with identity mapping, no eSE), dilated for DeepLabV3.
+"""VoVNet backbones dilated for DeepLabV3: V1 (OSA blocks with identity mapping, no eSE), written here, and
+VoVNetV2 (eSE-VoVNet), timm's own modules with their strides turned into dilations.
 
 Lee, Hwang, Lee, Bae, Park, "An Energy and GPU-Computation Efficient Backbone Network for Real-Time Object
-Detection", CVPR Workshops 2019 (arXiv:1904.09730). This is the backbone of the original VoVNet-DeepLabV3
-(github.com/stigma0617/VoVNet-DeepLabV3); module names match its released checkpoints
+Detection", CVPR Workshops 2019 (arXiv:1904.09730); Lee, Park, "CenterMask: Real-Time Anchor-Free Instance
+Segmentation", CVPR 2020 (arXiv:1911.06667) for V2. V1 is the backbone of the original VoVNet-DeepLabV3
+(github.com/stigma0617/VoVNet-DeepLabV3); its module names match the released checkpoints
 (`stem.stem_1/conv`, `stage2.OSA2_1.layers.0.OSA2_1_0/conv`, `stage2.OSA2_1.concat.OSA2_1_concat/norm`, ...).
+V2 keeps timm's names (`stem.0.conv`, `stages.3.blocks.1.attn.fc`, ...), so timm's ImageNet weights load as
+they are.
 """
 import math
 from collections import OrderedDict
@@ -11,6 +15,8 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+
+from utils import require
 
 NormLayer = Callable[[int], nn.Module]
 
@@ -132,3 +138,72 @@ def init_weights(module: nn.Module) -> None:
         elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm, nn.SyncBatchNorm)):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# pytorchcv's VoVNet-39/57: the same network under other names
+
+
+NORM_TENSORS = ('weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked')
+
+
+def pytorchcv_names(name: str) -> dict[str, str]:
+    """Our backbone's state-dict names -> pytorchcv's `vovnet39`/`vovnet57` names, unit by unit: the stem's
+    `stem_i` is pytorchcv's `init_block.conv{i}`; stage s (2..5), block b is its `stage{s-1}.unit{b}`, whose
+    3x3 layers are `branches.branch{i+1}` and whose aggregation is `concat_conv`; a unit's `/conv`, `/norm` are
+    its `.conv`, `.bn`. pytorchcv pools at the start of a stage's first unit, where ours pools at the start of
+    the stage: the same place, with no parameters."""
+    spec = SPECS[name]
+    units = [(f'stem.stem_{i}', f'features.init_block.conv{i}') for i in (1, 2, 3)]
+    for s, blocks in enumerate(spec['block_per_stage'], start=2):
+        for b in range(1, blocks + 1):
+            ours, theirs = f'stage{s}.OSA{s}_{b}', f'features.stage{s - 1}.unit{b}'
+            units += [(f'{ours}.layers.{i}.OSA{s}_{b}_{i}', f'{theirs}.branches.branch{i + 1}')
+                      for i in range(spec['layer_per_block'])]
+            units.append((f'{ours}.concat.OSA{s}_{b}_concat', f'{theirs}.concat_conv'))
+    names = {}
+    for ours, theirs in units:
+        names[f'{ours}/conv.weight'] = f'{theirs}.conv.weight'
+        names.update({f'{ours}/norm.{t}': f'{theirs}.bn.{t}' for t in NORM_TENSORS})
+    return names
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# VoVNetV2 (eSE-VoVNet): timm's model, dilated
+
+
+# The ImageNet weights timm publishes for each depth (its default tag of each, named here so that the choice is
+# recorded): ese_vovnet57b's were trained on inputs normalised with mean = std = 0.5 (timm's pretrained config).
+TIMM_WEIGHTS = {'ese_vovnet39b': 'ese_vovnet39b.ra_in1k', 'ese_vovnet57b': 'ese_vovnet57b.ra4_e3600_r256_in1k'}
+
+
+def timm_vovnet(name: str, norm_layer=None) -> nn.Module:
+    """timm's VoVNetV2 classifier `name` with random weights (timm's init) and the pretrained config of
+    `TIMM_WEIGHTS[name]`; `norm_layer` replaces its BatchNorm (a timm norm + activation layer)."""
+    timm = require('timm', f'the {name} backbone')
+    kwargs = {} if norm_layer is None else {'norm_layer': norm_layer}
+    return timm.create_model(TIMM_WEIGHTS[name], pretrained=False, **kwargs)
+
+
+def dilate_timm_vovnet(net: nn.Module, output_stride: int = 16) -> nn.Sequential:
+    """timm VoVNet's `stem` and `stages` as a feature extractor at `output_stride` (8, 16 or 32), the way
+    `VoVNet` above is: once the stride is reached, a stage's 3x3/2 max pool is dropped and its 3x3 convs are
+    dilated instead (by 2, then 4). timm's modules and names are kept; its classifier is left out."""
+    if output_stride not in (8, 16, 32):
+        raise ValueError(f'output_stride must be 8, 16 or 32, not {output_stride}')
+    stride, dilation = STEM_STRIDE, 1
+    for stage in net.stages:
+        if stage.pool is not None:
+            if stride < output_stride:
+                stride *= 2
+            else:
+                stage.pool = None
+                dilation *= 2
+        if dilation > 1:
+            for block in stage.blocks:
+                for unit in block.conv_mid:  # the 3x3 ConvNormAct layers; the aggregation and eSE are 1x1
+                    unit.conv.dilation = unit.conv.padding = (dilation, dilation)
+    backbone = nn.Sequential(OrderedDict(stem=net.stem, stages=net.stages))
+    backbone.out_channels = net.num_features
+    backbone.output_stride = stride
+    return backbone

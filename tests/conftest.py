@@ -1,3 +1,4 @@
+import logging
 import os
 import sys
 
@@ -71,6 +72,9 @@ def run_cli(capsys):
             status = cli([str(a) for a in argv])
         except SystemExit as e:  # argparse's usage errors
             status = e.code
+        finally:  # the script's log handlers write to this call's captured streams, which pytest closes later
+            for handler in list(logging.getLogger().handlers):
+                logging.getLogger().removeHandler(handler)
         out, err = capsys.readouterr()
         return status, out, err
     return run
@@ -86,3 +90,104 @@ def train_in(folder, argv) -> None:
         assert main.cli([str(a) for a in argv]) == 0
     finally:
         os.chdir(cwd)
+
+
+# --- ImageNet weights from the libraries, without a network
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No network for the libraries that download ImageNet weights, and empty caches of their own: pytorchcv's
+    (~/.torch/models, through HOME), the Hugging Face hub's (timm) and torch's hub (TORCH_HOME). A download fails
+    with the exception the library raises on a machine without internet (seen on this project's machines:
+    requests' ConnectionError for pytorchcv after its retries, huggingface_hub's LocalEntryNotFoundError after
+    46 s of retries for timm)."""
+    import requests
+    import timm.models._hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    home = tmp_path / 'home'
+    monkeypatch.setenv('HOME', str(home))
+    monkeypatch.setenv('TORCH_HOME', str(home / 'torch'))
+    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(home / 'huggingface'))
+
+    def no_network(url, *args, **kwargs):
+        raise requests.exceptions.ConnectionError(f"HTTPSConnectionPool: Max retries exceeded with url: {url} "
+                                                  f"(Caused by NameResolutionError: Failed to resolve)")
+
+    def hub_offline(*args, **kwargs):
+        raise LocalEntryNotFoundError('An error happened while trying to locate the file on the Hub and we cannot '
+                                      'find the requested files in the local cache. Please check your connection '
+                                      'and try again or make sure your Internet connection is on.')
+    monkeypatch.setattr(requests, 'get', no_network)
+    monkeypatch.setattr(timm.models._hub, 'hf_hub_download', hub_offline)
+    return home
+
+
+@pytest.fixture
+def pytorchcv_serves(monkeypatch, offline, tmp_path):
+    """pytorchcv's model store serving a state dict written by the test in place of its release file: its
+    download function writes the zip it would fetch, and its metadata carries that file's sha1, so that
+    pytorchcv's own cache, unzipping and sha1 check run. Returns serve(state_dict) -> (sha1, urls fetched)."""
+    import hashlib
+    import zipfile
+
+    from pytorchcv.models.common import model_store
+
+    def serve(state_dict):
+        served = tmp_path / 'served.pth'
+        torch.save(state_dict, served)
+        sha1 = hashlib.sha1(served.read_bytes()).hexdigest()
+        real = model_store.get_model_name_suffix_data
+        monkeypatch.setattr(model_store, 'get_model_name_suffix_data',
+                            lambda name: (real(name)[0], sha1, real(name)[2]))
+        urls = []
+
+        def download(url, path=None, overwrite=False, **kwargs):
+            urls.append(url)
+            with zipfile.ZipFile(path, 'w') as z:
+                z.write(served, os.path.basename(path)[:-len('.zip')])
+            return path
+        monkeypatch.setattr(model_store, '_download', download)
+        return sha1, urls
+    return serve
+
+
+@pytest.fixture
+def timm_hub_serves(monkeypatch, offline):
+    """The Hugging Face hub serving a state dict written by the test as timm's `model.safetensors`, stored in the
+    hub cache's own layout (blob named by its sha256, snapshot link, refs/main), so that timm's pretrained loading
+    and the cache lookup run as with a real download. Returns serve(repo, state_dict) -> the downloads made."""
+    import hashlib
+
+    import timm.models._hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import EntryNotFoundError
+    from safetensors.torch import save_file
+
+    def serve(repo, state_dict):
+        tensors = {k: v.contiguous().clone() for k, v in state_dict.items()}
+        downloads = []
+
+        def download(repo_id, filename, revision=None, cache_dir=None, **kwargs):
+            if repo_id != repo or filename != 'model.safetensors':
+                raise EntryNotFoundError(f'{repo_id}/{filename} not found')
+            downloads.append(filename)
+            folder = os.path.join(constants.HF_HUB_CACHE, 'models--' + repo.replace('/', '--'))
+            os.makedirs(os.path.join(folder, 'blobs'), exist_ok=True)
+            tmp = os.path.join(folder, 'blobs', 'incoming')
+            save_file(tensors, tmp)
+            sha256 = hashlib.sha256(open(tmp, 'rb').read()).hexdigest()
+            os.replace(tmp, os.path.join(folder, 'blobs', sha256))
+            commit = '0' * 40
+            os.makedirs(os.path.join(folder, 'snapshots', commit), exist_ok=True)
+            os.makedirs(os.path.join(folder, 'refs'), exist_ok=True)
+            with open(os.path.join(folder, 'refs', 'main'), 'w') as f:
+                f.write(commit)
+            link = os.path.join(folder, 'snapshots', commit, filename)
+            if not os.path.lexists(link):
+                os.symlink(os.path.join('..', '..', 'blobs', sha256), link)
+            return link
+        monkeypatch.setattr(timm.models._hub, 'hf_hub_download', download)
+        return downloads
+    return serve

@@ -119,7 +119,7 @@ def test_seed_evaluation_command_on_a_released_checkpoint_follows_the_original_p
 
 
 def test_seed_training_command_without_imagenet_weights_is_a_clear_message(synthetic_root, tmp_path, monkeypatch,
-                                                                           run_cli):
+                                                                           run_cli, offline):
     seed_folder(tmp_path, synthetic_root, monkeypatch)
     status, out, err = run_cli('--train', *SEED_EVAL, '--workers', '0')
     assert status == 1
