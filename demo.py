@@ -12,8 +12,9 @@ import sys
 import time
 
 import main as deeplab_main
+import pascal
 import synthetic
-from utils import Interrupted, exit_status, format_seconds, number
+from utils import Interrupted, UserError, exit_status, format_seconds, number
 
 DEFAULTS = dict(root='data/synthetic', output_dir='data/demo', train_images=600, val_images=120, epochs=8,
                 base_lr=0.02, batch_size=8, crop_size=81, workers=1)
@@ -47,12 +48,14 @@ def run(argv) -> float | None:
 def count_lines(path: str) -> int:
     if not os.path.isfile(path):  # main.py names what is missing
         return 0
-    with open(path) as f:
-        return sum(1 for line in f if line.strip())
+    return len(pascal.read_lines(path, 'the list file'))
 
 
 def demo(args) -> float:
     start = time.time()
+    for flag, folder in (('--root', args.root), ('--output_dir', args.output_dir)):
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise UserError(f'{flag} {folder} is a file, not a folder; give a folder (it is created if missing).')
     lists = os.path.join(args.root, 'VOC2012', 'list')
     if not os.path.isfile(os.path.join(lists, 'val.txt')):  # written last: a dataset cut short is made again
         print(f'generating {args.train_images} + {args.val_images} synthetic images in {args.root} ...', flush=True)

@@ -6,6 +6,7 @@ sample's augmentation does not depend on the number of workers or processes, and
 the batches an uninterrupted one would have seen.
 """
 import glob
+import logging
 import math
 import os
 import random
@@ -19,6 +20,8 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from utils import IGNORE_INDEX, UserError
+
+log = logging.getLogger(__name__)
 
 VOC_CLASSES = ('background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair', 'cow',
                'diningtable', 'dog', 'horse', 'motorbike', 'person', 'pottedplant', 'sheep', 'sofa', 'train',
@@ -252,7 +255,8 @@ class SegmentationDataset(Dataset):
 
 
 def build_dataset(name: str, root: str | None, split: str, transforms, num_classes: int | None = None,
-                  class_names: Sequence[str] | None = None, seed: int = 0) -> SegmentationDataset:
+                  class_names: Sequence[str] | None = None, seed: int = 0,
+                  names_source: str | None = None) -> SegmentationDataset:
     """The `split` ('train' or 'val') of dataset `name`, with every listed file checked up front.
 
     `pascal` reads VOC's list layout: `{root}/VOC2012/list/{train_aug,val}.txt` (or `{root}/list/...`), lines of
@@ -279,8 +283,9 @@ def build_dataset(name: str, root: str | None, split: str, transforms, num_class
         class_names = default_names if num_classes == len(default_names) else [
             f'class {i}' for i in range(num_classes)]
     if len(class_names) != num_classes:
-        raise UserError(f'{len(class_names)} class names were given for {num_classes} classes; '
-                        f'give one name per line for each class, background included.')
+        raise UserError(f'{names_source or "--class_names"} holds {len(class_names)} class names, but --num_classes '
+                        f'is {num_classes}: give one name per line for each class, background included, or pass '
+                        f'--num_classes {len(class_names)}.')
     if not samples:
         raise UserError(f'{source} lists no images; it should hold one "image mask" pair per line.')
     missing = [p for pair in samples for p in pair if not os.path.isfile(p)]
@@ -292,6 +297,30 @@ def build_dataset(name: str, root: str | None, split: str, transforms, num_class
     return SegmentationDataset(samples, num_classes, transforms, class_names, seed)
 
 
+def read_lines(path: str, what: str) -> list[tuple[int, str]]:
+    """The non-empty lines of a text file with their numbers (from 1), whatever its line ends (LF, CRLF, CR) and
+    with or without a UTF-8 byte-order mark. Bytes that are not UTF-8 (a Latin-1 file) are kept as surrogate
+    escapes, as Python names such files on disk, so that a list of Latin-1 file names still finds its files."""
+    try:
+        with open(path, 'rb') as f:
+            data = f.read()
+    except OSError as e:
+        raise UserError(f'cannot read {what} {path}: {e.strerror or e}.') from None
+    text = data.decode('utf-8-sig', errors='surrogateescape')
+    return [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+
+
+def _listed_path(base: str, field: str) -> str:
+    """A list file's path field as a file path. A field with bytes that are not UTF-8 names a file of those very
+    bytes; if there is none, the field may be Latin-1 text for a file named in UTF-8 (a list written on another
+    system), which is tried next."""
+    path = os.path.join(base, field.lstrip('/'))
+    if os.path.exists(path) or not any('\udc80' <= c <= '\udcff' for c in field):
+        return path
+    latin1 = os.path.join(base, field.encode('utf-8', 'surrogateescape').decode('latin-1').lstrip('/'))
+    return latin1 if os.path.exists(latin1) else path
+
+
 def _voc_samples(root: str, split: str):
     base = os.path.join(root, 'VOC2012') if os.path.isdir(os.path.join(root, 'VOC2012')) else root
     list_file = os.path.join(base, 'list', VOC_LISTS[split])
@@ -300,15 +329,12 @@ def _voc_samples(root: str, split: str):
                         f'{base} (README, "PASCAL VOC 2012"); for your own data, write list/{VOC_LISTS[split]} '
                         f'with lines "/images/x.jpg /masks/x.png".')
     samples = []
-    with open(list_file) as f:
-        for number, line in enumerate(f, 1):
-            parts = line.split()
-            if not parts:
-                continue
-            if len(parts) != 2:
-                raise UserError(f'line {number} of {list_file} holds {len(parts)} fields; each line must be '
-                                f'"image_path mask_path", relative to {base}.')
-            samples.append(tuple(os.path.join(base, p.lstrip('/')) for p in parts))
+    for number, line in read_lines(list_file, 'the list file'):
+        parts = line.split()
+        if len(parts) != 2:
+            raise UserError(f'line {number} of {list_file} holds {len(parts)} fields; each line must be '
+                            f'"image_path mask_path", relative to {base}.')
+        samples.append(tuple(_listed_path(base, p) for p in parts))
     return samples, list_file
 
 
@@ -327,12 +353,14 @@ def _cityscapes_samples(root: str, split: str):
 
 
 def read_class_names(path: str) -> list[str]:
-    """One class name per line (blank lines skipped)."""
-    try:
-        with open(path) as f:
-            names = [line.strip() for line in f if line.strip()]
-    except OSError as e:
-        raise UserError(f'cannot read the class-names file {path}: {e.strerror}.') from None
+    """One class name per line (blank lines skipped), in UTF-8 (with or without a byte-order mark) or, failing
+    that, Latin-1, with a warning."""
+    lines = read_lines(path, 'the class-names file')
+    names = [line.strip() for _, line in lines]
+    odd = next((number for number, line in lines if any('\udc80' <= c <= '\udcff' for c in line)), None)
+    if odd is not None:
+        log.warning('%s is not UTF-8 (line %d); its names are read as Latin-1', path, odd)
+        names = [name.encode('utf-8', 'surrogateescape').decode('latin-1') for name in names]
     if not names:
         raise UserError(f'the class-names file {path} is empty; write one class name per line.')
     return names

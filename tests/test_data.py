@@ -57,8 +57,10 @@ def test_custom_class_count_and_names(voc_copy, tmp_path):
     names.write_text('\n'.join(f'thing{i}' for i in range(21)) + '\n')
     dataset = build(voc_copy, class_names=pascal.read_class_names(str(names)))
     assert dataset.class_names[3] == 'thing3' and dataset.num_classes == 21
-    with pytest.raises(utils.UserError, match='21 class names were given for 5 classes'):
-        build(voc_copy, num_classes=5, class_names=pascal.read_class_names(str(names)))
+    with pytest.raises(utils.UserError) as e:
+        build(voc_copy, num_classes=5, class_names=pascal.read_class_names(str(names)),
+              names_source=f'{names} (--class_names)')
+    assert f'{names} (--class_names) holds 21 class names, but --num_classes is 5' in str(e.value)
 
 
 def label_coded_pair(seed=0, size=(90, 70), block=10):
