@@ -62,7 +62,15 @@ class Config:
     @classmethod
     def parse(cls, text: str) -> 'Config':
         config = cls(text)
-        for token in text.split('+'):
+        tokens = text.split('+')
+        precisions = [t for t in tokens if t in PRECISIONS or t == 'int8']
+        if len(precisions) > 1:
+            raise argparse.ArgumentTypeError(f'configuration {text!r} names {len(precisions)} precisions '
+                                             f'({", ".join(precisions)}); give one of fp32, bf16, fp16, int8')
+        repeated = sorted({t for t in tokens if tokens.count(t) > 1})
+        if repeated:
+            raise argparse.ArgumentTypeError(f'configuration {text!r} repeats {", ".join(repeated)}')
+        for token in tokens:
             if token in PRECISIONS:
                 config.amp = token
             elif token == 'cl':
@@ -401,10 +409,14 @@ def check_args(args) -> tuple[torch.device, list[str], list[Config]]:
     _, device = utils.init_distributed(args.device)  # main.py's checks of --device
     default = 'fp32,fp32+cl,fp16+cl,bf16+cl' if device.type == 'cuda' else 'fp32,fp32+cl,bf16+cl'
     try:
-        configs = [Config.parse(c) for c in (args.configs or default).split(',') if c]
+        configs = [Config.parse(c.strip()) for c in (args.configs or default).split(',') if c.strip()]
     except argparse.ArgumentTypeError as e:
         raise UserError(f'--configs: {e}.') from None
-    backbones = [b for b in (args.backbones or ','.join(default_backbones())).split(',') if b]
+    if not configs:
+        raise UserError(f'--configs {args.configs!r} names no configuration; give e.g. fp32+cl,bf16+cl.')
+    backbones = [b.strip() for b in (args.backbones or ','.join(default_backbones())).split(',') if b.strip()]
+    if not backbones:
+        raise UserError(f'--backbones {args.backbones!r} names no backbone; give e.g. vovnet39,resnet50.')
     for b in backbones:
         if b not in deeplab.BACKBONES:
             raise UserError(f'unknown backbone {b!r} in --backbones; choose from {", ".join(deeplab.BACKBONES)}.')
@@ -421,6 +433,10 @@ def check_args(args) -> tuple[torch.device, list[str], list[Config]]:
         deeplab.model_from_checkpoint(args.checkpoint, backbones[0])  # a message now, not one per row later
     if args.json:
         utils.make_output_folder(os.path.dirname(os.path.abspath(args.json)), '--json')
+        utils.check_name_fits(args.json, '--json')
+        utils.refuse_overwrite({args.json: '--json'}, {args.checkpoint: 'the checkpoint (--checkpoint)'})
+        if os.path.isdir(args.json):
+            raise UserError(f'--json {args.json} is a folder; give a file name, e.g. {args.json}/results.json.')
     return device, backbones, configs
 
 
@@ -475,11 +491,8 @@ def run(args) -> list[dict]:
         text = json.dumps(dict(device=device_name, torch=torch.__version__, threads=threads, mode=args.mode,
                                size=args.size, crop=args.crop, batch=args.batch, results=results,
                                configs=[asdict(c) for c in configs]), indent=1)
-        try:
-            utils.atomic_write(args.json, lambda f: f.write(text.encode()))
-        except OSError as e:
-            raise UserError(f'could not write {args.json}: {e.strerror or e}; the results are printed above.') \
-                from None
+        utils.atomic_write(args.json, lambda f: f.write(text.encode()), flag='--json',
+                           keeps='The results are printed above')
     return results
 
 

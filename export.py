@@ -49,7 +49,7 @@ def export(model: deeplab.DeepLabV3, path: str, height: int, width: int, opset: 
             torch.onnx.export(model, (example,), f, input_names=['image'], output_names=['logits'],
                               dynamic_axes=axes, opset_version=opset, dynamo=False)
 
-    utils.atomic_write(path, write)
+    utils.atomic_write(path, write, flag='--output')
 
 
 def check(model: deeplab.DeepLabV3, path: str, height: int, width: int) -> dict | None:
@@ -69,11 +69,11 @@ def check(model: deeplab.DeepLabV3, path: str, height: int, width: int) -> dict 
 
 def run(args) -> None:
     output = args.output or os.path.splitext(args.checkpoint)[0] + '.onnx'
+    utils.check_name_fits(output, '--output')
+    utils.refuse_overwrite({output: '--output'}, {args.checkpoint: 'the checkpoint (--checkpoint)'})
     model = deeplab.model_from_checkpoint(args.checkpoint, args.backbone, args.output_stride).eval()
     try:
         export(model, output, args.height, args.width, args.opset)
-    except OSError as e:
-        raise UserError(f'could not write {output}: {e.strerror or e}.') from None
     except (torch.onnx.errors.OnnxExporterError, RuntimeError) as e:
         if 'opset' not in str(e):
             raise

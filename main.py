@@ -140,6 +140,33 @@ def checkpoint_path(args, epoch) -> str:
     return os.path.join(args.output_dir, f'{run_name(args)}_epoch{epoch}.pth')
 
 
+def run_file(args, what: str) -> str:
+    """The run's `best` or `interrupted` checkpoint, beside the epoch checkpoints."""
+    return os.path.join(args.output_dir, f'{run_name(args)}_{what}.pth')
+
+
+def log_folder(args) -> str:
+    return os.path.join(args.output_dir, 'logs', run_name(args))
+
+
+def dataset_inputs(*datasets) -> dict[str, str]:
+    return {path: 'a file of the dataset' for dataset in datasets if dataset is not None
+            for pair in dataset.samples for path in pair}
+
+
+def training_outputs(args, first_epoch: int) -> dict[str, str]:
+    """Every file a training run may write, with the options that place it (checked before any work)."""
+    epochs = [e for e in range(first_epoch + 1, args.epochs + 1) if e % args.save_every == 0 or e == args.epochs]
+    paths = [checkpoint_path(args, e) for e in epochs] + [run_file(args, 'interrupted')]
+    if args.val_every:
+        paths.append(run_file(args, 'best'))
+    paths += [os.path.join(log_folder(args), 'metrics.jsonl'), os.path.join(log_folder(args), 'curves.png')]
+    if args.resume and os.path.abspath(args.resume) == os.path.abspath(run_file(args, 'interrupted')):
+        # A run resumed from its interruption checkpoint replaces it at the next one (README), once it has read it.
+        paths.remove(run_file(args, 'interrupted'))
+    return {path: '--output_dir or --exp' for path in paths}
+
+
 def sync_batchnorm(args, info: utils.DistInfo, cuda: bool) -> bool:
     """SyncBatchNorm: on by default for BatchNorm models trained by several processes on GPUs."""
     return (info.distributed and cuda and args.sync_bn is not False
@@ -181,6 +208,10 @@ def check_args(args, info: utils.DistInfo) -> None:
                         f'branch normalises one value per image): raise --batch_size, or use --freeze_bn{groups}.')
     if args.backbone in deeplab.TIMM_BACKBONES:
         utils.require('timm', f'--backbone {args.backbone}')
+    if args.train:  # before any folder is made: a name the file system refuses would fail only when written
+        for path in (checkpoint_path(args, args.epochs), run_file(args, 'interrupted'),
+                     os.path.join(log_folder(args), 'metrics.jsonl')):
+            utils.check_name_fits(path, '--exp or --output_dir')
     if args.resume and not args.train:
         raise UserError('--resume continues a training run: add --train, or use --checkpoint to evaluate a file.')
 
@@ -239,6 +270,13 @@ def class_names_of(args):
     return pascal.read_class_names(args.class_names) if args.class_names else None
 
 
+def dataset_of(args, split: str, transforms, **kwargs) -> pascal.SegmentationDataset:
+    """The `split` of the dataset the flags name, with its class names file, if any."""
+    return pascal.build_dataset(args.dataset, args.data_root, split, transforms, args.num_classes,
+                                class_names_of(args), names_source=args.class_names and
+                                f'{args.class_names} (--class_names)', **kwargs)
+
+
 def make_loader(dataset, batch_size: int, sampler, args, rt: Runtime) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=args.workers,
                       pin_memory=rt.device.type == 'cuda', worker_init_fn=utils.ignore_interrupts_in_worker)
@@ -280,35 +318,55 @@ def multi_scale_probs(model: nn.Module, image: torch.Tensor, scales, flip: bool,
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: DataLoader, rt: Runtime, num_classes: int, crop_size: int,
-             scales=None, flip: bool = False, save_dir: str | None = None, ms_save_dir: str | None = None):
+             scales=None, flip: bool = False, save_dir: str | None = None, ms_save_dir: str | None = None,
+             stop: utils.GracefulStop | None = None):
     """The original's protocol, one image at a time: the image padded bottom/right to the crop size, argmax,
     cropped back to the image; IoU accumulated over the dataset. With `scales`/`flip`, a multi-scale/flip
     prediction is scored beside it. Returns (ConfusionMatrix, ConfusionMatrix or None); with several processes
-    each sees its share of the images and the matrices are summed over all."""
+    each sees its share of the images and the matrices are summed over all. A stop requested through `stop`
+    (SIGINT, SIGTERM) ends it between images with Interrupted."""
     model.eval()
     dataset = loader.dataset
     confusion = utils.ConfusionMatrix(num_classes, rt.device)
     confusion_ms = utils.ConfusionMatrix(num_classes, rt.device) if (scales or flip) else None
     palette = utils.voc_palette()
+    seen = 0
+
+    def stopped():
+        return Interrupted(stop.signal, f'evaluation stopped by signal {stop.signal} after {seen} of '
+                                        f'{len(loader)} images; nothing was published')
     batches = iter(loader)  # one image per batch: the protocol pads each image on its own canvas
     try:
         for image, mask, info in batches:
+            if stop is not None and stop.requested:
+                raise stopped()
             h, w = int(info['size'][0]), int(info['size'][1])
             target = mask[0, :h, :w].to(rt.device, non_blocking=True)
-            logits = predict_logits(model, image, rt)[..., :h, :w]
+            name = dataset.name(int(info['index']))
+            try:
+                logits = predict_logits(model, image, rt)[..., :h, :w]
+            except (RuntimeError, MemoryError) as e:
+                if not utils.out_of_memory(e):
+                    raise
+                raise UserError(f'out of memory evaluating {name} ({w}x{h} on a {image.shape[-1]}x'
+                                f'{image.shape[-2]} canvas) on {rt.device} ({utils.first_line(e)}): evaluate on a '
+                                f'device with more memory, or with --amp (bf16 on a CPU).') from None
             pred = utils.class_map(logits[0], 0)
             confusion.update(target, pred)
-            name = dataset.name(int(info['index']))
             if save_dir:
-                utils.save_mask(pred, os.path.join(save_dir, f'{name}.png'), palette)
+                utils.save_mask(pred, os.path.join(save_dir, f'{name}.png'), palette, '--output_dir')
             if confusion_ms is not None:
                 probs = multi_scale_probs(model, image[..., :h, :w], scales or [1.0], flip, crop_size, rt, logits)
                 pred_ms = utils.class_map(probs[0], 0)
                 confusion_ms.update(target, pred_ms)
                 if ms_save_dir:
-                    utils.save_mask(pred_ms, os.path.join(ms_save_dir, f'{name}.png'), palette)
-    except RuntimeError as e:
-        raise_if_worker_died(e, batches)
+                    utils.save_mask(pred_ms, os.path.join(ms_save_dir, f'{name}.png'), palette, '--output_dir')
+            seen += 1
+    except Exception as e:
+        if stop is not None and stop.requested:  # the signal reached the data-loading workers first, which
+            raise stopped() from None            # breaks their pipes (RuntimeError, ConnectionResetError, ...)
+        if isinstance(e, RuntimeError):
+            raise_if_worker_died(e, batches)
         raise
     finally:
         del batches
@@ -328,8 +386,15 @@ def run_evaluation(args, rt: Runtime) -> float:
                         f'--dataset, download a released checkpoint into {args.output_dir}/ (README), or pass '
                         f'--checkpoint PATH.')
     checkpoint = utils.load_checkpoint(path)
-    dataset = pascal.build_dataset(args.dataset, args.data_root, 'val', pascal.eval_transforms(args.crop_size),
-                                   args.num_classes, class_names_of(args))
+    dataset = dataset_of(args, 'val', pascal.eval_transforms(args.crop_size))
+    outputs = {os.path.join(args.output_dir, 'val', f'{dataset.name(i)}.png'): '--output_dir'
+               for i in range(len(dataset))} if args.save_predictions else {}
+    if args.save_predictions and (args.eval_scales or args.flip):
+        outputs.update({os.path.join(args.output_dir, 'val_ms', f'{dataset.name(i)}.png'): '--output_dir'
+                        for i in range(len(dataset))})
+    outputs[chart_path(args, path)] = '--output_dir'
+    utils.refuse_overwrite(outputs, {**dataset_inputs(dataset), path: 'the checkpoint evaluated',
+                                     args.class_names: '--class_names'})
     model = create_model(args, dataset.num_classes, pretrained=False, model_args=checkpoint.get('model_args'))
     deeplab.load_weights(model, checkpoint['state_dict'], path)
     model.to(rt.device)
@@ -353,11 +418,14 @@ def run_evaluation(args, rt: Runtime) -> float:
             stack.enter_context(inductor_config.patch(freezing=True))
         save_dir = ms_save_dir = None
         if args.save_predictions:
-            save_dir = stack.enter_context(utils.staged_folder(os.path.join(args.output_dir, 'val')))
+            save_dir = stack.enter_context(utils.staged_folder(os.path.join(args.output_dir, 'val'),
+                                                                          '--output_dir'))
             if ms:
-                ms_save_dir = stack.enter_context(utils.staged_folder(os.path.join(args.output_dir, 'val_ms')))
+                ms_save_dir = stack.enter_context(utils.staged_folder(
+                    os.path.join(args.output_dir, 'val_ms'), '--output_dir'))
+        stop = stack.enter_context(utils.GracefulStop(repeat_raises=True))
         confusion, confusion_ms = evaluate(runner, loader, rt, dataset.num_classes, args.crop_size,
-                                           args.eval_scales, args.flip, save_dir, ms_save_dir)
+                                           args.eval_scales, args.flip, save_dir, ms_save_dir, stop)
     if rt.dist.is_main:
         report(confusion, confusion_ms, dataset.class_names, args, path, time.time() - start, len(dataset))
     return confusion.mean_iou()
@@ -378,11 +446,15 @@ def report(confusion, confusion_ms, class_names, args, path, seconds, count) -> 
     log.info('Mean IoU: %.2f', iou.mean() * 100)
     if confusion_ms is not None:
         log.info('Mean IoU (%s): %.2f', label, confusion_ms.mean_iou())
-    chart = os.path.join(args.output_dir, os.path.splitext(os.path.basename(path))[0] + '_iou.png')
+    chart = chart_path(args, path)
     plots.iou_bar_chart(class_names, iou * 100, chart, f'{os.path.basename(path)}: mIoU {iou.mean() * 100:.2f}',
                         extra=None if confusion_ms is None else confusion_ms.iou() * 100, extra_label=label)
     where = f'predictions in {os.path.join(args.output_dir, "val")}/, ' if args.save_predictions else ''
     log.info('%s in %.1f s; %sIoU chart %s', utils.plural(count, 'image'), seconds, where, chart)
+
+
+def chart_path(args, checkpoint: str) -> str:
+    return os.path.join(args.output_dir, os.path.splitext(os.path.basename(checkpoint))[0] + '_iou.png')
 
 
 def _side_by_side(class_names, iou, iou_ms) -> str:
@@ -519,20 +591,24 @@ class BatchCrossEntropy(nn.Module):
     The mean of each process's own mean would weigh a pixel by how many labelled pixels its process happens to
     have (scale augmentation pads small images with 255). So each process divides its sum by the count over all
     processes, times their number, which DDP's gradient averaging divides out. In one process this is
-    `nn.CrossEntropyLoss`'s mean, bit for bit.
+    `nn.CrossEntropyLoss`'s mean, bit for bit (loss and gradients, tests/test_faults.py), except for a batch
+    without a labelled pixel (all 255): its mean is 0 / 0, NaN; here it is 0, with zero gradients.
+    `labelled` keeps the last batch's count of labelled pixels (over all processes), for messages.
     """
 
     def __init__(self, world_size: int = 1):
         super().__init__()
         self.world_size = world_size
+        self.labelled = torch.zeros((), dtype=torch.int64)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if self.world_size == 1:
-            return F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
         total = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction='sum')
         count = (target != IGNORE_INDEX).sum()  # int64: exact for any batch
-        torch.distributed.all_reduce(count)
-        return total * self.world_size / count
+        if self.world_size > 1:
+            torch.distributed.all_reduce(count)
+            total = total * self.world_size
+        self.labelled = count
+        return total / count.clamp(min=1)
 
 
 def train_one_epoch(net, criterion, optimizer, scaler, loader, state: TrainState, max_iterations: int, args,
@@ -559,17 +635,27 @@ def train_one_epoch(net, criterion, optimizer, scaler, loader, state: TrainState
             state.iteration += 1
             loss_value, stop_all = agree(loss.detach(), stop.requested, rt.dist)
             if not math.isfinite(loss_value):
+                labelled = int(criterion.labelled)
+                cause = ('its batch had no labelled pixel, yet the logits were not finite: the weights diverged'
+                         if labelled == 0 else f'over the {labelled:,} labelled pixels of its batch: the run '
+                         f'diverged')
                 raise UserError(f'the loss became {loss_value} at epoch {epoch + 1}, iteration {batch_index + 1}/'
-                                f'{iterations} (iteration {state.iteration} of the run); training stopped without '
-                                f'saving. The last good checkpoint is {state.last_checkpoint or "none"}. Lower '
-                                f'--base_lr, check the data, or train without --amp.')
+                                f'{iterations} (iteration {state.iteration} of the run), {cause}; training stopped '
+                                f'without saving. The last good checkpoint is {state.last_checkpoint or "none"}. '
+                                f'Lower --base_lr, check the data, or train without --amp.')
             progress.step(epoch, batch_index, state.iteration, lr, loss_value)
             if stop_all:
                 return False
-    except RuntimeError as e:
-        if stop.requested:  # Ctrl-C reached the workers before the main process could stop them
-            return False
-        raise_if_worker_died(e, batches)
+    except Exception as e:
+        if stop.requested:  # the signal reached the workers before the main process could stop them (their
+            return False    # pipes break: RuntimeError, ConnectionResetError, ...)
+        if isinstance(e, RuntimeError):
+            raise_if_worker_died(e, batches)
+        if utils.out_of_memory(e):
+            raise UserError(f'out of memory in a training step (epoch {epoch + 1}, {loader.batch_size} images of '
+                            f'{args.crop_size}x{args.crop_size} per process on {rt.device}: {utils.first_line(e)}). '
+                            f'Lower --batch_size or --crop_size, or train with --amp. The last checkpoint is '
+                            f'{state.last_checkpoint or "none"}.') from None
         raise
     finally:
         del batches  # shut the workers down now, also when an exception keeps this frame alive
@@ -600,9 +686,9 @@ def train(args, rt: Runtime) -> None:
         raise UserError(f'{args.resume} has already trained {utils.plural(state.epoch, "epoch")}; ask for more '
                         f'with --epochs.')
     torch.manual_seed(state.seed + info.rank)
+    outputs = training_outputs(args, state.epoch)
 
-    dataset = pascal.build_dataset(args.dataset, args.data_root, 'train', pascal.train_transforms(args.crop_size),
-                                   args.num_classes, class_names_of(args), seed=state.seed)
+    dataset = dataset_of(args, 'train', pascal.train_transforms(args.crop_size), seed=state.seed)
     # A resumed run keeps the output stride it was trained with, unless --output_stride says otherwise.
     stride = ((resume or {}).get('model_args') or {}).get('output_stride')
     model = create_model(args, dataset.num_classes, pretrained=not args.scratch and resume is None,
@@ -635,11 +721,13 @@ def train(args, rt: Runtime) -> None:
     if resume is not None:
         state.iteration = resume_iteration(resume, state, iterations, args.resume)
     max_iterations = args.epochs * iterations
-    val_loader = None
+    val_loader = val_set = None
     if args.val_every:
         val_set = pascal.build_dataset(args.dataset, args.data_root, 'val', pascal.eval_transforms(args.crop_size),
                                        dataset.num_classes, dataset.class_names)
         val_loader = make_loader(val_set, 1, utils.ShardSampler(len(val_set), info.rank, info.world_size), args, rt)
+    utils.refuse_overwrite(outputs, {**dataset_inputs(dataset, val_set), args.resume: 'the checkpoint to resume',
+                                     args.pretrained_path: '--pretrained_path', args.class_names: '--class_names'})
 
     net = model
     if info.distributed:
@@ -659,7 +747,14 @@ def train(args, rt: Runtime) -> None:
     def checkpoint(path):
         save(make_checkpoint(model, optimizer, scaler, state, args, rt, dataset.class_names), path, state, rt)
 
-    metrics = utils.MetricsWriter(os.path.join(args.output_dir, 'logs', run_name(args)), info.is_main,
+    def interrupt(where: str):
+        path = run_file(args, 'interrupted')
+        checkpoint(path)
+        raise Interrupted(stop.signal or signal.SIGTERM, f'stopped by signal {stop.signal} {where}; the state is '
+                                                         f'saved in {path}. Resume with the same command plus '
+                                                         f'--resume {path}')
+
+    metrics = utils.MetricsWriter(log_folder(args), info.is_main,
                                   resume=resume is not None)
     progress = Progress(args, iterations, max_iterations, state.iteration, metrics)
     try:
@@ -669,29 +764,30 @@ def train(args, rt: Runtime) -> None:
                 dataset.set_epoch(state.epoch)
                 if not train_one_epoch(net, criterion, optimizer, scaler, loader, state, max_iterations, args, rt,
                                        stop, progress):
-                    path = os.path.join(args.output_dir, f'{run_name(args)}_interrupted.pth')
-                    checkpoint(path)
-                    raise Interrupted(stop.signal or signal.SIGTERM,
-                                      f'stopped by signal {stop.signal} at epoch {state.epoch + 1}, iteration '
-                                      f'{state.iteration - state.epoch * iterations}/{iterations}; the state is '
-                                      f'saved in {path}. Resume with the same command plus --resume {path}')
+                    interrupt(f'at epoch {state.epoch + 1}, iteration {state.iteration - state.epoch * iterations}/'
+                              f'{iterations}')
                 state.epoch += 1
                 if args.val_every and (state.epoch % args.val_every == 0 or state.epoch == args.epochs):
-                    validate(unwrap(net), val_loader, rt, dataset.num_classes, args, state, metrics, checkpoint)
+                    try:
+                        validate(unwrap(net), val_loader, rt, dataset.num_classes, args, state, metrics, checkpoint,
+                                 stop)
+                    except Interrupted:
+                        interrupt(f'while validating epoch {state.epoch} (not validated)')
                 if state.epoch % args.save_every == 0 or state.epoch == args.epochs:
                     checkpoint(checkpoint_path(args, state.epoch))
     finally:
         metrics.close()
     if info.is_main and os.path.isfile(metrics.path):
-        curves = os.path.join(args.output_dir, 'logs', run_name(args), 'curves.png')
+        curves = os.path.join(log_folder(args), 'curves.png')
         plots.training_curves(metrics.path, curves)
         log.info('finished %s in %s; curves in %s', utils.plural(args.epochs, 'epoch'),
                  utils.format_seconds(time.time() - progress.start), curves)
 
 
-def validate(model, loader, rt: Runtime, num_classes: int, args, state: TrainState, metrics, checkpoint) -> None:
+def validate(model, loader, rt: Runtime, num_classes: int, args, state: TrainState, metrics, checkpoint,
+             stop: utils.GracefulStop | None = None) -> None:
     """Validation during training: log the mean IoU and keep the best checkpoint (_best.pth)."""
-    confusion, _ = evaluate(model, loader, rt, num_classes, args.crop_size)
+    confusion, _ = evaluate(model, loader, rt, num_classes, args.crop_size, stop=stop)
     miou = confusion.mean_iou()
     metrics.write(state.iteration, epoch=state.epoch, miou=miou)
     improved = state.best_miou is None or miou > state.best_miou
@@ -699,7 +795,7 @@ def validate(model, loader, rt: Runtime, num_classes: int, args, state: TrainSta
              ' (best so far)' if improved else f' (best {state.best_miou:.2f})')
     if improved:
         state.best_miou = miou
-        checkpoint(os.path.join(args.output_dir, f'{run_name(args)}_best.pth'))
+        checkpoint(run_file(args, 'best'))
 
 
 def agree(loss: torch.Tensor, stop: bool, info: utils.DistInfo):
@@ -740,6 +836,13 @@ def restore_optimizer(optimizer, scaler, checkpoint: dict, path: str) -> None:
     if checkpoint.get('optimizer') is None:
         log.warning('%s holds no optimizer state; momentum starts from zero', path)
         return
+    momentum = {f'{name} of parameter {index}': value
+                for index, state in (checkpoint['optimizer'].get('state') or {}).items()
+                for name, value in state.items() if isinstance(value, torch.Tensor)}
+    bad = utils.first_non_finite(momentum)
+    if bad is not None:
+        raise UserError(f'{path} has non-finite values (NaN or infinity) in its optimizer state ({bad}): it was '
+                        f'written by a run that diverged, or is damaged. Resume from an earlier checkpoint.')
     try:
         optimizer.load_state_dict(checkpoint['optimizer'])
     except (ValueError, KeyError, RuntimeError) as e:

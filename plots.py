@@ -14,12 +14,19 @@ def _pyplot():
 
 
 def _save(fig, path: str) -> None:
-    atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=100, bbox_inches='tight'))
+    atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=100, bbox_inches='tight'), '--output_dir')
 
 
 def read_metrics(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The metrics log's records; a line cut short (a run killed while writing it) is skipped."""
+    rows = []
+    with open(path, encoding='utf-8', errors='replace') as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
 
 
 def training_curves(metrics_path: str, out_path: str) -> None:

@@ -5,7 +5,8 @@
 For each image it writes, at the image's own size, the class mask as a palettised PNG (`{name}.png`) and a
 colour overlay on the photo (`{name}_overlay.jpg`). `--input` is an image, a folder or a glob pattern; files
 that cannot be read are reported and skipped. Images up to the crop size are padded to it, as in evaluation, and
-batched; larger ones are predicted whole, or tile by tile with `--slide`.
+batched; larger ones up to `--window_above` megapixels are predicted whole, and larger still in overlapping
+crop-sized windows, so that memory stays bounded (`--whole`, `--slide` choose one way for all).
 """
 import argparse
 import glob
@@ -23,9 +24,13 @@ from PIL import Image
 import deeplab
 import pascal
 import utils
-from utils import UserError
+from utils import Interrupted, UserError
 
 log = logging.getLogger('predict')
+
+# Whole-image inference costs about 0.5 GB per megapixel on top of the model (VoVNet-39, fp32 + channels-last,
+# CPU; README): images above this size go in windows unless --whole says otherwise.
+WINDOW_ABOVE_MP = 2.5
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -34,13 +39,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--input', required=True, help='an image, a folder of images, or a glob such as "photos/*.jpg"')
     p.add_argument('--output', default='predictions', help='output folder (default: %(default)s)')
     p.add_argument('--crop_size', type=utils.number(int, 32), default=513,
-                   help='canvas smaller images are padded to (default 513)')
-    p.add_argument('--batch_size', type=utils.number(int, 1), default=4, help='images per forward pass (default 4)')
+                   help='canvas smaller images are padded to, and window size (default 513)')
+    p.add_argument('--batch_size', type=utils.number(int, 1), default=4,
+                   help='images up to the crop size per forward pass (default 4)')
     p.add_argument('--opacity', type=utils.number(float, 0, maximum=1), default=0.5,
                    help='opacity of the overlay colours, 0-1 (default 0.5)')
-    p.add_argument('--slide', action='store_true',
-                   help='predict images larger than the crop tile by tile (overlapping crop_size windows) '
-                        'instead of whole')
+    size = p.add_mutually_exclusive_group()
+    size.add_argument('--window_above', type=utils.number(float, 0, inclusive=False), default=WINDOW_ABOVE_MP,
+                      metavar='MEGAPIXELS', help='predict images larger than this in overlapping crop-sized windows, '
+                      f'smaller ones whole (default {WINDOW_ABOVE_MP}: about 2 GB at most on a CPU in fp32)')
+    size.add_argument('--slide', action='store_true',
+                      help='predict every image larger than the crop in overlapping crop-sized windows')
+    size.add_argument('--whole', action='store_true',
+                      help='predict every image whole, however large (memory grows with the image)')
     p.add_argument('--device', default=None, help='cpu, cuda or cuda:N (default: CUDA when available)')
     p.add_argument('--amp', default='off', choices=tuple(utils.AMP_DTYPES), help='mixed precision')
     return p
@@ -60,10 +71,11 @@ def collect_inputs(spec: str) -> list[str]:
 
 
 class Predictor:
-    """Logits for batches of normalised images, padded like evaluation; tiles for large images with `slide`."""
+    """Class maps for normalised images, padded like evaluation: batches of small images, large ones whole or in
+    overlapping windows."""
 
-    def __init__(self, model, device, crop_size: int, amp, slide: bool):
-        self.model, self.device, self.crop, self.amp, self.slide = model, device, crop_size, amp, slide
+    def __init__(self, model, device, crop_size: int, amp):
+        self.model, self.device, self.crop, self.amp = model, device, crop_size, amp
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
@@ -77,24 +89,36 @@ class Predictor:
         pred = utils.class_map(self._forward(canvas)).cpu()
         return [pred[i, :image.shape[1], :image.shape[2]] for i, image in enumerate(images)]
 
-    def large(self, image: torch.Tensor) -> torch.Tensor:
-        """The class map of an image larger than the crop on some side: padded to at least the crop on each
-        side, predicted whole, or window by window (averaged softmax) with `slide`."""
+    def whole(self, image: torch.Tensor) -> torch.Tensor:
+        """The class map of an image larger than the crop on some side, padded to at least the crop on each side
+        and predicted in one pass."""
         h, w = image.shape[1:]
         padded = F.pad(image, (0, max(0, self.crop - w), 0, max(0, self.crop - h)))
-        if not self.slide:
-            return utils.class_map(self._forward(padded[None]))[0, :h, :w].cpu()
+        return utils.class_map(self._forward(padded[None]))[0, :h, :w].cpu()
+
+    def windows(self, image: torch.Tensor) -> torch.Tensor:
+        """The class map of an image larger than the crop, from overlapping crop x crop windows (stride 2/3 of the
+        crop) whose softmax probabilities are averaged. Rows are finished band by band: a row of windows ends the
+        rows above the next one, so the sums span one band (classes x crop x width), not the image."""
+        h, w = image.shape[1:]
+        padded = F.pad(image, (0, max(0, self.crop - w), 0, max(0, self.crop - h)))
         ph, pw = padded.shape[1:]
         crop, stride = self.crop, max(1, self.crop * 2 // 3)
-        total, count = None, torch.zeros(1, ph, pw)
-        for y in _starts(ph, crop, stride):
-            for x in _starts(pw, crop, stride):
+        ys, xs = _starts(ph, crop, stride), _starts(pw, crop, stride)
+        classes = torch.empty(ph, pw, dtype=torch.int64)
+        total = count = None  # the band of rows [ys[i], ys[i] + crop)
+        for i, y in enumerate(ys):
+            for x in xs:  # one window a pass: the same logits whatever --batch_size says
                 probs = self._forward(padded[None, :, y:y + crop, x:x + crop]).softmax(1)[0].cpu()
                 if total is None:
-                    total = torch.zeros(probs.shape[0], ph, pw)
-                total[:, y:y + crop, x:x + crop] += probs
-                count[:, y:y + crop, x:x + crop] += 1
-        return utils.class_map(total / count, 0)[:h, :w]
+                    total, count = torch.zeros(probs.shape[0], crop, pw), torch.zeros(1, crop, pw)
+                total[:, :, x:x + crop] += probs
+                count[:, :, x:x + crop] += 1
+            done = (ys[i + 1] - y) if i + 1 < len(ys) else crop  # rows no later window reaches
+            classes[y:y + done] = utils.class_map(total[:, :done] / count[:, :done], 0)
+            total = torch.cat([total[:, done:], torch.zeros_like(total[:, :done])], 1)
+            count = torch.cat([count[:, done:], torch.zeros_like(count[:, :done])], 1)
+        return classes[:h, :w]
 
 
 def _starts(length: int, window: int, stride: int) -> list[int]:
@@ -122,19 +146,10 @@ def unique_stem(path: str, used: set) -> str:
     return stem
 
 
-def run(args) -> int:
-    """Predict every readable input; returns the number of files skipped."""
-    files = collect_inputs(args.input)
-    utils.make_output_folder(args.output, '--output')
-    _, device = utils.init_distributed(args.device)
-    amp = utils.amp_dtype(args.amp, device)
-    model = deeplab.model_from_checkpoint(args.checkpoint, args.backbone, args.output_stride).to(device).eval()
-    predictor = Predictor(model, device, args.crop_size, amp, args.slide)
-    to_tensor = pascal.ToTensor()
-    palette = utils.voc_palette()
-
-    # Sizes come from the file headers, so that the images up to the crop size can be batched while only one
-    # batch is decoded at a time; what cannot be read is reported and skipped.
+def plan(files: list[str], args) -> tuple[list[tuple[str, list[str]]], int]:
+    """The work in order, from the file headers (only one batch is decoded at a time): ('batch', paths) for
+    images up to the crop size, ('whole' or 'windows', [path]) for larger ones; and the number of unreadable
+    files, reported and skipped."""
     skipped, small, large = 0, [], []
     for path in files:
         try:
@@ -143,15 +158,52 @@ def run(args) -> int:
             log.warning('skipping: %s', e)
             skipped += 1
             continue
-        (small if w <= args.crop_size and h <= args.crop_size else large).append(path)
-    chunks = ([(True, small[i:i + args.batch_size]) for i in range(0, len(small), args.batch_size)]
-              + [(False, [path]) for path in large])
+        if w <= args.crop_size and h <= args.crop_size:
+            small.append(path)
+        else:
+            whole = args.whole or (not args.slide and w * h <= args.window_above * 1e6)
+            large.append(('whole' if whole else 'windows', [path]))
+    batches = [('batch', small[i:i + args.batch_size]) for i in range(0, len(small), args.batch_size)]
+    return batches + large, skipped
 
-    used, done, total, start = set(), 0, len(small) + len(large), time.time()
-    with torch.inference_mode():
-        for batched, chunk in chunks:
+
+def advice(how: str, device) -> str:
+    if how == 'whole':
+        ways = 'predict it in windows (a smaller --window_above, or --slide)'
+    else:
+        ways = 'lower --batch_size or --crop_size'
+    return ways + (', or use --amp bf16' if device.type == 'cpu' else ', --amp fp16, or --device cpu')
+
+
+def run(args) -> int:
+    """Predict every readable input; returns the number of files skipped."""
+    _, device = utils.init_distributed(args.device)
+    files = collect_inputs(args.input)
+    utils.make_output_folder(args.output, '--output')
+    amp = utils.amp_dtype(args.amp, device)
+    work, skipped = plan(files, args)
+    used, stems = set(), {}
+    for _, paths in work:
+        for path in paths:
+            stems[path] = unique_stem(path, used)
+    outputs = {os.path.join(args.output, name): '--output'
+               for stem in stems.values() for name in (f'{stem}.png', f'{stem}_overlay.jpg')}
+    utils.refuse_overwrite(outputs, {**{path: 'an input image' for path in files},
+                                     args.checkpoint: 'the checkpoint (--checkpoint)'})
+    model = deeplab.model_from_checkpoint(args.checkpoint, args.backbone, args.output_stride).to(device).eval()
+    predictor = Predictor(model, device, args.crop_size, amp)
+    to_tensor = pascal.ToTensor()
+    palette = utils.voc_palette()
+
+    done, total, start = 0, len(stems), time.time()
+    with torch.inference_mode(), utils.GracefulStop(repeat_raises=True) as stop:
+        for how, paths in work:
+            if stop.requested:
+                raise Interrupted(stop.signal, f'stopped by signal {stop.signal} after {done} of {total} images; '
+                                               f'their masks and overlays are in {args.output}/ (each file whole), '
+                                               f'the others were not predicted')
             photos = {}
-            for path in chunk:
+            for path in paths:
                 try:
                     photos[path] = pascal.load_image(path, exif=True)
                 except UserError as e:  # a header that reads, a body that does not (a truncated file)
@@ -160,16 +212,29 @@ def run(args) -> int:
             if not photos:
                 continue
             tensors = [to_tensor(photo, photo, None)[0] for photo in photos.values()]
-            masks = predictor.batch(tensors) if batched else [predictor.large(tensors[0])]
+            try:
+                masks = (predictor.batch(tensors) if how == 'batch' else
+                         [getattr(predictor, how)(tensors[0])])
+            except Exception as e:
+                if not utils.out_of_memory(e):
+                    raise
+                sizes = ', '.join(f'{p} ({photo.size[0]}x{photo.size[1]})' for p, photo in photos.items())
+                raise UserError(f'out of memory predicting {sizes} on {device} ({utils.first_line(e)}): '
+                                f'{advice(how, device)}. Masks of the {done} images before it are in '
+                                f'{args.output}/.') from None
             for (path, photo), mask in zip(photos.items(), masks):
                 mask = mask.numpy().astype(np.uint8)
-                stem = unique_stem(path, used)
-                utils.save_mask(mask, os.path.join(args.output, f'{stem}.png'), palette)
+                stem = stems[path]
+                utils.save_mask(mask, os.path.join(args.output, f'{stem}.png'), palette, '--output')
                 utils.save_image(overlay(photo, mask, args.opacity, palette),
-                                 os.path.join(args.output, f'{stem}_overlay.jpg'))
+                                 os.path.join(args.output, f'{stem}_overlay.jpg'), '--output')
                 done += 1
-                log.info('[%d/%d] %s (%dx%d) -> %s.png  %s', done, total, path, photo.size[0], photo.size[1],
-                         os.path.join(args.output, stem), utils.format_rate(done, time.time() - start))
+                log.info('[%d/%d] %s (%dx%d%s) -> %s.png  %s', done, total, path, photo.size[0], photo.size[1],
+                         ', windows' if how == 'windows' else '', os.path.join(args.output, stem),
+                         utils.format_rate(done, time.time() - start))
+    if done == 0:
+        raise UserError(f'no image of --input {args.input} could be read ({utils.plural(skipped, "file")} skipped, '
+                        f'see the warnings above); nothing was written.')
     log.info('%s segmented into %s/%s', utils.plural(done, 'image'), args.output,
              f'; {skipped} skipped (see the warnings above)' if skipped else '')
     return skipped

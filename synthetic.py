@@ -9,11 +9,12 @@ class indices with a 255 ("ignore") band along object borders, as VOC's.
 """
 import argparse
 import os
+import sys
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from utils import IGNORE_INDEX, number, save_image, voc_palette
+from utils import IGNORE_INDEX, atomic_write, exit_status, number, save_image, voc_palette, write_error
 
 NUM_OBJECT_CLASSES = 20
 # Saturated colours, one per class, at least 100 apart in RGB (farthest-point picks among colours with a
@@ -102,7 +103,10 @@ def generate(root: str, num_train: int = 600, num_val: int = 120, seed: int = 0,
     """Write the dataset under `root` (the --data_root to give main.py) and return the VOC2012 folder."""
     base = os.path.join(root, 'VOC2012')
     for sub in ('JPEGImages', 'SegmentationClassAug', 'list'):
-        os.makedirs(os.path.join(base, sub), exist_ok=True)
+        try:
+            os.makedirs(os.path.join(base, sub), exist_ok=True)
+        except OSError as e:
+            raise write_error(os.path.join(base, sub), e, '--root') from None
     rng = np.random.default_rng(seed)
     splits = {'train_aug.txt': ('train', num_train), 'val.txt': ('val', num_val)}
     for list_name, (split, count) in splits.items():
@@ -110,15 +114,15 @@ def generate(root: str, num_train: int = 600, num_val: int = 120, seed: int = 0,
         for i in range(count):
             name = f'synthetic_{split}_{i:05d}'
             image, label = make_sample(rng, 1 + i % NUM_OBJECT_CLASSES, min_size, max_size)
-            save_image(image, os.path.join(base, 'JPEGImages', f'{name}.jpg'))
-            save_image(label, os.path.join(base, 'SegmentationClassAug', f'{name}.png'))
+            save_image(image, os.path.join(base, 'JPEGImages', f'{name}.jpg'), '--root')
+            save_image(label, os.path.join(base, 'SegmentationClassAug', f'{name}.png'), '--root')
             lines.append(f'/JPEGImages/{name}.jpg /SegmentationClassAug/{name}.png\n')
-        with open(os.path.join(base, 'list', list_name), 'w') as f:
-            f.writelines(lines)
+        text = ''.join(lines).encode()
+        atomic_write(os.path.join(base, 'list', list_name), lambda f, text=text: f.write(text), '--root')
     return base
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--root', default='data/synthetic', help='folder to write (default: %(default)s)')
     parser.add_argument('--train', type=number(int, 1), default=600, help='training images (default: %(default)s)')
@@ -131,9 +135,12 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.min_size > args.max_size:
         parser.error(f'--min_size {args.min_size} is larger than --max_size {args.max_size}')
-    base = generate(args.root, args.train, args.val, args.seed, args.min_size, args.max_size)
-    print(f'wrote {args.train} training and {args.val} validation images to {base}')
+
+    def run():
+        base = generate(args.root, args.train, args.val, args.seed, args.min_size, args.max_size)
+        print(f'wrote {args.train} training and {args.val} validation images to {base}')
+    return exit_status(run)
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

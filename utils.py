@@ -3,6 +3,7 @@ atomic checkpoint/output writing and checkpoint reading, distributed and logging
 import argparse
 import collections
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -14,6 +15,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 import zipfile
 from collections.abc import Callable, Sequence
@@ -88,17 +90,25 @@ def exit_status(run: Callable[[], object]) -> int:
     try:
         run()
     except UserError as e:
-        if dist_info().is_main:
+        if _reports():
             print(f'error: {e.for_user()}', file=sys.stderr)
         return 1
     except Interrupted as e:
-        if dist_info().is_main:
+        if _reports():
             print(str(e), file=sys.stderr)
         return 128 + (e.signum or signal.SIGINT)
     except KeyboardInterrupt:
         print('interrupted', file=sys.stderr)
         return 128 + signal.SIGINT
     return 0
+
+
+def _reports() -> bool:
+    """Whether this process prints the failure: rank 0, or any process when the environment cannot tell."""
+    try:
+        return dist_info().is_main
+    except UserError:
+        return True
 
 
 def run_command(parser, run: Callable, argv=None) -> int:
@@ -187,21 +197,62 @@ def voc_palette(num_colors: int = 256) -> list[int]:
 # Files
 
 
-def atomic_write(path: str, write: Callable[[io.BufferedWriter], None]) -> None:
+# What to do when a write fails, by errno.
+_WRITE_ADVICE = {
+    errno.ENOSPC: 'Free some space, or write elsewhere', errno.EDQUOT: 'Free some space (quota), or write elsewhere',
+    errno.EFBIG: 'It is larger than this process may write (ulimit -f): raise the limit, or write elsewhere',
+    errno.EROFS: 'The file system is read-only: write elsewhere',
+    errno.EACCES: 'Fix the permissions, or write elsewhere', errno.EPERM: 'Fix the permissions, or write elsewhere',
+    errno.ENAMETOOLONG: 'The name is too long for the file system: choose a shorter one',
+    errno.ENOTDIR: 'A part of the path is a file, not a folder: write elsewhere',
+    errno.EEXIST: 'The path is a file, not a folder: write elsewhere', errno.EISDIR: 'The path is a folder, not a file',
+}
+
+
+def os_error_in(e: BaseException) -> OSError | None:
+    """The OSError behind an exception: itself, or the one it was raised from or while handling (torch.save reports
+    a failed write as a RuntimeError 'unexpected pos', with the OSError as its context)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def write_error(path: str, e: BaseException, flag: str | None = None, keeps: str | None = None,
+                subject: str | None = None) -> UserError:
+    """The message for a file or folder that could not be written: which, why, and what to do (free space, or
+    write elsewhere with `flag`); `keeps` says what is unharmed (an earlier checkpoint)."""
+    os_error = os_error_in(e) or e
+    cause = getattr(os_error, 'strerror', None) or first_line(os_error)
+    advice = _WRITE_ADVICE.get(getattr(os_error, 'errno', None), 'Check the folder, or write elsewhere')
+    return UserError(f'{subject or f"could not write {path}"}: {cause}. {advice}' + (f' ({flag})' if flag else '')
+                     + '.' + (f' {keeps}.' if keeps else ''))
+
+
+def atomic_write(path: str, write: Callable[[io.BufferedWriter], None], flag: str | None = None,
+                 keeps: str | None = None) -> None:
     """Write `path` through a temporary file in the same folder (flush, fsync, rename), so that a crash or a
-    full disk leaves either the old file or the new one, never a partial one."""
+    full disk leaves either the old file or the new one, never a partial one, nor the temporary file. A failed
+    write (full disk, read-only or missing folder, name too long, file-size limit) is a UserError naming the file,
+    the cause and `flag`, the option that chooses another place."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f'.{os.path.basename(path)}.{os.getpid()}.tmp')
+    # A short temporary name: a file name near the file system's limit must not fail for its temporary's sake.
+    tmp = os.path.join(folder, f'.{os.path.basename(path)[:64]}.{os.getpid()}.tmp')
     try:
+        os.makedirs(folder, exist_ok=True)
         with open(tmp, 'wb') as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, Exception) and not isinstance(e, UserError) and os_error_in(e) is not None:
+            raise write_error(path, e, flag, keeps) from None
         raise
     with contextlib.suppress(OSError):  # make the rename itself durable
         fd = os.open(folder, os.O_RDONLY)
@@ -218,25 +269,64 @@ def make_output_folder(path: str, flag: str) -> None:
         os.makedirs(path, exist_ok=True)
         tempfile.TemporaryFile(dir=path).close()
     except OSError as e:
-        raise UserError(f'cannot write to the output folder {path} ({e.strerror or e}); fix its permissions or '
-                        f'choose another with {flag}.') from None
+        raise write_error(path, e, flag, subject=f'cannot write to the output folder {path}') from None
+
+
+def check_name_fits(path: str, flag: str) -> None:
+    """Refuse up front a file name longer than its file system allows (255 bytes on most), which would otherwise
+    fail only when the file is written, after the work."""
+    folder = os.path.dirname(os.path.abspath(path)) or '.'
+    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    try:
+        limit = os.pathconf(folder, 'PC_NAME_MAX')
+    except (OSError, ValueError):
+        limit = 255
+    for part in os.path.abspath(path).split(os.sep):
+        if len(os.fsencode(part)) > limit:
+            raise UserError(f'{path[:80]}... cannot be written: the name {part[:40]}... is too long, '
+                            f'{len(os.fsencode(part))} bytes where the file system allows {limit}. Choose a shorter '
+                            f'{flag}.')
+
+
+def refuse_overwrite(outputs: dict[str, str], inputs: dict[str, str]) -> None:
+    """Refuse, before any work, to write over an input of the same command: an output path that is an input file,
+    by name or through a link. `outputs` maps each path to the option that places it, `inputs` each input path to
+    what it is ('--checkpoint', 'an input image', ...)."""
+    def identities(path):
+        ids = {('path', os.path.realpath(path))}
+        with contextlib.suppress(OSError):
+            st = os.stat(path)
+            ids.add(('inode', st.st_dev, st.st_ino))
+        return ids
+
+    known = {}
+    for path, what in inputs.items():
+        if path:
+            for identity in identities(path):
+                known.setdefault(identity, (path, what))
+    for path, flag in outputs.items():
+        for identity in identities(path):
+            if identity in known:
+                source, what = known[identity]
+                same = '' if os.path.abspath(source) == os.path.abspath(path) else f' ({source})'
+                raise UserError(f'this command would write {path}, which is {what}{same}: an output must not '
+                                f'overwrite an input. Choose another {flag}; nothing was written.')
 
 
 def save_checkpoint(checkpoint: dict, path: str) -> None:
-    try:
-        atomic_write(path, lambda f: torch.save(checkpoint, f))
-    except OSError as e:
-        raise UserError(f'could not write the checkpoint {path}: {e.strerror or e}. Free some space or choose '
-                        f'another folder; any earlier checkpoint there is unchanged.') from None
+    atomic_write(path, lambda f: torch.save(checkpoint, f), flag='--output_dir',
+                 keeps='Any earlier checkpoint there is unchanged')
 
 
-def save_image(image, path: str) -> None:
-    """Save a PIL image atomically, in the format its extension names."""
+def save_image(image, path: str, flag: str | None = None) -> None:
+    """Save a PIL image atomically, in the format its extension names. It is encoded in memory first: given a
+    real file, Pillow's JPEG encoder writes to its descriptor from C and ignores a failed write (seen on a full
+    disk: a truncated JPEG, saved without an error); writing the bytes through Python raises as it should."""
     fmt = os.path.splitext(path)[1].lstrip('.').upper().replace('JPG', 'JPEG') or 'PNG'
-    try:
-        atomic_write(path, lambda f: image.save(f, format=fmt))
-    except OSError as e:
-        raise UserError(f'could not write {path}: {e.strerror or e}.') from None
+    encoded = io.BytesIO()
+    image.save(encoded, format=fmt)
+    atomic_write(path, lambda f: f.write(encoded.getbuffer()), flag)
 
 
 def class_map(scores: torch.Tensor, dim: int = 1) -> torch.Tensor:
@@ -249,13 +339,13 @@ def class_map(scores: torch.Tensor, dim: int = 1) -> torch.Tensor:
     return scores.max(dim).indices
 
 
-def save_mask(pred, path: str, palette: list[int]) -> None:
+def save_mask(pred, path: str, palette: list[int], flag: str | None = None) -> None:
     """Save a class map (tensor or array of class indices) atomically as a palettised PNG."""
     if isinstance(pred, torch.Tensor):
         pred = pred.cpu().numpy()
     image = Image.fromarray(pred.astype(np.uint8), 'P')
     image.putpalette(palette)
-    save_image(image, path)
+    save_image(image, path, flag)
 
 
 def strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -284,10 +374,10 @@ def load_checkpoint(path: str, what: str = 'checkpoint') -> dict:
                             f'the file, which this project never does (it loads with weights_only=True). '
                             f'If you trust the file, re-save just its tensors: '
                             f'torch.save(torch.load(path, weights_only=False)["state_dict"], new_path).') from None
-        raise UserError(f'{what} {path} is not a readable PyTorch file ({_first_line(e)}); '
+        raise UserError(f'{what} {path} is not a readable PyTorch file ({first_line(e)}); '
                         f'it may be truncated: download or copy it again.') from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, IndexError, KeyError) as e:
-        raise UserError(f'{what} {path} is truncated or not a PyTorch checkpoint ({_first_line(e)}); '
+        raise UserError(f'{what} {path} is truncated or not a PyTorch checkpoint ({first_line(e)}); '
                         f'download or copy it again.') from None
     if isinstance(obj, dict) and isinstance(obj.get('state_dict'), dict):
         return obj
@@ -298,6 +388,15 @@ def load_checkpoint(path: str, what: str = 'checkpoint') -> dict:
     kind = f'a dict with keys {sorted(obj)[:5]}' if isinstance(obj, dict) else f'a {type(obj).__name__}'
     raise UserError(f'{what} {path} holds {kind}, not model weights; give a checkpoint written by main.py '
                     f'--train, a released checkpoint, or a saved state dict.')
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether an exception is an allocation that failed: CUDA's OutOfMemoryError, the CPU allocator's
+    "can't allocate memory" RuntimeError, or Python's MemoryError."""
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in text or 'out of memory' in text)
 
 
 def first_non_finite(state_dict: dict[str, torch.Tensor]) -> str | None:
@@ -338,7 +437,7 @@ def short_error(e: Exception) -> str:
     return text if len(text) <= 300 else text[:297] + '...'
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0][:200]
 
@@ -363,10 +462,32 @@ class DistInfo:
         return self.rank == 0
 
 
+TORCHRUN_VARIABLES = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')
+
+
 def dist_info() -> DistInfo:
-    """This process's rank and the number of processes, as torchrun's environment describes them."""
-    return DistInfo(int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1)),
-                    int(os.environ.get('LOCAL_RANK', 0)), int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
+    """This process's rank and the number of processes, as torchrun's environment describes them. A WORLD_SIZE
+    above 1 without the rest of torchrun's variables (or with values that are not numbers) is a UserError: a
+    process group could not be joined, or would wait for processes that do not exist."""
+    values = {}
+    for name, default in (('RANK', 0), ('WORLD_SIZE', 1), ('LOCAL_RANK', 0), ('LOCAL_WORLD_SIZE', 1)):
+        text = os.environ.get(name)
+        try:
+            values[name] = default if text is None or not text.strip() else int(text)
+        except ValueError:
+            raise UserError(f'the environment variable {name}={text!r} is not a number; start the command with '
+                            f'torchrun, or unset {name}.') from None
+    info = DistInfo(values['RANK'], values['WORLD_SIZE'], values['LOCAL_RANK'], values['LOCAL_WORLD_SIZE'])
+    if info.world_size > 1:
+        missing = [name for name in TORCHRUN_VARIABLES if not os.environ.get(name)]
+        if missing:
+            raise UserError(f'WORLD_SIZE={info.world_size} is set, but not {", ".join(missing)}: the processes '
+                            f'of a distributed run are started by torchrun (README, "Distributed training"). '
+                            f'Start the command with torchrun, or unset WORLD_SIZE.')
+    if info.world_size < 1 or not 0 <= info.rank < info.world_size:
+        raise UserError(f'RANK={info.rank} and WORLD_SIZE={info.world_size} do not make a process group; start '
+                        f'the command with torchrun, or unset them.')
+    return info
 
 
 def from_main_process(value):
@@ -444,26 +565,44 @@ def keep_fused(optimizer: torch.optim.Optimizer) -> None:
 
 
 @contextlib.contextmanager
-def staged_folder(final: str):
-    """Yield a private staging folder beside `final`; on success its files move into `final`, on failure they
-    are deleted, so an interrupted or failed run leaves no partial set of outputs."""
+def staged_folder(final: str, flag: str | None = None):
+    """Yield a private staging folder beside `final`; on success its files move into `final`, on failure (or a
+    stop) they are deleted with it, so a failed or interrupted run leaves no partial set of outputs and no
+    staging folder."""
     parent, name = os.path.split(os.path.abspath(final))
     staging = os.path.join(parent, f'.{name}.partial-{os.getpid()}')
-    os.makedirs(staging, exist_ok=True)
+    try:
+        os.makedirs(staging, exist_ok=True)
+    except OSError as e:
+        raise write_error(final, e, flag) from None
     try:
         yield staging
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, UserError) and staging in str(e):  # name the file the user asked for, not its stand-in
+            raise UserError(str(e).replace(staging, os.path.abspath(final))) from None
         raise
-    os.makedirs(final, exist_ok=True)
-    for entry in os.listdir(staging):
-        os.replace(os.path.join(staging, entry), os.path.join(final, entry))
-    os.rmdir(staging)
+    try:  # publish
+        os.makedirs(final, exist_ok=True)
+        for entry in os.listdir(staging):
+            os.replace(os.path.join(staging, entry), os.path.join(final, entry))
+        os.rmdir(staging)
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise write_error(final, e, flag) from None
 
 
 def cleanup_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _thread_excepthook(args) -> None:
+    """TensorBoard's writer thread re-raises a failed write (full disk) in the main thread, which reports it as a
+    message (MetricsWriter); print nothing for it here, where Python would print the thread's traceback."""
+    if isinstance(args.exc_value, OSError) and type(args.thread).__name__ == '_AsyncWriterThread':
+        return
+    threading.__excepthook__(args)
 
 
 PROJECT_LOGGERS = ('main', 'deeplab', 'imagenet', 'vovnet', 'pascal', 'utils', 'plots', 'predict', 'export',
@@ -484,6 +623,11 @@ def setup_logging(is_main: bool = True) -> None:
     root.addHandler(out)
     root.addHandler(err)
     root.setLevel(logging.WARNING)
+    threading.excepthook = _thread_excepthook
+    for stream in (sys.stdout, sys.stderr):  # file names that are not UTF-8 (surrogates) print escaped, not fail
+        if hasattr(stream, 'reconfigure'):
+            with contextlib.suppress(ValueError, io.UnsupportedOperation):
+                stream.reconfigure(errors='backslashreplace')
     for name in PROJECT_LOGGERS:
         logging.getLogger(name).setLevel(logging.INFO if is_main else logging.WARNING)
 
@@ -565,17 +709,19 @@ def ignore_interrupts_in_worker(worker_id: int) -> None:
 
 
 class GracefulStop:
-    """Turns the first SIGINT/SIGTERM into a request the training loop polls between iterations; a later one
-    acts as usual (stops at once).
+    """Turns the first SIGINT/SIGTERM into a request that a loop polls between its steps (training iterations,
+    evaluated or predicted images); a later one acts as usual (stops at once), or with `repeat_raises` raises
+    Interrupted at once, so that the caller's cleanup (a staging folder) still runs.
 
     The same signal again within `repeat_window` seconds counts as the first one delivered twice: a Ctrl-C in the
     terminal reaches every process of torchrun's group, and torchrun forwards it to its workers once more (a
     cluster scheduler's SIGTERM does the same), which would otherwise stop them before they save anything.
     """
 
-    def __init__(self, repeat_window: float = 2.0):
+    def __init__(self, repeat_window: float = 2.0, repeat_raises: bool = False):
         self.signal: int | None = None
         self.repeat_window = repeat_window
+        self.repeat_raises = repeat_raises
         self._first = 0.0
         self._previous = {}
 
@@ -591,6 +737,8 @@ class GracefulStop:
             return
         if signum == self.signal and now - self._first < self.repeat_window:
             return
+        if self.repeat_raises:
+            raise Interrupted(signum, f'stopped at once by a second signal {signum}; nothing was published')
         previous = self._previous.get(signum, signal.SIG_DFL)
         signal.signal(signum, previous)
         if callable(previous):  # Python's SIGINT handler: KeyboardInterrupt
@@ -610,34 +758,65 @@ class GracefulStop:
 
 class MetricsWriter:
     """Metrics as JSON lines (`metrics.jsonl`) and, when `tensorboard` is installed, TensorBoard event files, in
-    one folder; a no-op in processes other than the main one."""
+    one folder; a no-op in processes other than the main one. A write that fails (full disk) is a UserError naming
+    the file; the log keeps only whole lines."""
 
     def __init__(self, folder: str, enabled: bool = True, resume: bool = False):
         self.enabled = enabled
+        self.folder = folder
         self.path = os.path.join(folder, 'metrics.jsonl')
         self.tensorboard = None
         if not enabled:
             return
-        os.makedirs(folder, exist_ok=True)
-        if not resume and os.path.exists(self.path):
-            os.replace(self.path, self.path + '.previous')
+        try:
+            os.makedirs(folder, exist_ok=True)
+            if not resume and os.path.exists(self.path):
+                os.replace(self.path, self.path + '.previous')
+        except OSError as e:
+            raise write_error(folder, e, '--output_dir') from None
         try:
             from torch.utils.tensorboard import SummaryWriter
-            self.tensorboard = SummaryWriter(folder)
         except ImportError:
             log.info('TensorBoard is not installed, so no event files are written (pip install tensorboard); '
                      'the metrics are in %s', self.path)
+            return
+        try:
+            self.tensorboard = SummaryWriter(folder)
+        except OSError as e:
+            raise write_error(f'the TensorBoard event file in {folder}', e, '--output_dir') from None
 
     def write(self, step: int, **values) -> None:
         if not self.enabled:
             return
-        with open(self.path, 'a') as f:
-            f.write(json.dumps({'iteration': step, **values}) + '\n')
+        line = json.dumps({'iteration': step, **values}) + '\n'
+        try:
+            with open(self.path, 'a') as f:
+                start = f.tell()
+                try:
+                    f.write(line)
+                    f.flush()
+                except OSError:
+                    with contextlib.suppress(OSError):  # no half line for the curves to trip on
+                        f.truncate(start)
+                    raise
+        except OSError as e:
+            raise write_error(self.path, e, '--output_dir') from None
         if self.tensorboard is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and key not in ('epoch', 'time'):
-                    self.tensorboard.add_scalar(key, value, step)
+            try:
+                for key, value in values.items():
+                    if isinstance(value, (int, float)) and key not in ('epoch', 'time'):
+                        self.tensorboard.add_scalar(key, value, step)
+            except OSError as e:
+                self.close()
+                raise write_error(f'the TensorBoard event file in {self.folder}', e, '--output_dir') from None
 
     def close(self) -> None:
+        """Close the TensorBoard writer; a failure to flush its last events (full disk) is a warning here, since
+        this runs at the end of training, also after another failure that the user must see."""
         if self.tensorboard is not None:
-            self.tensorboard.close()
+            writer, self.tensorboard = self.tensorboard, None
+            try:
+                writer.close()
+            except OSError as e:
+                log.warning('the last TensorBoard events in %s could not be written: %s', self.folder,
+                            e.strerror or e)

@@ -232,8 +232,9 @@ def test_a_crop_too_small_for_the_output_stride(workdir, run_cli):
 
 
 def test_a_batch_size_that_does_not_divide_among_processes(workdir, run_cli, monkeypatch):
-    monkeypatch.setenv('WORLD_SIZE', '3')
-    monkeypatch.setenv('RANK', '0')
+    for name, value in dict(WORLD_SIZE='3', RANK='0', LOCAL_RANK='0', LOCAL_WORLD_SIZE='3', MASTER_ADDR='127.0.0.1',
+                            MASTER_PORT='29511').items():  # as torchrun sets them
+        monkeypatch.setenv(name, value)
     assert_clean_failure(run_cli(*TRAIN, '--batch_size', '4'), '--batch_size 4 is the total over all processes',
                          'multiple of 3')
 
