@@ -365,6 +365,9 @@ def evaluate(model: nn.Module, loader: DataLoader, rt: Runtime, num_classes: int
     except Exception as e:
         if stop is not None and stop.requested:  # the signal reached the data-loading workers first, which
             raise stopped() from None            # breaks their pipes (RuntimeError, ConnectionResetError, ...)
+        if utils.out_of_memory(e):  # preparing an image (padding it to --crop_size), here or in a worker
+            raise UserError(f'out of memory preparing an image for evaluation on a {crop_size}x{crop_size} canvas '
+                            f'({utils.first_line(e)}): use a --crop_size that fits in memory (513 for VOC).') from None
         if isinstance(e, RuntimeError):
             raise_if_worker_died(e, batches)
         raise
@@ -468,8 +471,8 @@ def raise_if_worker_died(e: RuntimeError, batches=None) -> None:
     """Turn PyTorch's "DataLoader worker ... exited unexpectedly" into a message with the cause: the signal or
     status the worker ended with (`batches`, the loader's iterator, knows its workers)."""
     text = str(e)
-    if 'DataLoader worker' not in text:
-        return
+    if 'DataLoader worker (pid' not in text:  # "... exited unexpectedly", "... is killed by signal"; not an
+        return                                # exception the worker raised ("Caught ... in DataLoader worker")
     causes = []
     for worker in getattr(batches, '_workers', []):
         code = worker.exitcode
@@ -649,13 +652,13 @@ def train_one_epoch(net, criterion, optimizer, scaler, loader, state: TrainState
     except Exception as e:
         if stop.requested:  # the signal reached the workers before the main process could stop them (their
             return False    # pipes break: RuntimeError, ConnectionResetError, ...)
-        if isinstance(e, RuntimeError):
-            raise_if_worker_died(e, batches)
         if utils.out_of_memory(e):
             raise UserError(f'out of memory in a training step (epoch {epoch + 1}, {loader.batch_size} images of '
                             f'{args.crop_size}x{args.crop_size} per process on {rt.device}: {utils.first_line(e)}). '
                             f'Lower --batch_size or --crop_size, or train with --amp. The last checkpoint is '
                             f'{state.last_checkpoint or "none"}.') from None
+        if isinstance(e, RuntimeError):
+            raise_if_worker_died(e, batches)
         raise
     finally:
         del batches  # shut the workers down now, also when an exception keeps this frame alive

@@ -5,6 +5,7 @@ Every random choice of a transform is drawn from a `random.Random` seeded by (se
 sample's augmentation does not depend on the number of workers or processes, and a resumed run sees exactly
 the batches an uninterrupted one would have seen.
 """
+import codecs
 import glob
 import logging
 import math
@@ -306,7 +307,14 @@ def read_lines(path: str, what: str) -> list[tuple[int, str]]:
             data = f.read()
     except OSError as e:
         raise UserError(f'cannot read {what} {path}: {e.strerror or e}.') from None
-    text = data.decode('utf-8-sig', errors='surrogateescape')
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # Windows' "Unicode"
+        try:
+            text = data.decode('utf-16')
+        except UnicodeDecodeError as e:
+            raise UserError(f'{what} {path} starts as UTF-16 but is not ({e.reason} at byte {e.start}); save it '
+                            f'as UTF-8.') from None
+    else:
+        text = data.decode('utf-8-sig', errors='surrogateescape')
     return [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
 
 

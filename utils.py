@@ -369,13 +369,13 @@ def load_checkpoint(path: str, what: str = 'checkpoint') -> dict:
     try:
         obj = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
-        if 'weights_only' in str(e) or 'Weights only' in str(e):
+        if 'Unsupported global' in str(e) or 'can still be loaded' in str(e):  # a class or function to import
             raise UserError(f'{what} {path} holds Python objects that could only be loaded by running code from '
                             f'the file, which this project never does (it loads with weights_only=True). '
                             f'If you trust the file, re-save just its tensors: '
                             f'torch.save(torch.load(path, weights_only=False)["state_dict"], new_path).') from None
-        raise UserError(f'{what} {path} is not a readable PyTorch file ({first_line(e)}); '
-                        f'it may be truncated: download or copy it again.') from None
+        raise UserError(f'{what} {path} is not a PyTorch file (its contents do not unpickle): it may be another '
+                        f'kind of file, or truncated; download or copy it again.') from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, IndexError, KeyError) as e:
         raise UserError(f'{what} {path} is truncated or not a PyTorch checkpoint ({first_line(e)}); '
                         f'download or copy it again.') from None
