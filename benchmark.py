@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 
 import deeplab
+import inference
+import main
 import pascal
 import synthetic
 import utils
@@ -302,16 +304,15 @@ def measure_inference(backbone: str, config: Config, args) -> dict:
     model = build(backbone, args, x)
     params = deeplab.count_parameters(model)
     gflops = flops(model, x) / args.batch if config.name == ORIGINAL.name else None
-    net = prepare(model, config, device, args.size)
+    runner = inference.Runner(prepare(model, config, device, args.size),
+                              inference.Execution(device, PRECISIONS[config.amp], config.channels_last), args.size)
     fmt = torch.channels_last if config.channels_last else torch.contiguous_format
     x = x.contiguous(memory_format=fmt)
-    dtype = PRECISIONS[config.amp]
     context = torch.enable_grad if config.grad else torch.inference_mode
 
     def forward():
-        with context(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            out = net(x)
-        return out
+        with context():
+            return runner.forward(x)
 
     warmup_s, times, memory, energy = time_runs(forward, device, args)
     out = forward()
@@ -331,19 +332,19 @@ def measure_training(backbone: str, config: Config, args) -> dict:
     fmt = torch.channels_last if config.channels_last else torch.contiguous_format
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    dtype = PRECISIONS[config.amp]
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    execution = inference.Execution(device, PRECISIONS[config.amp], config.channels_last)
+    scaler = torch.amp.GradScaler(device.type, enabled=execution.amp == torch.float16)
     if config.name == ORIGINAL.name:  # PyTorch's default implementation
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
     else:  # main.py's: fused where PyTorch has the kernel and no gradient scaler is used
-        optimizer = utils.sgd([{'params': model.parameters()}], lr=1e-3, momentum=0.9, weight_decay=1e-4,
-                              grad_scaler=scaler.is_enabled())
+        optimizer = main.sgd([{'params': model.parameters()}], lr=1e-3, momentum=0.9, weight_decay=1e-4,
+                             grad_scaler=scaler.is_enabled())
     net = torch.compile(model) if config.compile else model
     x = sample_batch(args.crop, args.batch).to(device, memory_format=fmt)
     target = torch.randint(0, 21, (args.batch, args.crop, args.crop), device=device)
 
     def step():
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        with execution.autocast():
             logits = net(x)
         loss = F.cross_entropy(logits.float(), target, ignore_index=255)
         optimizer.zero_grad(set_to_none=True)

@@ -272,6 +272,8 @@ def _create_deeplab(backbone: str, pretrained: bool = False, num_classes: int = 
     elif pretrained and family == 'vovnet':
         initial = imagenet.load_vovnet(model, backbone, num_groups)
     model.initial_weights = initial
+    model.model_args = dict(backbone=backbone, num_classes=num_classes, output_stride=output_stride,
+                            num_groups=num_groups, weight_std=weight_std, beta=beta)
     if pretrained:
         log.info('initial weights: %s', imagenet.describe(initial))
     return model
@@ -437,26 +439,45 @@ def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
                         help='default: the one the checkpoint was trained with (16 for the released ones)')
 
 
+# What `build_model` needs to rebuild a model, with the original's values where nothing says otherwise.
+MODEL_DEFAULTS = dict(num_classes=21, output_stride=16, num_groups=None, weight_std=False, beta=False)
+
+
+def rebuild_args(checkpoint: dict, fixed: dict | None = None, defaults: dict | None = None) -> dict:
+    """The arguments of `build_model` that rebuild the model a checkpoint holds; the one rule of every script.
+
+    Each comes from, in order: `fixed`, what the caller requires (an --output_stride asked for, or main.py's
+    --backbone and dataset classes, which `load_weights` then checks against the weights); what the checkpoint
+    recorded (`model_args`, written by the builder into this project's checkpoints); what its keys tell (a released
+    checkpoint: backbone and classes); `defaults` (flags); the original's (`MODEL_DEFAULTS`). The backbone may stay
+    None where nothing tells it.
+    """
+    fixed, defaults = fixed or {}, defaults or {}
+    recorded = dict(checkpoint.get('model_args') or {})
+    backbone, classes = identify(strip_prefixes(checkpoint['state_dict']))
+    told = {k: v for k, v in dict(backbone=backbone, num_classes=classes).items() if v is not None}
+    args = {}
+    for key, default in dict(backbone=None, **MODEL_DEFAULTS).items():
+        source = next((s for s in (fixed, recorded, told, defaults) if key in s), {key: default})
+        args[key] = source[key]
+    return args
+
+
 def model_from_checkpoint(path: str, backbone: str | None = None, output_stride: int | None = None) -> DeepLabV3:
-    """Rebuild and load the model a checkpoint holds. The backbone, class count and output stride come from the
-    checkpoint (this project's records them; a released one is recognised by its keys, and has stride 16);
-    `backbone` is needed only when neither tells, and must agree with it when given; `output_stride` overrides
-    the recorded one (the weights fit either)."""
+    """Rebuild and load the model a checkpoint holds (`rebuild_args`): a released one is recognised by its keys
+    and has stride 16; `backbone` is needed only when nothing tells, and must agree with it when given;
+    `output_stride` overrides the recorded one (the weights fit either)."""
     checkpoint = load_checkpoint(path)
-    state = strip_prefixes(checkpoint['state_dict'])
-    model_args = dict(checkpoint.get('model_args') or {})
-    found, classes = identify(state)
-    held = model_args.get('backbone') or found
+    args = rebuild_args(checkpoint, fixed={'output_stride': output_stride} if output_stride else None)
+    held = args['backbone']
     if held is None and backbone is None:
         raise UserError(f'cannot tell which backbone {path} was trained with; pass --backbone.')
     if backbone and held and backbone != held:
-        raise UserError(f'{path} holds {describe(held, classes)}, not a {backbone}; ask for {held} (predict.py '
-                        f'and export.py need no --backbone) or pick the matching checkpoint.')
-    model = build_model(held or backbone, num_classes=model_args.get('num_classes', classes or 21),
-                        num_groups=model_args.get('num_groups'), weight_std=model_args.get('weight_std', False),
-                        beta=model_args.get('beta', False),
-                        output_stride=output_stride or model_args.get('output_stride', 16))
-    load_weights(model, state, path)
+        raise UserError(f'{path} holds {describe(held, args["num_classes"])}, not a {backbone}; ask for {held} '
+                        f'(predict.py and export.py need no --backbone) or pick the matching checkpoint.')
+    args['backbone'] = held or backbone
+    model = build_model(**args)
+    load_weights(model, checkpoint['state_dict'], path)
     return model
 
 

@@ -17,15 +17,15 @@ import random
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
 
 import deeplab
 import imagenet
+import inference
 import pascal
 import plots
 import utils
@@ -112,7 +112,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     s = p.add_argument_group('devices and speed')
     s.add_argument('--device', default=None, help='cpu, cuda or cuda:N (default: CUDA when available, else CPU)')
-    s.add_argument('--amp', default='off', choices=tuple(utils.AMP_DTYPES),
+    s.add_argument('--amp', default='off', choices=tuple(inference.AMP_DTYPES),
                    help='mixed precision: bf16 (CPU and recent GPUs) or fp16 (CUDA, with a gradient scaler)')
     s.add_argument('--channels_last', action='store_true', help='NHWC memory layout (faster convolutions)')
     s.add_argument('--compile', action='store_true', help='torch.compile the model (slow start, faster steps)')
@@ -217,29 +217,48 @@ def check_args(args, info: utils.DistInfo) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Runtime: device, processes, precision
+# This process: its place among torchrun's processes, and how models run on it
 
 
 @dataclass
 class Runtime:
-    device: torch.device
     dist: utils.DistInfo
-    amp: torch.dtype | None = None
-    channels_last: bool = False
+    execution: inference.Execution
 
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None)
-
-    def input(self, x: torch.Tensor) -> torch.Tensor:
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        return x.to(self.device, non_blocking=True, memory_format=fmt)
+    @property
+    def device(self) -> torch.device:
+        return self.execution.device
 
 
 def make_runtime(args, info: utils.DistInfo, device: torch.device) -> Runtime:
-    amp = utils.amp_dtype(args.amp, device)
+    """--amp and --channels_last, turned into the run's execution once."""
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
-    return Runtime(device, info, amp, args.channels_last)
+    return Runtime(info, inference.Execution(device, inference.amp_dtype(args.amp, device), args.channels_last))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model and data
+
+
+def flag_model_args(args) -> dict:
+    """The model the flags describe (the backbone's options), for `deeplab.rebuild_args`."""
+    return dict(backbone=args.backbone, num_groups=args.groups, weight_std=args.weight_std, beta=args.beta)
+
+
+def model_for(args, num_classes: int, checkpoint: dict | None = None, resume: bool = False) -> deeplab.DeepLabV3:
+    """The model of this run: the flags' backbone and the dataset's classes, the output stride of --output_stride.
+    From a checkpoint the rest follows `deeplab.rebuild_args`: when evaluating, the norm layers and stem it
+    recorded; when resuming, the flags' (a mismatch is then load_weights' message). A new training run starts
+    from ImageNet weights unless --scratch."""
+    stride = {'output_stride': args.output_stride} if args.output_stride else {}
+    if checkpoint is None:
+        return deeplab.build_model(args.backbone, pretrained=not args.scratch, num_classes=num_classes,
+                                   num_groups=args.groups, weight_std=args.weight_std, beta=args.beta,
+                                   output_stride=args.output_stride or 16, pretrained_path=args.pretrained_path)
+    flags = flag_model_args(args)
+    fixed = {**(flags if resume else {'backbone': args.backbone}), 'num_classes': num_classes, **stride}
+    return deeplab.build_model(**deeplab.rebuild_args(checkpoint, fixed=fixed, defaults=flags))
 
 
 def unwrap(model: nn.Module) -> deeplab.DeepLabV3:
@@ -247,23 +266,6 @@ def unwrap(model: nn.Module) -> deeplab.DeepLabV3:
     while not isinstance(model, deeplab.DeepLabV3):
         model = getattr(model, 'module', None) or model._orig_mod
     return model
-
-
-def create_model(args, num_classes: int, pretrained: bool, model_args: dict | None = None) -> deeplab.DeepLabV3:
-    """The model the flags describe; a checkpoint's own model_args (norm layers, stem) take precedence, and its
-    output stride is the default (an evaluation may choose another: the weights fit both)."""
-    model_args = model_args or {}
-    return deeplab.build_model(args.backbone, pretrained=pretrained, num_classes=num_classes,
-                               num_groups=model_args.get('num_groups', args.groups),
-                               weight_std=model_args.get('weight_std', args.weight_std),
-                               beta=model_args.get('beta', args.beta),
-                               output_stride=args.output_stride or model_args.get('output_stride', 16),
-                               pretrained_path=args.pretrained_path)
-
-
-def model_args_of(model: deeplab.DeepLabV3, args) -> dict:
-    return dict(backbone=model.backbone_name, num_classes=model.num_classes, output_stride=model.output_stride,
-                num_groups=args.groups, weight_std=args.weight_std, beta=args.beta)
 
 
 def class_names_of(args):
@@ -277,102 +279,78 @@ def dataset_of(args, split: str, transforms, **kwargs) -> pascal.SegmentationDat
                                 f'{args.class_names} (--class_names)', **kwargs)
 
 
-def make_loader(dataset, batch_size: int, sampler, args, rt: Runtime) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=args.workers,
-                      pin_memory=rt.device.type == 'cuda', worker_init_fn=utils.ignore_interrupts_in_worker)
+def loader_of(dataset, batch_size: int, sampler, args, rt: Runtime):
+    return pascal.make_loader(dataset, batch_size, sampler, args.workers, pin_memory=rt.device.type == 'cuda')
+
+
+def eval_loader(dataset, args, rt: Runtime):
+    """One image per batch: the protocol pads each image on its own canvas; each process takes its share."""
+    return loader_of(dataset, 1, pascal.ShardSampler(len(dataset), rt.dist.rank, rt.dist.world_size), args, rt)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Evaluation
 
 
-def predict_logits(model: nn.Module, image: torch.Tensor, rt: Runtime) -> torch.Tensor:
-    with rt.autocast():
-        return model(rt.input(image)).float()
-
-
-def multi_scale_probs(model: nn.Module, image: torch.Tensor, scales, flip: bool, crop_size: int, rt: Runtime,
-                      logits_at_1: torch.Tensor | None = None) -> torch.Tensor:
-    """Softmax probabilities summed over input scales (and flips), at the image's size. Each scaled image is
-    padded bottom/right to the crop size like the single-scale protocol, whose logits (`logits_at_1`, cropped
-    to the image) stand in for scale 1 unflipped."""
-    image = image.to(rt.device)
-    h, w = image.shape[-2:]
-    total = 0
-    for scale in scales:
-        size = (max(1, round(h * scale)), max(1, round(w * scale)))
-        scaled = F.interpolate(image, size=size, mode='bilinear', align_corners=True) if scale != 1 else image
-        pad = (0, max(0, crop_size - size[1]), 0, max(0, crop_size - size[0]))
-        for flipped in ((False, True) if flip else (False,)):
-            if scale == 1 and not flipped and logits_at_1 is not None:
-                total = total + logits_at_1.softmax(1)
-                continue
-            x = F.pad(scaled.flip(-1) if flipped else scaled, pad)
-            logits = predict_logits(model, x, rt)[..., :size[0], :size[1]]
-            if flipped:
-                logits = logits.flip(-1)
-            logits = F.interpolate(logits, size=(h, w), mode='bilinear', align_corners=True)
-            total = total + logits.softmax(1)
-    return total
+@dataclass
+class MultiScale:
+    """Multi-scale and/or flip evaluation beside the protocol's single scale."""
+    scales: list[float]
+    flip: bool = False
+    save_dir: str | None = None
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader: DataLoader, rt: Runtime, num_classes: int, crop_size: int,
-             scales=None, flip: bool = False, save_dir: str | None = None, ms_save_dir: str | None = None,
-             stop: utils.GracefulStop | None = None):
+def evaluate(runner: inference.Runner, loader, num_classes: int, save_dir: str | None = None,
+             multi_scale: MultiScale | None = None, stop: utils.GracefulStop | None = None):
     """The original's protocol, one image at a time: the image padded bottom/right to the crop size, argmax,
-    cropped back to the image; IoU accumulated over the dataset. With `scales`/`flip`, a multi-scale/flip
-    prediction is scored beside it. Returns (ConfusionMatrix, ConfusionMatrix or None); with several processes
-    each sees its share of the images and the matrices are summed over all. A stop requested through `stop`
-    (SIGINT, SIGTERM) ends it between images with Interrupted."""
-    model.eval()
+    cropped back to the image; IoU accumulated over the dataset. With `multi_scale`, its prediction is scored
+    beside it. Returns (ConfusionMatrix, ConfusionMatrix or None); with several processes each sees its share of
+    the images and the matrices are summed over all. A stop requested through `stop` (SIGINT, SIGTERM) ends it
+    between images with Interrupted. Progress is logged at least every 10 s."""
+    runner.model.eval()
+    device = runner.execution.device
     dataset = loader.dataset
-    confusion = utils.ConfusionMatrix(num_classes, rt.device)
-    confusion_ms = utils.ConfusionMatrix(num_classes, rt.device) if (scales or flip) else None
+    confusion = utils.ConfusionMatrix(num_classes, device)
+    confusion_ms = utils.ConfusionMatrix(num_classes, device) if multi_scale else None
     palette = utils.voc_palette()
-    seen = 0
+    pace = utils.Pace(len(loader))
 
     def stopped():
-        return Interrupted(stop.signal, f'evaluation stopped by signal {stop.signal} after {seen} of '
+        return Interrupted(stop.signal, f'evaluation stopped by signal {stop.signal} after {pace.done} of '
                                         f'{len(loader)} images; nothing was published')
-    batches = iter(loader)  # one image per batch: the protocol pads each image on its own canvas
-    try:
-        for image, mask, info in batches:
-            if stop is not None and stop.requested:
-                raise stopped()
-            h, w = int(info['size'][0]), int(info['size'][1])
-            target = mask[0, :h, :w].to(rt.device, non_blocking=True)
-            name = dataset.name(int(info['index']))
-            try:
-                logits = predict_logits(model, image, rt)[..., :h, :w]
-            except (RuntimeError, MemoryError) as e:
-                if not utils.out_of_memory(e):
-                    raise
-                raise UserError(f'out of memory evaluating {name} ({w}x{h} on a {image.shape[-1]}x'
-                                f'{image.shape[-2]} canvas) on {rt.device} ({utils.first_line(e)}): evaluate on a '
-                                f'device with more memory, or with --amp (bf16 on a CPU).') from None
-            pred = utils.class_map(logits[0], 0)
-            confusion.update(target, pred)
-            if save_dir:
-                utils.save_mask(pred, os.path.join(save_dir, f'{name}.png'), palette, '--output_dir')
-            if confusion_ms is not None:
-                probs = multi_scale_probs(model, image[..., :h, :w], scales or [1.0], flip, crop_size, rt, logits)
-                pred_ms = utils.class_map(probs[0], 0)
-                confusion_ms.update(target, pred_ms)
-                if ms_save_dir:
-                    utils.save_mask(pred_ms, os.path.join(ms_save_dir, f'{name}.png'), palette, '--output_dir')
-            seen += 1
-    except Exception as e:
-        if stop is not None and stop.requested:  # the signal reached the data-loading workers first, which
-            raise stopped() from None            # breaks their pipes (RuntimeError, ConnectionResetError, ...)
-        if utils.out_of_memory(e):  # preparing an image (padding it to --crop_size), here or in a worker
-            raise UserError(f'out of memory preparing an image for evaluation on a {crop_size}x{crop_size} canvas '
-                            f'({utils.first_line(e)}): use a --crop_size that fits in memory (513 for VOC).') from None
-        if isinstance(e, RuntimeError):
-            raise_if_worker_died(e, batches)
-        raise
-    finally:
-        del batches
+    advice = f'use a --crop_size that fits in memory (513 for VOC; the canvas is {runner.crop}x{runner.crop})'
+    with contextlib.closing(pascal.batches(loader, stop, advice)) as batches:
+        try:
+            for image, mask, info in batches:
+                if stop is not None and stop.requested:
+                    raise stopped()
+                h, w = int(info['size'][0]), int(info['size'][1])
+                name = dataset.name(int(info['index']))
+                target = mask[0, :h, :w].to(device, non_blocking=True)
+                try:
+                    logits = runner.logits(image, (h, w))
+                except (RuntimeError, MemoryError) as e:
+                    if not utils.out_of_memory(e):
+                        raise
+                    raise UserError(f'out of memory evaluating {name} ({w}x{h} on a {image.shape[-1]}x'
+                                    f'{image.shape[-2]} canvas) on {device} ({utils.first_line(e)}): evaluate on a '
+                                    f'device with more memory, or with --amp (bf16 on a CPU).') from None
+                pred = utils.class_map(logits[0], 0)
+                confusion.update(target, pred)
+                if save_dir:
+                    utils.save_mask(pred, os.path.join(save_dir, f'{name}.png'), palette, '--output_dir')
+                if multi_scale:
+                    probs = runner.multi_scale_probs(image[..., :h, :w], multi_scale.scales, multi_scale.flip, logits)
+                    pred_ms = utils.class_map(probs[0], 0)
+                    confusion_ms.update(target, pred_ms)
+                    if multi_scale.save_dir:
+                        utils.save_mask(pred_ms, os.path.join(multi_scale.save_dir, f'{name}.png'), palette,
+                                        '--output_dir')
+                if pace.step():
+                    log.info('evaluating  image %d/%d  %s  eta %s', pace.done, pace.total, pace.rate(), pace.eta())
+        except pascal.Stopped:
+            raise stopped() from None
     confusion.reduce_from_all_processes()
     if confusion_ms is not None:
         confusion_ms.reduce_from_all_processes()
@@ -390,26 +368,25 @@ def run_evaluation(args, rt: Runtime) -> float:
                         f'--checkpoint PATH.')
     checkpoint = utils.load_checkpoint(path)
     dataset = dataset_of(args, 'val', pascal.eval_transforms(args.crop_size))
-    outputs = {os.path.join(args.output_dir, 'val', f'{dataset.name(i)}.png'): '--output_dir'
-               for i in range(len(dataset))} if args.save_predictions else {}
-    if args.save_predictions and (args.eval_scales or args.flip):
-        outputs.update({os.path.join(args.output_dir, 'val_ms', f'{dataset.name(i)}.png'): '--output_dir'
-                        for i in range(len(dataset))})
+    ms = bool(args.eval_scales or args.flip)
+    folders = ['val', 'val_ms'] if ms else ['val']
+    outputs = {os.path.join(args.output_dir, folder, f'{dataset.name(i)}.png'): '--output_dir'
+               for folder in (folders if args.save_predictions else []) for i in range(len(dataset))}
     outputs[chart_path(args, path)] = '--output_dir'
     utils.refuse_overwrite(outputs, {**dataset_inputs(dataset), path: 'the checkpoint evaluated',
                                      args.class_names: '--class_names'})
-    model = create_model(args, dataset.num_classes, pretrained=False, model_args=checkpoint.get('model_args'))
+    model = model_for(args, dataset.num_classes, checkpoint)
     deeplab.load_weights(model, checkpoint['state_dict'], path)
-    model.to(rt.device)
-    if rt.channels_last:
-        model.to(memory_format=torch.channels_last)
-    runner = torch.compile(model) if args.compile else model
-    loader = make_loader(dataset, 1, utils.ShardSampler(len(dataset), rt.dist.rank, rt.dist.world_size), args, rt)
+    model = rt.execution.prepare(model)
+    runner = inference.Runner(torch.compile(model) if args.compile else model, rt.execution, args.crop_size)
+    loader = eval_loader(dataset, args, rt)
 
-    ms = bool(args.eval_scales or args.flip)
     log.info('evaluating %s on %s of %s (%s, output stride %d)', path, utils.plural(len(dataset), 'image'),
              args.dataset, rt.device, model.output_stride)
     log.info('initial weights of its training: %s', imagenet.describe(checkpoint.get('initial_weights')))
+    hint = inference.speed_hint(rt.device)
+    if hint and rt.execution.amp is None:
+        log.info('%s', hint)
     start = time.time()
     # Predictions go to a staging folder and join <output_dir>/val only when the evaluation succeeds.
     with contextlib.ExitStack() as stack:
@@ -419,16 +396,16 @@ def run_evaluation(args, rt: Runtime) -> float:
             # weights of any model compiled later in this process, stale once it trains.
             from torch._inductor import config as inductor_config
             stack.enter_context(inductor_config.patch(freezing=True))
-        save_dir = ms_save_dir = None
+        save_dir, multi_scale = None, None
         if args.save_predictions:
             save_dir = stack.enter_context(utils.staged_folder(os.path.join(args.output_dir, 'val'),
                                                                           '--output_dir'))
-            if ms:
-                ms_save_dir = stack.enter_context(utils.staged_folder(
-                    os.path.join(args.output_dir, 'val_ms'), '--output_dir'))
+        if ms:
+            ms_dir = (stack.enter_context(utils.staged_folder(os.path.join(args.output_dir, 'val_ms'), '--output_dir'))
+                      if args.save_predictions else None)
+            multi_scale = MultiScale(args.eval_scales or [1.0], args.flip, ms_dir)
         stop = stack.enter_context(utils.GracefulStop(repeat_raises=True))
-        confusion, confusion_ms = evaluate(runner, loader, rt, dataset.num_classes, args.crop_size,
-                                           args.eval_scales, args.flip, save_dir, ms_save_dir, stop)
+        confusion, confusion_ms = evaluate(runner, loader, dataset.num_classes, save_dir, multi_scale, stop)
     if rt.dist.is_main:
         report(confusion, confusion_ms, dataset.class_names, args, path, time.time() - start, len(dataset))
     return confusion.mean_iou()
@@ -467,51 +444,345 @@ def _side_by_side(class_names, iou, iou_ms) -> str:
     return '\n'.join(rows)
 
 
-def raise_if_worker_died(e: RuntimeError, batches=None) -> None:
-    """Turn PyTorch's "DataLoader worker ... exited unexpectedly" into a message with the cause: the signal or
-    status the worker ended with (`batches`, the loader's iterator, knows its workers)."""
-    text = str(e)
-    if 'DataLoader worker (pid' not in text:  # "... exited unexpectedly", "... is killed by signal"; not an
-        return                                # exception the worker raised ("Caught ... in DataLoader worker")
-    causes = []
-    for worker in getattr(batches, '_workers', []):
-        code = worker.exitcode
-        if code is not None and code < 0:
-            name = signal.Signals(-code).name
-            causes.append(f'worker pid {worker.pid} was killed by {name}'
-                          + (' (Killed: usually the out-of-memory killer)' if name == 'SIGKILL' else ''))
-        elif code:
-            causes.append(f'worker pid {worker.pid} exited with status {code}')
-    cause = '; '.join(causes) or text.strip().splitlines()[0]
-    raise UserError(f'a data-loading worker died ({cause}). This usually means it ran out of memory, or of shared '
-                    f'memory (/dev/shm) in a container: lower --workers or --batch_size, or load in the main process '
-                    f'with --workers 0.') from None
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# Training
+# Training: optimizer, schedule, loss
+
+
+def poly_lr(base_lr: float, iteration: int, max_iterations: int, power: float = 0.9) -> float:
+    """The original's poly schedule, set every iteration: base_lr * (1 - it / max_it) ** 0.9."""
+    return base_lr * (1 - iteration / max_iterations) ** power
+
+
+FUSED_DEVICES = ('cpu', 'cuda')
+
+
+def sgd(groups: list[dict], lr: float, momentum: float, weight_decay: float,
+        grad_scaler: bool = False) -> torch.optim.SGD:
+    """SGD with PyTorch's fused kernel where it has one (CPU, CUDA): the same update as the original's loop over
+    tensors (to the last bit's rounding, see tests/test_scale.py) in one kernel per tensor instead of four.
+
+    Not under a gradient scaler (`grad_scaler`, fp16): when the scaler skips the first step for an overflow, as
+    it does at its initial scale, PyTorch's fused kernel (2.11 to 2.14 at least) leaves the momentum buffers it
+    allocated uninitialised, and the next step adds that memory to the weights (NaN loss within a few steps)."""
+    groups = [dict(group, params=list(group['params'])) for group in groups]  # parameters() is an iterator
+    fused = not grad_scaler and all(p.device.type in FUSED_DEVICES and p.is_floating_point()
+                                    for g in groups for p in g['params'])
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=fused or None)
+
+
+def keep_fused(optimizer: torch.optim.Optimizer) -> None:
+    """After `load_state_dict`, which restores each group's flags: a state saved by an unfused optimizer (older
+    checkpoints, PyTorch 1.1's released ones) would switch the fused kernel off; keep this run's choice."""
+    fused = optimizer.defaults.get('fused')
+    for group in optimizer.param_groups:
+        group['fused'] = fused
+        if fused:
+            group['foreach'] = None
+
+
+def frozen_batchnorm(model: nn.Module):
+    """The BatchNorm layers --freeze_bn keeps fixed (statistics and affine parameters)."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
 def set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
     model.train()
-    if freeze_bn:
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
+    for m in frozen_batchnorm(model) if freeze_bn else []:
+        m.eval()
+
+
+def scales_gradients(args) -> bool:
+    """Whether training runs under a gradient scaler: fp16's small range needs one, bf16 and fp32 none."""
+    return args.amp == 'fp16'
 
 
 def make_optimizer(model: deeplab.DeepLabV3, args) -> torch.optim.SGD:
     """SGD with two parameter groups, as the original: the backbone, and the ASPP at lr x last_mult."""
-    if args.freeze_bn:
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.weight.requires_grad_(False)
-                m.bias.requires_grad_(False)
+    for m in frozen_batchnorm(model) if args.freeze_bn else []:
+        m.weight.requires_grad_(False)
+        m.bias.requires_grad_(False)
     head = [p for p in model.aspp.parameters() if p.requires_grad]
     head_ids = {id(p) for p in model.aspp.parameters()}
     backbone = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
-    return utils.sgd([{'params': backbone}, {'params': head}], lr=args.base_lr, momentum=MOMENTUM,
-                     weight_decay=WEIGHT_DECAY, grad_scaler=args.amp == 'fp16')
+    return sgd([{'params': backbone}, {'params': head}], lr=args.base_lr, momentum=MOMENTUM,
+               weight_decay=WEIGHT_DECAY, grad_scaler=scales_gradients(args))
+
+
+class BatchCrossEntropy(nn.Module):
+    """Cross entropy ignoring 255, averaged over the labelled pixels of the whole batch as the original's (its
+    DataParallel gathered the logits of all GPUs before the loss), also when processes split the batch.
+
+    The mean of each process's own mean would weigh a pixel by how many labelled pixels its process happens to
+    have (scale augmentation pads small images with 255). So each process divides its sum by the count over all
+    processes, times their number, which DDP's gradient averaging divides out. In one process this is
+    `nn.CrossEntropyLoss`'s mean, bit for bit (loss and gradients, tests/test_faults.py), except for a batch
+    without a labelled pixel (all 255): its mean is 0 / 0, NaN; here it is 0, with zero gradients.
+    `labelled` keeps the last batch's count of labelled pixels (over all processes), for messages.
+    """
+
+    def __init__(self, world_size: int = 1):
+        super().__init__()
+        self.world_size = world_size
+        self.labelled = torch.zeros((), dtype=torch.int64)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        total = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction='sum')
+        count = (target != IGNORE_INDEX).sum()  # int64: exact for any batch
+        if self.world_size > 1:
+            torch.distributed.all_reduce(count)
+            total = total * self.world_size
+        self.labelled = count
+        return total / count.clamp(min=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training: the run
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # completed epochs
+    iteration: int = 0  # completed iterations over all epochs
+    batches_per_epoch: int = 0
+    seed: int = 0
+    best_miou: float | None = None
+    last_checkpoint: str | None = None
+    initial_weights: dict | None = None  # where the run's weights started (imagenet.describe)
+
+
+@dataclass
+class Run:
+    """A training run in one object: what the loop and its helpers read and change."""
+    args: argparse.Namespace
+    rt: Runtime
+    state: TrainState
+    dataset: pascal.SegmentationDataset
+    sampler: pascal.TrainSampler
+    loader: object
+    val_loader: object | None
+    model: deeplab.DeepLabV3  # as saved
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    net: nn.Module | None = None  # as trained: under DistributedDataParallel and/or torch.compile
+    criterion: nn.Module | None = None
+    metrics: utils.MetricsWriter | None = None
+    progress: 'Progress | None' = field(default=None, repr=False)
+
+    @property
+    def iterations(self) -> int:
+        """Batches per epoch for this process."""
+        return self.sampler.batches_per_epoch
+
+    @property
+    def max_iterations(self) -> int:
+        return self.args.epochs * self.iterations
+
+    def checkpoint(self, path: str) -> None:
+        save(make_checkpoint(self), path, self.state, self.rt)
+
+    def interrupt(self, stop: utils.GracefulStop, where: str) -> None:
+        path = run_file(self.args, 'interrupted')
+        self.checkpoint(path)
+        raise Interrupted(stop.signal or signal.SIGTERM, f'stopped by signal {stop.signal} {where}; the state is '
+                                                         f'saved in {path}. Resume with the same command plus '
+                                                         f'--resume {path}')
+
+
+def initial_seed(seed: int | None) -> int:
+    """The run's seed: `--seed`, or one drawn at random and the same on every process (each shards the same
+    permutation of the training set; seeds of their own would have them see overlapping shards)."""
+    return seed if seed is not None else utils.from_main_process(random.SystemRandom().randrange(2 ** 31))
+
+
+def start_state(args, resume: dict | None) -> TrainState:
+    """Where the run starts: from scratch, or where the resumed checkpoint left (its epoch, iteration, seed, best
+    validation, initial weights)."""
+    state = TrainState(last_checkpoint=args.resume)
+    if resume is not None and 'iteration' in resume:
+        state.epoch, state.iteration, state.seed = resume['epoch'], resume['iteration'], resume['seed']
+        state.best_miou = resume.get('best_miou')
+        state.initial_weights = resume.get('initial_weights')
+        if args.seed is not None and args.seed != state.seed:
+            log.warning('--seed %d differs from the resumed run\'s seed %d; keeping %d so the schedule continues '
+                        'as it was', args.seed, state.seed, state.seed)
+    else:
+        state.seed = initial_seed(args.seed)
+        if resume is not None:  # a released checkpoint: only the epoch is known
+            state.epoch = int(resume.get('epoch', 0))
+    if state.epoch >= args.epochs:
+        raise UserError(f'{args.resume} has already trained {utils.plural(state.epoch, "epoch")}; ask for more '
+                        f'with --epochs.')
+    return state
+
+
+def restore(run: Run, resume: dict) -> None:
+    """What a resumed run takes from its checkpoint, besides where it starts: the weights, the optimizer and
+    gradient scaler, the random state, and the iteration on this run's schedule."""
+    path = run.args.resume
+    deeplab.load_weights(run.model, resume['state_dict'], path)
+    restore_optimizer(run.optimizer, run.scaler, resume, path)
+    if 'rng' in resume:
+        set_rng_state(resume['rng'], run.rt.device)
+    run.state.iteration = resume_iteration(resume, run.state, run.iterations, path)
+
+
+def train(args, rt: Runtime) -> None:
+    """Data, model, optimizer, restore (when resuming), loop."""
+    info = rt.dist
+    resume = utils.load_checkpoint(args.resume, what='the checkpoint to resume') if args.resume else None
+    state = start_state(args, resume)
+    torch.manual_seed(state.seed + info.rank)
+    outputs = training_outputs(args, state.epoch)
+
+    dataset = dataset_of(args, 'train', pascal.train_transforms(args.crop_size), seed=state.seed)
+    per_process = args.batch_size // info.world_size
+    sampler = pascal.TrainSampler(len(dataset), per_process, state.seed, info.rank, info.world_size,
+                                  drop_single=batchnorm_per_process(args, info, rt.device.type == 'cuda'))
+    if sampler.batches_per_epoch == 0:
+        smallest = 'two' if sampler.drop_single else 'one'
+        raise UserError(f'the training set has {utils.plural(len(dataset), "image")}, too few for a batch of '
+                        f'{smallest} in each of {utils.plural(info.world_size, "process", "processes")}; add '
+                        f'images or use fewer processes.')
+    val_set = None
+    if args.val_every:
+        val_set = pascal.build_dataset(args.dataset, args.data_root, 'val', pascal.eval_transforms(args.crop_size),
+                                       dataset.num_classes, dataset.class_names)
+    utils.refuse_overwrite(outputs, {**dataset_inputs(dataset, val_set), args.resume: 'the checkpoint to resume',
+                                     args.pretrained_path: '--pretrained_path', args.class_names: '--class_names'})
+
+    model = model_for(args, dataset.num_classes, resume, resume=resume is not None)
+    if resume is None:
+        state.initial_weights = model.initial_weights
+    model = rt.execution.prepare(model)
+    if sync_batchnorm(args, info, rt.device.type == 'cuda'):
+        model = deeplab.convert_sync_batchnorm(model)
+    optimizer = make_optimizer(model, args)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=scales_gradients(args))
+    run = Run(args, rt, state, dataset, sampler, loader_of(dataset, per_process, sampler, args, rt),
+              val_set and eval_loader(val_set, args, rt), model, optimizer, scaler)
+    if resume is not None:
+        restore(run, resume)
+    state.batches_per_epoch = run.iterations
+
+    run.net = model
+    if info.distributed:
+        run.net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[rt.device.index] if rt.device.type == 'cuda' else None)
+    if args.compile:
+        run.net = torch.compile(run.net)
+    run.criterion = BatchCrossEntropy(info.world_size)
+    execution = rt.execution
+    log.info('training %s (%s parameters) on %s of %s: %s x %s, batch %d%s, seed %d, '
+             '%s%s%s', run_name(args), f'{deeplab.count_parameters(model):,}', utils.plural(len(dataset), 'image'),
+             args.dataset, utils.plural(args.epochs, 'epoch'), utils.plural(run.iterations, 'iteration'),
+             args.batch_size, f' ({per_process} per process x {info.world_size})' if info.distributed else '',
+             state.seed, rt.device, f', amp {args.amp}' if execution.amp else '',
+             ', channels last' if execution.channels_last else '')
+    if state.iteration:
+        log.info('resuming from %s at epoch %d, iteration %d', args.resume, state.epoch + 1, state.iteration)
+    run.metrics = utils.MetricsWriter(log_folder(args), info.is_main, resume=resume is not None)
+    run.progress = Progress(args, run.iterations, run.max_iterations, state.iteration, run.metrics)
+    try:
+        with utils.GracefulStop() as stop:
+            while state.epoch < args.epochs:
+                if not train_one_epoch(run, stop):
+                    run.interrupt(stop, f'at epoch {state.epoch + 1}, iteration '
+                                        f'{state.iteration - state.epoch * run.iterations}/{run.iterations}')
+                state.epoch += 1
+                if args.val_every and (state.epoch % args.val_every == 0 or state.epoch == args.epochs):
+                    try:
+                        validate(run, stop)
+                    except Interrupted:
+                        run.interrupt(stop, f'while validating epoch {state.epoch} (not validated)')
+                if state.epoch % args.save_every == 0 or state.epoch == args.epochs:
+                    run.checkpoint(checkpoint_path(args, state.epoch))
+    finally:
+        run.metrics.close()
+    if info.is_main and os.path.isfile(run.metrics.path):
+        curves = os.path.join(log_folder(args), 'curves.png')
+        plots.training_curves(run.metrics.path, curves)
+        log.info('finished %s in %s; curves in %s', utils.plural(args.epochs, 'epoch'),
+                 utils.format_seconds(time.time() - run.progress.start), curves)
+
+
+def train_one_epoch(run: Run, stop: utils.GracefulStop) -> bool:
+    """Train from the state's iteration to the end of its epoch; False when a stop was requested first."""
+    args, rt, state, optimizer = run.args, run.rt, run.state, run.optimizer
+    iterations, epoch = run.iterations, state.epoch
+    first = state.iteration - epoch * iterations
+    run.sampler.set_epoch(epoch, first)
+    run.dataset.set_epoch(epoch)
+    set_train_mode(run.net, args.freeze_bn)
+    run.progress.new_epoch()
+    with contextlib.closing(pascal.batches(run.loader, stop)) as batches:
+        try:
+            for batch_index, (images, masks, _) in zip(range(first, iterations), batches):
+                lr = poly_lr(args.base_lr, state.iteration, run.max_iterations)
+                optimizer.param_groups[0]['lr'] = lr
+                optimizer.param_groups[1]['lr'] = lr * args.last_mult
+                with rt.execution.autocast():
+                    logits = run.net(rt.execution.input(images))
+                loss = run.criterion(logits.float(), masks.to(rt.device, non_blocking=True))
+                optimizer.zero_grad(set_to_none=True)
+                run.scaler.scale(loss).backward()
+                run.scaler.step(optimizer)
+                run.scaler.update()
+                state.iteration += 1
+                loss_value, stop_all = agree(loss.detach(), stop.requested, rt.dist)
+                if not math.isfinite(loss_value):
+                    labelled = int(run.criterion.labelled)
+                    cause = ('its batch had no labelled pixel, yet the logits were not finite: the weights diverged'
+                             if labelled == 0 else f'over the {labelled:,} labelled pixels of its batch: the run '
+                             f'diverged')
+                    raise UserError(f'the loss became {loss_value} at epoch {epoch + 1}, iteration '
+                                    f'{batch_index + 1}/{iterations} (iteration {state.iteration} of the run), '
+                                    f'{cause}; training stopped without saving. The last good checkpoint is '
+                                    f'{state.last_checkpoint or "none"}. Lower --base_lr, check the data, or train '
+                                    f'without --amp.')
+                run.progress.step(epoch, batch_index, state.iteration, lr, loss_value)
+                if stop_all:
+                    return False
+        except pascal.Stopped:
+            return False
+        except Exception as e:
+            if stop.requested:  # the signal broke what the step waited for (a worker, another process)
+                return False
+            if utils.out_of_memory(e):
+                raise UserError(f'out of memory in a training step (epoch {epoch + 1}, {run.loader.batch_size} '
+                                f'images of {args.crop_size}x{args.crop_size} per process on {rt.device}: '
+                                f'{utils.first_line(e)}). Lower --batch_size or --crop_size, or train with --amp. '
+                                f'The last checkpoint is {state.last_checkpoint or "none"}.') from None
+            raise
+    return True
+
+
+def validate(run: Run, stop: utils.GracefulStop | None = None) -> None:
+    """Validation during training: log the mean IoU and keep the best checkpoint (_best.pth)."""
+    state = run.state
+    runner = inference.Runner(unwrap(run.net), run.rt.execution, run.args.crop_size)
+    confusion, _ = evaluate(runner, run.val_loader, run.dataset.num_classes, stop=stop)
+    miou = confusion.mean_iou()
+    run.metrics.write(state.iteration, epoch=state.epoch, miou=miou)
+    improved = state.best_miou is None or miou > state.best_miou
+    log.info('epoch %d: validation mean IoU %.2f%s', state.epoch, miou,
+             ' (best so far)' if improved else f' (best {state.best_miou:.2f})')
+    if improved:
+        state.best_miou = miou
+        run.checkpoint(run_file(run.args, 'best'))
+
+
+def agree(loss: torch.Tensor, stop: bool, info: utils.DistInfo):
+    """The mean loss over all processes and whether any of them was asked to stop, so all act alike."""
+    if not info.distributed:
+        return loss.item(), stop
+    values = torch.stack([loss.float(), torch.tensor(float(stop), device=loss.device)])
+    torch.distributed.all_reduce(values)
+    loss_sum, stops = values.tolist()
+    return loss_sum / info.world_size, stops > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training: checkpoints and the log
 
 
 def rng_state(device: torch.device) -> dict:
@@ -528,27 +799,17 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state['cuda'], device)
 
 
-@dataclass
-class TrainState:
-    epoch: int = 0  # completed epochs
-    iteration: int = 0  # completed iterations over all epochs
-    batches_per_epoch: int = 0
-    seed: int = 0
-    best_miou: float | None = None
-    last_checkpoint: str | None = None
-    initial_weights: dict | None = None  # where the run's weights started (imagenet.describe)
-
-
-def make_checkpoint(model, optimizer, scaler, state: TrainState, args, rt: Runtime, class_names) -> dict:
+def make_checkpoint(run: Run) -> dict:
+    state, args = run.state, run.args
     return {
         'format': 'vovnet-deeplabv3', 'version': CHECKPOINT_VERSION,
         'epoch': state.epoch, 'iteration': state.iteration, 'batches_per_epoch': state.batches_per_epoch,
         'seed': state.seed, 'best_miou': state.best_miou,
-        'state_dict': unwrap(model).state_dict(), 'optimizer': optimizer.state_dict(),
-        'scaler': scaler.state_dict() if scaler.is_enabled() else None,
-        'model_args': model_args_of(unwrap(model), args), 'initial_weights': state.initial_weights,
+        'state_dict': unwrap(run.model).state_dict(), 'optimizer': run.optimizer.state_dict(),
+        'scaler': run.scaler.state_dict() if run.scaler.is_enabled() else None,
+        'model_args': dict(unwrap(run.model).model_args), 'initial_weights': state.initial_weights,
         'dataset': args.dataset,
-        'class_names': list(class_names), 'rng': rng_state(rt.device),
+        'class_names': list(run.dataset.class_names), 'rng': rng_state(run.rt.device),
         'args': {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))},
     }
 
@@ -585,230 +846,6 @@ class Progress:
                  speed, utils.format_seconds(eta))
         self.metrics.write(iteration, epoch=epoch + 1, lr=lr, loss=loss, images_per_s=speed, time=now)
         self.window_start, self.window_images = now, 0
-
-
-class BatchCrossEntropy(nn.Module):
-    """Cross entropy ignoring 255, averaged over the labelled pixels of the whole batch as the original's (its
-    DataParallel gathered the logits of all GPUs before the loss), also when processes split the batch.
-
-    The mean of each process's own mean would weigh a pixel by how many labelled pixels its process happens to
-    have (scale augmentation pads small images with 255). So each process divides its sum by the count over all
-    processes, times their number, which DDP's gradient averaging divides out. In one process this is
-    `nn.CrossEntropyLoss`'s mean, bit for bit (loss and gradients, tests/test_faults.py), except for a batch
-    without a labelled pixel (all 255): its mean is 0 / 0, NaN; here it is 0, with zero gradients.
-    `labelled` keeps the last batch's count of labelled pixels (over all processes), for messages.
-    """
-
-    def __init__(self, world_size: int = 1):
-        super().__init__()
-        self.world_size = world_size
-        self.labelled = torch.zeros((), dtype=torch.int64)
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        total = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction='sum')
-        count = (target != IGNORE_INDEX).sum()  # int64: exact for any batch
-        if self.world_size > 1:
-            torch.distributed.all_reduce(count)
-            total = total * self.world_size
-        self.labelled = count
-        return total / count.clamp(min=1)
-
-
-def train_one_epoch(net, criterion, optimizer, scaler, loader, state: TrainState, max_iterations: int, args,
-                    rt: Runtime, stop: utils.GracefulStop, progress: Progress) -> bool:
-    """Train from the state's iteration to the end of its epoch; False when a stop was requested first."""
-    iterations = loader.sampler.batches_per_epoch
-    epoch = state.epoch
-    set_train_mode(net, args.freeze_bn)
-    progress.new_epoch()
-    batches = iter(loader)
-    try:
-        for batch_index in range(state.iteration - epoch * iterations, iterations):
-            images, masks, _ = next(batches)
-            lr = utils.poly_lr(args.base_lr, state.iteration, max_iterations)
-            optimizer.param_groups[0]['lr'] = lr
-            optimizer.param_groups[1]['lr'] = lr * args.last_mult
-            with rt.autocast():
-                logits = net(rt.input(images))
-            loss = criterion(logits.float(), masks.to(rt.device, non_blocking=True))
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            state.iteration += 1
-            loss_value, stop_all = agree(loss.detach(), stop.requested, rt.dist)
-            if not math.isfinite(loss_value):
-                labelled = int(criterion.labelled)
-                cause = ('its batch had no labelled pixel, yet the logits were not finite: the weights diverged'
-                         if labelled == 0 else f'over the {labelled:,} labelled pixels of its batch: the run '
-                         f'diverged')
-                raise UserError(f'the loss became {loss_value} at epoch {epoch + 1}, iteration {batch_index + 1}/'
-                                f'{iterations} (iteration {state.iteration} of the run), {cause}; training stopped '
-                                f'without saving. The last good checkpoint is {state.last_checkpoint or "none"}. '
-                                f'Lower --base_lr, check the data, or train without --amp.')
-            progress.step(epoch, batch_index, state.iteration, lr, loss_value)
-            if stop_all:
-                return False
-    except Exception as e:
-        if stop.requested:  # the signal reached the workers before the main process could stop them (their
-            return False    # pipes break: RuntimeError, ConnectionResetError, ...)
-        if utils.out_of_memory(e):
-            raise UserError(f'out of memory in a training step (epoch {epoch + 1}, {loader.batch_size} images of '
-                            f'{args.crop_size}x{args.crop_size} per process on {rt.device}: {utils.first_line(e)}). '
-                            f'Lower --batch_size or --crop_size, or train with --amp. The last checkpoint is '
-                            f'{state.last_checkpoint or "none"}.') from None
-        if isinstance(e, RuntimeError):
-            raise_if_worker_died(e, batches)
-        raise
-    finally:
-        del batches  # shut the workers down now, also when an exception keeps this frame alive
-    return True
-
-
-def initial_seed(seed: int | None) -> int:
-    """The run's seed: `--seed`, or one drawn at random and the same on every process (each shards the same
-    permutation of the training set; seeds of their own would have them see overlapping shards)."""
-    return seed if seed is not None else utils.from_main_process(random.SystemRandom().randrange(2 ** 31))
-
-
-def train(args, rt: Runtime) -> None:
-    info = rt.dist
-    resume = utils.load_checkpoint(args.resume, what='the checkpoint to resume') if args.resume else None
-    state = TrainState(last_checkpoint=args.resume)
-    if resume is not None and 'iteration' in resume:
-        state.epoch, state.iteration, state.seed = resume['epoch'], resume['iteration'], resume['seed']
-        state.best_miou = resume.get('best_miou')
-        if args.seed is not None and args.seed != state.seed:
-            log.warning('--seed %d differs from the resumed run\'s seed %d; keeping %d so the schedule continues '
-                        'as it was', args.seed, state.seed, state.seed)
-    else:
-        state.seed = initial_seed(args.seed)
-        if resume is not None:  # a released checkpoint: only the epoch is known
-            state.epoch = int(resume.get('epoch', 0))
-    if state.epoch >= args.epochs:
-        raise UserError(f'{args.resume} has already trained {utils.plural(state.epoch, "epoch")}; ask for more '
-                        f'with --epochs.')
-    torch.manual_seed(state.seed + info.rank)
-    outputs = training_outputs(args, state.epoch)
-
-    dataset = dataset_of(args, 'train', pascal.train_transforms(args.crop_size), seed=state.seed)
-    # A resumed run keeps the output stride it was trained with, unless --output_stride says otherwise.
-    stride = ((resume or {}).get('model_args') or {}).get('output_stride')
-    model = create_model(args, dataset.num_classes, pretrained=not args.scratch and resume is None,
-                         model_args={'output_stride': stride} if stride else None)
-    state.initial_weights = resume.get('initial_weights') if resume is not None else model.initial_weights
-    if resume is not None:
-        deeplab.load_weights(model, resume['state_dict'], args.resume)
-    model.to(rt.device)
-    if sync_batchnorm(args, info, rt.device.type == 'cuda'):
-        model = deeplab.convert_sync_batchnorm(model)
-    if rt.channels_last:
-        model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, args)
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp == torch.float16)
-    if resume is not None:
-        restore_optimizer(optimizer, scaler, resume, args.resume)
-        if 'rng' in resume:
-            set_rng_state(resume['rng'], rt.device)
-
-    per_process = args.batch_size // info.world_size
-    sampler = utils.TrainSampler(len(dataset), per_process, state.seed, info.rank, info.world_size,
-                                 drop_single=batchnorm_per_process(args, info, rt.device.type == 'cuda'))
-    loader = make_loader(dataset, per_process, sampler, args, rt)
-    iterations = state.batches_per_epoch = sampler.batches_per_epoch
-    if iterations == 0:
-        smallest = 'two' if sampler.drop_single else 'one'
-        raise UserError(f'the training set has {utils.plural(len(dataset), "image")}, too few for a batch of '
-                        f'{smallest} in each of {utils.plural(info.world_size, "process", "processes")}; add '
-                        f'images or use fewer processes.')
-    if resume is not None:
-        state.iteration = resume_iteration(resume, state, iterations, args.resume)
-    max_iterations = args.epochs * iterations
-    val_loader = val_set = None
-    if args.val_every:
-        val_set = pascal.build_dataset(args.dataset, args.data_root, 'val', pascal.eval_transforms(args.crop_size),
-                                       dataset.num_classes, dataset.class_names)
-        val_loader = make_loader(val_set, 1, utils.ShardSampler(len(val_set), info.rank, info.world_size), args, rt)
-    utils.refuse_overwrite(outputs, {**dataset_inputs(dataset, val_set), args.resume: 'the checkpoint to resume',
-                                     args.pretrained_path: '--pretrained_path', args.class_names: '--class_names'})
-
-    net = model
-    if info.distributed:
-        net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[rt.device.index] if rt.device.type == 'cuda' else None)
-    if args.compile:
-        net = torch.compile(net)
-    criterion = BatchCrossEntropy(info.world_size)
-    log.info('training %s (%s parameters) on %s of %s: %s x %s, batch %d%s, seed %d, '
-             '%s%s%s', run_name(args), f'{deeplab.count_parameters(model):,}', utils.plural(len(dataset), 'image'),
-             args.dataset, utils.plural(args.epochs, 'epoch'), utils.plural(iterations, 'iteration'), args.batch_size,
-             f' ({per_process} per process x {info.world_size})' if info.distributed else '', state.seed,
-             rt.device, f', amp {args.amp}' if rt.amp else '', ', channels last' if rt.channels_last else '')
-    if state.iteration:
-        log.info('resuming from %s at epoch %d, iteration %d', args.resume, state.epoch + 1, state.iteration)
-
-    def checkpoint(path):
-        save(make_checkpoint(model, optimizer, scaler, state, args, rt, dataset.class_names), path, state, rt)
-
-    def interrupt(where: str):
-        path = run_file(args, 'interrupted')
-        checkpoint(path)
-        raise Interrupted(stop.signal or signal.SIGTERM, f'stopped by signal {stop.signal} {where}; the state is '
-                                                         f'saved in {path}. Resume with the same command plus '
-                                                         f'--resume {path}')
-
-    metrics = utils.MetricsWriter(log_folder(args), info.is_main,
-                                  resume=resume is not None)
-    progress = Progress(args, iterations, max_iterations, state.iteration, metrics)
-    try:
-        with utils.GracefulStop() as stop:
-            while state.epoch < args.epochs:
-                sampler.set_epoch(state.epoch, state.iteration - state.epoch * iterations)
-                dataset.set_epoch(state.epoch)
-                if not train_one_epoch(net, criterion, optimizer, scaler, loader, state, max_iterations, args, rt,
-                                       stop, progress):
-                    interrupt(f'at epoch {state.epoch + 1}, iteration {state.iteration - state.epoch * iterations}/'
-                              f'{iterations}')
-                state.epoch += 1
-                if args.val_every and (state.epoch % args.val_every == 0 or state.epoch == args.epochs):
-                    try:
-                        validate(unwrap(net), val_loader, rt, dataset.num_classes, args, state, metrics, checkpoint,
-                                 stop)
-                    except Interrupted:
-                        interrupt(f'while validating epoch {state.epoch} (not validated)')
-                if state.epoch % args.save_every == 0 or state.epoch == args.epochs:
-                    checkpoint(checkpoint_path(args, state.epoch))
-    finally:
-        metrics.close()
-    if info.is_main and os.path.isfile(metrics.path):
-        curves = os.path.join(log_folder(args), 'curves.png')
-        plots.training_curves(metrics.path, curves)
-        log.info('finished %s in %s; curves in %s', utils.plural(args.epochs, 'epoch'),
-                 utils.format_seconds(time.time() - progress.start), curves)
-
-
-def validate(model, loader, rt: Runtime, num_classes: int, args, state: TrainState, metrics, checkpoint,
-             stop: utils.GracefulStop | None = None) -> None:
-    """Validation during training: log the mean IoU and keep the best checkpoint (_best.pth)."""
-    confusion, _ = evaluate(model, loader, rt, num_classes, args.crop_size, stop=stop)
-    miou = confusion.mean_iou()
-    metrics.write(state.iteration, epoch=state.epoch, miou=miou)
-    improved = state.best_miou is None or miou > state.best_miou
-    log.info('epoch %d: validation mean IoU %.2f%s', state.epoch, miou,
-             ' (best so far)' if improved else f' (best {state.best_miou:.2f})')
-    if improved:
-        state.best_miou = miou
-        checkpoint(run_file(args, 'best'))
-
-
-def agree(loss: torch.Tensor, stop: bool, info: utils.DistInfo):
-    """The mean loss over all processes and whether any of them was asked to stop, so all act alike."""
-    if not info.distributed:
-        return loss.item(), stop
-    values = torch.stack([loss.float(), torch.tensor(float(stop), device=loss.device)])
-    torch.distributed.all_reduce(values)
-    loss_sum, stops = values.tolist()
-    return loss_sum / info.world_size, stops > 0
 
 
 def resume_iteration(checkpoint: dict, state: TrainState, iterations: int, path: str) -> int:
@@ -851,7 +888,7 @@ def restore_optimizer(optimizer, scaler, checkpoint: dict, path: str) -> None:
     except (ValueError, KeyError, RuntimeError) as e:
         raise UserError(f'the optimizer state in {path} does not fit this run ({e}); it was trained with other '
                         f'options (e.g. --freeze_bn). Resume with the same flags.') from None
-    utils.keep_fused(optimizer)
+    keep_fused(optimizer)
     if checkpoint.get('scaler') and scaler.is_enabled():
         scaler.load_state_dict(checkpoint['scaler'])
 

@@ -11,17 +11,15 @@ crop-sized windows, so that memory stays bounded (`--whole`, `--slide` choose on
 import argparse
 import glob
 import logging
-import math
 import os
 import sys
-import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 import deeplab
+import inference
 import pascal
 import utils
 from utils import Interrupted, UserError
@@ -53,7 +51,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     size.add_argument('--whole', action='store_true',
                       help='predict every image whole, however large (memory grows with the image)')
     p.add_argument('--device', default=None, help='cpu, cuda or cuda:N (default: CUDA when available)')
-    p.add_argument('--amp', default='off', choices=tuple(utils.AMP_DTYPES), help='mixed precision')
+    p.add_argument('--amp', default='auto', choices=('auto',) + tuple(inference.AMP_DTYPES),
+                   help='mixed precision; auto (default): bf16 on a CPU with bf16 units (AVX-512 BF16, AMX) or a '
+                        'GPU (fp16 on one without bf16), fp32 elsewhere; off: fp32')
+    p.add_argument('--channels_last', action=argparse.BooleanOptionalAction, default=None,
+                   help='NHWC memory layout (default: on with mixed precision)')
     return p
 
 
@@ -68,64 +70,6 @@ def collect_inputs(spec: str) -> list[str]:
     if not files:
         raise UserError(f'--input {spec} names no file: give an image, a folder of images or a glob pattern.')
     return files
-
-
-class Predictor:
-    """Class maps for normalised images, padded like evaluation: batches of small images, large ones whole or in
-    overlapping windows."""
-
-    def __init__(self, model, device, crop_size: int, amp):
-        self.model, self.device, self.crop, self.amp = model, device, crop_size, amp
-
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-            return self.model(x.to(self.device)).float()
-
-    def batch(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Class maps for images of at most crop x crop, predicted together on one padded canvas each."""
-        canvas = torch.zeros(len(images), 3, self.crop, self.crop)
-        for i, image in enumerate(images):
-            canvas[i, :, :image.shape[1], :image.shape[2]] = image
-        pred = utils.class_map(self._forward(canvas)).cpu()
-        return [pred[i, :image.shape[1], :image.shape[2]] for i, image in enumerate(images)]
-
-    def whole(self, image: torch.Tensor) -> torch.Tensor:
-        """The class map of an image larger than the crop on some side, padded to at least the crop on each side
-        and predicted in one pass."""
-        h, w = image.shape[1:]
-        padded = F.pad(image, (0, max(0, self.crop - w), 0, max(0, self.crop - h)))
-        return utils.class_map(self._forward(padded[None]))[0, :h, :w].cpu()
-
-    def windows(self, image: torch.Tensor) -> torch.Tensor:
-        """The class map of an image larger than the crop, from overlapping crop x crop windows (stride 2/3 of the
-        crop) whose softmax probabilities are averaged. Rows are finished band by band: a row of windows ends the
-        rows above the next one, so the sums span one band (classes x crop x width), not the image."""
-        h, w = image.shape[1:]
-        padded = F.pad(image, (0, max(0, self.crop - w), 0, max(0, self.crop - h)))
-        ph, pw = padded.shape[1:]
-        crop, stride = self.crop, max(1, self.crop * 2 // 3)
-        ys, xs = _starts(ph, crop, stride), _starts(pw, crop, stride)
-        classes = torch.empty(ph, pw, dtype=torch.int64)
-        total = count = None  # the band of rows [ys[i], ys[i] + crop)
-        for i, y in enumerate(ys):
-            for x in xs:  # one window a pass: the same logits whatever --batch_size says
-                probs = self._forward(padded[None, :, y:y + crop, x:x + crop]).softmax(1)[0].cpu()
-                if total is None:
-                    total, count = torch.zeros(probs.shape[0], crop, pw), torch.zeros(1, crop, pw)
-                total[:, :, x:x + crop] += probs
-                count[:, :, x:x + crop] += 1
-            done = (ys[i + 1] - y) if i + 1 < len(ys) else crop  # rows no later window reaches
-            classes[y:y + done] = utils.class_map(total[:, :done] / count[:, :done], 0)
-            total = torch.cat([total[:, done:], torch.zeros_like(total[:, :done])], 1)
-            count = torch.cat([count[:, done:], torch.zeros_like(count[:, :done])], 1)
-        return classes[:h, :w]
-
-
-def _starts(length: int, window: int, stride: int) -> list[int]:
-    if length <= window:
-        return [0]
-    n = math.ceil((length - window) / stride) + 1
-    return sorted({min(i * stride, length - window) for i in range(n)})
 
 
 def overlay(photo: Image.Image, mask: np.ndarray, opacity: float, palette) -> Image.Image:
@@ -180,7 +124,8 @@ def run(args) -> int:
     _, device = utils.init_distributed(args.device)
     files = collect_inputs(args.input)
     utils.make_output_folder(args.output, '--output')
-    amp = utils.amp_dtype(args.amp, device)
+    amp = inference.amp_dtype(args.amp, device)
+    execution = inference.Execution(device, amp, amp is not None if args.channels_last is None else args.channels_last)
     work, skipped = plan(files, args)
     used, stems = set(), {}
     for _, paths in work:
@@ -190,12 +135,15 @@ def run(args) -> int:
                for stem in stems.values() for name in (f'{stem}.png', f'{stem}_overlay.jpg')}
     utils.refuse_overwrite(outputs, {**{path: 'an input image' for path in files},
                                      args.checkpoint: 'the checkpoint (--checkpoint)'})
-    model = deeplab.model_from_checkpoint(args.checkpoint, args.backbone, args.output_stride).to(device).eval()
-    predictor = Predictor(model, device, args.crop_size, amp)
+    model = deeplab.model_from_checkpoint(args.checkpoint, args.backbone, args.output_stride)
+    runner = inference.Runner(execution.prepare(model).eval(), execution, args.crop_size)
+    log.info('predicting %s with %s (%s, %s%s)', utils.plural(len(stems), 'image'), args.checkpoint, device,
+             {None: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16'}[amp],
+             ', channels last' if execution.channels_last else '')
     to_tensor = pascal.ToTensor()
     palette = utils.voc_palette()
 
-    done, total, start = 0, len(stems), time.time()
+    done, total, pace = 0, len(stems), utils.Pace(len(stems))
     with torch.inference_mode(), utils.GracefulStop(repeat_raises=True) as stop:
         for how, paths in work:
             if stop.requested:
@@ -209,12 +157,12 @@ def run(args) -> int:
                 except UserError as e:  # a header that reads, a body that does not (a truncated file)
                     log.warning('skipping: %s', e)
                     skipped, total = skipped + 1, total - 1
+                    pace.total = total
             if not photos:
                 continue
             tensors = [to_tensor(photo, photo, None)[0] for photo in photos.values()]
             try:
-                masks = (predictor.batch(tensors) if how == 'batch' else
-                         [getattr(predictor, how)(tensors[0])])
+                masks = runner.class_maps(tensors) if how == 'batch' else [getattr(runner, how)(tensors[0])]
             except Exception as e:
                 if not utils.out_of_memory(e):
                     raise
@@ -229,9 +177,10 @@ def run(args) -> int:
                 utils.save_image(overlay(photo, mask, args.opacity, palette),
                                  os.path.join(args.output, f'{stem}_overlay.jpg'), '--output')
                 done += 1
-                log.info('[%d/%d] %s (%dx%d%s) -> %s.png  %s', done, total, path, photo.size[0], photo.size[1],
-                         ', windows' if how == 'windows' else '', os.path.join(args.output, stem),
-                         utils.format_rate(done, time.time() - start))
+                if pace.step():
+                    log.info('[%d/%d] %s (%dx%d%s) -> %s.png  %s  eta %s', done, total, path, photo.size[0],
+                             photo.size[1], ', windows' if how == 'windows' else '', os.path.join(args.output, stem),
+                             pace.rate(), pace.eta())
     if done == 0:
         raise UserError(f'no image of --input {args.input} could be read ({utils.plural(skipped, "file")} skipped, '
                         f'see the warnings above); nothing was written.')

@@ -27,7 +27,6 @@ import torch.distributed as dist
 from PIL import Image
 
 IGNORE_INDEX = 255
-AMP_DTYPES = {'off': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}  # --amp
 log = logging.getLogger(__name__)
 
 
@@ -171,11 +170,6 @@ class ConfusionMatrix:
         rows.append('-' * (width + 40))
         rows.append(f'{"mean":<{width}}  {iou.mean():6.2f}  pixel accuracy {self.pixel_accuracy():.2f}')
         return '\n'.join(rows)
-
-
-def poly_lr(base_lr: float, iteration: int, max_iterations: int, power: float = 0.9) -> float:
-    """The original's poly schedule, set every iteration: base_lr * (1 - it / max_it) ** 0.9."""
-    return base_lr * (1 - iteration / max_iterations) ** power
 
 
 def voc_palette(num_colors: int = 256) -> list[int]:
@@ -526,44 +520,6 @@ def init_distributed(device_name: str | None, gpu: int = 0) -> tuple[DistInfo, t
     return info, device
 
 
-def amp_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of `--amp name` on `device`; a UserError where the device cannot run it."""
-    amp = AMP_DTYPES[name]
-    if amp == torch.float16 and device.type != 'cuda':
-        raise UserError('--amp fp16 needs a CUDA GPU (fp16 kernels and a gradient scaler); on the CPU use '
-                        '--amp bf16, or --amp off.')
-    if amp == torch.bfloat16 and device.type == 'cuda' and not torch.cuda.is_bf16_supported():
-        raise UserError('this GPU has no bf16 support; use --amp fp16 or --amp off.')
-    return amp
-
-
-FUSED_DEVICES = ('cpu', 'cuda')
-
-
-def sgd(groups: list[dict], lr: float, momentum: float, weight_decay: float,
-        grad_scaler: bool = False) -> torch.optim.SGD:
-    """SGD with PyTorch's fused kernel where it has one (CPU, CUDA): the same update as the original's loop over
-    tensors (to the last bit's rounding, see tests/test_scale.py) in one kernel per tensor instead of four.
-
-    Not under a gradient scaler (`grad_scaler`, fp16): when the scaler skips the first step for an overflow, as
-    it does at its initial scale, PyTorch's fused kernel (2.11 to 2.14 at least) leaves the momentum buffers it
-    allocated uninitialised, and the next step adds that memory to the weights (NaN loss within a few steps)."""
-    groups = [dict(group, params=list(group['params'])) for group in groups]  # parameters() is an iterator
-    fused = not grad_scaler and all(p.device.type in FUSED_DEVICES and p.is_floating_point()
-                                    for g in groups for p in g['params'])
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=fused or None)
-
-
-def keep_fused(optimizer: torch.optim.Optimizer) -> None:
-    """After `load_state_dict`, which restores each group's flags: a state saved by an unfused optimizer (older
-    checkpoints, PyTorch 1.1's released ones) would switch the fused kernel off; keep this run's choice."""
-    fused = optimizer.defaults.get('fused')
-    for group in optimizer.param_groups:
-        group['fused'] = fused
-        if fused:
-            group['foreach'] = None
-
-
 @contextlib.contextmanager
 def staged_folder(final: str, flag: str | None = None):
     """Yield a private staging folder beside `final`; on success its files move into `final`, on failure (or a
@@ -645,67 +601,38 @@ def format_rate(images: int, seconds: float) -> str:
     return f'{rate:.1f} img/s' if rate >= 1 else f'{seconds / images:.1f} s/img'
 
 
+class Pace:
+    """When to print the progress of a long loop, and how fast it goes: at its first item, then at most every `every`
+    seconds, and at its last; the speed and the time left come from the average so far."""
+
+    def __init__(self, total: int, every: float = 10.0):
+        self.total, self.every = total, every
+        self.start = self.last = time.time()
+        self.done = 0
+
+    def step(self, count: int = 1) -> bool:
+        """Count `count` more items done; whether to print now."""
+        first = self.done == 0
+        self.done += count
+        now = time.time()
+        if first or self.done >= self.total or now - self.last >= self.every:
+            self.last = now
+            return True
+        return False
+
+    def rate(self) -> str:
+        return format_rate(self.done, time.time() - self.start)
+
+    def eta(self) -> str:
+        elapsed = time.time() - self.start
+        return format_seconds(elapsed / max(self.done, 1) * max(self.total - self.done, 0))
+
+
 def format_seconds(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f'{h}:{m:02d}:{s:02d}' if h else f'{m}:{s:02d}'
-
-
-class TrainSampler(torch.utils.data.Sampler):
-    """Training order for one process: a permutation seeded by (seed, epoch), padded to a multiple of the number
-    of processes and sharded across them as DistributedSampler does, and able to start mid-epoch (resume).
-
-    With `drop_single`, a final per-process batch of a single image is dropped: BatchNorm cannot train on one
-    value per channel, which the ASPP's image-pooling branch would then have. Without BatchNorm, or with it
-    synchronised across processes, that batch is kept: 662 iterations per epoch on train_aug at batch 16, as the
-    original, also on 8 GPUs.
-    """
-
-    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 drop_single: bool = True):
-        self.size, self.batch_size, self.seed = size, batch_size, seed
-        self.rank, self.world_size, self.drop_single = rank, world_size, drop_single
-        self.epoch, self.start_batch = 0, 0
-        per_process = -(-size // world_size)
-        remainder = per_process % batch_size
-        self.per_process = per_process - (1 if drop_single and remainder == 1 and batch_size > 1 else 0)
-        self.batches_per_epoch = -(-self.per_process // batch_size)
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start_batch = epoch, start_batch
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.size, generator=g).tolist()
-        order += order[:self.world_size * -(-self.size // self.world_size) - self.size]
-        shard = order[self.rank::self.world_size][:self.per_process]
-        return iter(shard[self.start_batch * self.batch_size:])
-
-    def __len__(self) -> int:
-        return max(self.per_process - self.start_batch * self.batch_size, 0)
-
-
-class ShardSampler(torch.utils.data.Sampler):
-    """Evaluation order for one process: every `world_size`-th index, so each image is seen exactly once over
-    all processes (DistributedSampler would repeat some to even out the shards)."""
-
-    def __init__(self, size: int, rank: int = 0, world_size: int = 1):
-        self.indices = list(range(rank, size, world_size))
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-def ignore_interrupts_in_worker(worker_id: int) -> None:
-    """DataLoader worker init: leave Ctrl-C (sent to the whole process group) to the main process, which stops
-    cleanly and then shuts its workers down; one thread per worker. SIGTERM keeps its default action: it is how
-    workers are shut down."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    torch.set_num_threads(1)
 
 
 class GracefulStop:

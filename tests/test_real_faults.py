@@ -22,8 +22,8 @@ from conftest import ROOT, randomize
 from PIL import Image
 
 import deeplab
+import inference
 import main
-import predict
 import utils
 
 TRAIN = ['--train', '--exp', 'f', '--epochs', '1', '--backbone', 'vovnet39', '--scratch', '--crop_size', '65',
@@ -77,9 +77,10 @@ def script(module, args, cwd, file_size=None, memory_above=None, env=None, **kwa
         import resource, sys
         sys.path.insert(0, {ROOT!r})
         import torch, {module}
-        if {memory_above!r} is not None:
+        memory_above = {memory_above!r}
+        if memory_above is not None:
             size = int(next(l for l in open('/proc/self/status') if l.startswith('VmSize')).split()[1]) << 10
-            limit = size + ({memory_above!r} << 20)
+            limit = size + (memory_above << 20)
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         sys.exit({module}.cli({[str(a) for a in args]!r}))
     ''')
@@ -385,16 +386,16 @@ class WindowModel(torch.nn.Module):
         return y + 3 * y.mean((2, 3), keepdim=True)
 
 
-def whole_canvas_windows(predictor, image, crop):
+def whole_canvas_windows(model, image, crop):
     """The windows' averaged softmax accumulated over the whole canvas (the previous implementation)."""
     h, w = image.shape[1:]
     padded = F.pad(image, (0, max(0, crop - w), 0, max(0, crop - h)))
     ph, pw = padded.shape[1:]
     total, count = torch.zeros(7, ph, pw), torch.zeros(1, ph, pw)
-    for y in predict._starts(ph, crop, crop * 2 // 3):
-        for x in predict._starts(pw, crop, crop * 2 // 3):
+    for y in inference.window_starts(ph, crop, crop * 2 // 3):
+        for x in inference.window_starts(pw, crop, crop * 2 // 3):
             window = padded[None, :, y:y + crop, x:x + crop]
-            total[:, y:y + crop, x:x + crop] += predictor._forward(window).softmax(1)[0]
+            total[:, y:y + crop, x:x + crop] += model(window).float().softmax(1)[0]
             count[:, y:y + crop, x:x + crop] += 1
     return (total / count).argmax(0)[:h, :w]
 
@@ -402,11 +403,12 @@ def whole_canvas_windows(predictor, image, crop):
 @pytest.mark.parametrize('crop', [32, 65])
 @pytest.mark.parametrize('size', [(200, 150), (66, 300), (300, 64), (131, 130)])
 def test_windows_finished_band_by_band_equal_windows_over_the_whole_canvas(crop, size):
-    predictor = predict.Predictor(WindowModel().eval(), torch.device('cpu'), crop, None)
+    model = WindowModel().eval()
+    runner = inference.Runner(model, inference.Execution(torch.device('cpu')), crop)
     image = torch.randn(3, *size)
     with torch.inference_mode():
-        banded = predictor.windows(image)
-        assert torch.equal(banded, whole_canvas_windows(predictor, image, crop))
+        banded = runner.windows(image)
+        assert torch.equal(banded, whole_canvas_windows(model, image, crop))
     assert len(banded.unique()) > 3
 
 
@@ -415,7 +417,7 @@ def test_large_photos_are_predicted_in_windows_within_a_memory_limit_that_whole_
     os.makedirs(tmp_path / 'in')
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (1500, 1600, 3), dtype=np.uint8)).save(
         tmp_path / 'in' / 'big.jpg')
-    args = ['--checkpoint', ckpt, '--input', tmp_path / 'in', '--crop_size', '257']
+    args = ['--checkpoint', ckpt, '--input', tmp_path / 'in', '--crop_size', '257', '--amp', 'off']  # fp32
     windows = script('predict', args + ['--output', tmp_path / 'w', '--window_above', '1'], tmp_path,
                      memory_above=900)
     assert windows.returncode == 0, windows.stderr[-3000:]

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import deeplab
+import main
+import pascal
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN = os.path.join(ROOT, 'main.py')
@@ -78,10 +80,10 @@ def test_without_seed_every_process_shards_the_same_random_permutation(tmp_path)
     # Each process drawing its own seed would shuffle the training set its own way: their shards would overlap
     # and miss images. The seed main.py draws is rank 0's on every process, and so is the permutation.
     script = tmp_path / 'seeds.py'
-    script.write_text('import json, main, utils\n'
+    script.write_text('import json, main, pascal, utils\n'
                       'info, _ = utils.init_distributed("cpu")\n'
                       'seed = main.initial_seed(None)\n'
-                      'shard = list(utils.TrainSampler(10, 1, seed, info.rank, info.world_size))\n'
+                      'shard = list(pascal.TrainSampler(10, 1, seed, info.rank, info.world_size))\n'
                       'with open(f"rank{info.rank}.json", "w") as f:\n'
                       '    json.dump({"seed": seed, "shard": shard}, f)\n'
                       'utils.cleanup_distributed()\n')
@@ -94,16 +96,14 @@ def test_without_seed_every_process_shards_the_same_random_permutation(tmp_path)
 
 
 def test_distributed_evaluation_sees_every_image_exactly_once():
-    import utils
     for size, world in ((4, 2), (5, 2), (7, 3), (1449, 8)):
-        seen = sorted(i for r in range(world) for i in utils.ShardSampler(size, r, world))
+        seen = sorted(i for r in range(world) for i in pascal.ShardSampler(size, r, world))
         assert seen == list(range(size))
 
 
 def test_training_sampler_shards_a_global_batch_and_resumes_mid_epoch():
-    import utils
     # 10 images, global batch 4 over 2 processes: 2 per process, 5 images each (one batch of 1 dropped).
-    samplers = [utils.TrainSampler(10, 2, seed=1, rank=r, world_size=2) for r in range(2)]
+    samplers = [pascal.TrainSampler(10, 2, seed=1, rank=r, world_size=2) for r in range(2)]
     assert [s.batches_per_epoch for s in samplers] == [2, 2]
     first = [list(s) for s in samplers]
     assert not set(first[0]) & set(first[1]) and all(len(f) == 4 for f in first)
@@ -111,13 +111,13 @@ def test_training_sampler_shards_a_global_batch_and_resumes_mid_epoch():
     assert list(samplers[0]) == first[0][2:]
     samplers[0].set_epoch(1)
     assert list(samplers[0]) != first[0]
-    single = utils.TrainSampler(10582, 16, seed=0)
+    single = pascal.TrainSampler(10582, 16, seed=0)
     assert single.batches_per_epoch == 662  # the original's iterations per epoch on train_aug
     # 8 processes x 2: 1323 images each, the last alone in its batch; kept where BatchNorm is synchronised
-    eight = [utils.TrainSampler(10582, 2, seed=0, rank=r, world_size=8, drop_single=False) for r in range(8)]
+    eight = [pascal.TrainSampler(10582, 2, seed=0, rank=r, world_size=8, drop_single=False) for r in range(8)]
     assert {s.batches_per_epoch for s in eight} == {662}
     assert set().union(*(list(s) for s in eight)) == set(range(10582))
-    assert utils.TrainSampler(10582, 2, seed=0, rank=0, world_size=8).batches_per_epoch == 661
+    assert pascal.TrainSampler(10582, 2, seed=0, rank=0, world_size=8).batches_per_epoch == 661
 
 
 @pytest.mark.parametrize('backbone, flags, iterations', [('vovnet39', [], '1 iteration'),
@@ -167,8 +167,7 @@ def _sgd_run(optimizer_class, steps, resume=None):
 
 
 def test_fused_sgd_updates_as_the_original_loop_and_stays_fused_on_resume():
-    import utils
-    fused, opt_fused = _sgd_run(utils.sgd, 5)
+    fused, opt_fused = _sgd_run(main.sgd, 5)
     loop, opt_loop = _sgd_run(torch.optim.SGD, 5)  # PyTorch's loop over tensors on the CPU, as the original's
     assert all(g['fused'] for g in opt_fused.param_groups) and not any(g['fused'] for g in opt_loop.param_groups)
     for k in loop:  # the same update; the fused kernel may round the last bit differently (fused multiply-add)
@@ -178,7 +177,7 @@ def test_fused_sgd_updates_as_the_original_loop_and_stays_fused_on_resume():
     saved = opt_loop.state_dict()
     for group in saved['param_groups']:
         del group['fused'], group['foreach']  # as PyTorch 1.1 saved them
-    fused, opt_fused = _sgd_run(utils.sgd, 3, (loop, saved))
+    fused, opt_fused = _sgd_run(main.sgd, 3, (loop, saved))
     loop, _ = _sgd_run(torch.optim.SGD, 3, (loop, saved))
     assert all(g['fused'] for g in opt_fused.param_groups)
     for k in loop:  # the same update; the fused kernel may round the last bit differently (fused multiply-add)
@@ -189,8 +188,7 @@ def test_fused_sgd_updates_as_the_original_loop_and_stays_fused_on_resume():
 def test_sgd_under_the_fp16_gradient_scaler_skips_overflowing_steps_as_the_loop_does(overflow):
     # main.py's --amp fp16 (CUDA) path; the scaler's logic is the same with a CPU scaler. PyTorch's fused kernel
     # skips an overflowing first step without initialising the momentum buffers it allocated, so the next step
-    # adds whatever memory they got: utils.sgd must not fuse under a scaler.
-    import utils
+    # adds whatever memory they got: main.sgd must not fuse under a scaler.
 
     def run(optimizer_class, **kwargs):
         torch.manual_seed(0)
@@ -210,7 +208,7 @@ def test_sgd_under_the_fp16_gradient_scaler_skips_overflowing_steps_as_the_loop_
             weights.append(w.detach().clone())
         return weights, scaler.get_scale()
 
-    scaled, scaled_scale = run(utils.sgd, grad_scaler=True)
+    scaled, scaled_scale = run(main.sgd, grad_scaler=True)
     loop, loop_scale = run(torch.optim.SGD)
     assert scaled_scale == loop_scale == 2.0 ** 9
     assert torch.equal(scaled[overflow + 1], scaled[overflow])  # the overflowing step is skipped

@@ -243,7 +243,7 @@ def test_predicted_masks_equal_the_evaluation_protocol(small_checkpoint, tmp_pat
     image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 60, 3), dtype=np.uint8), 'RGB')
     image.save(tmp_path / 'in' / 'a.png')
     status, _, err = run_cli('--checkpoint', small_checkpoint, '--input', str(tmp_path / 'in' / '*.png'),
-                             '--output', tmp_path / 'out', '--crop_size', '65', module='predict')
+                             '--output', tmp_path / 'out', '--crop_size', '65', '--amp', 'off', module='predict')
     assert status == 0, err
     model = deeplab.model_from_checkpoint(str(small_checkpoint)).eval()
     x, _ = pascal.eval_transforms(65)(image, Image.new('L', image.size), None)
