@@ -430,6 +430,14 @@ def load_weights(model: DeepLabV3, state_dict: dict[str, torch.Tensor], source: 
                         f'{len(unexpected)} unexpected keys {few(unexpected)}.{hint}')
 
 
+def checkpoint_parser(description: str) -> argparse.ArgumentParser:
+    """The command line of a script that rebuilds a model with `model_from_checkpoint` (predict.py, export.py):
+    its description, and the flags that name the checkpoint."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_checkpoint_args(parser)
+    return parser
+
+
 def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     """The flags of a script that rebuilds a model with `model_from_checkpoint`."""
     parser.add_argument('--checkpoint', required=True, help='a checkpoint of main.py --train, or a released one')

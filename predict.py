@@ -32,8 +32,7 @@ WINDOW_ABOVE_MP = 2.5
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    deeplab.add_checkpoint_args(p)
+    p = deeplab.checkpoint_parser(__doc__)
     p.add_argument('--input', required=True, help='an image, a folder of images, or a glob such as "photos/*.jpg"')
     p.add_argument('--output', default='predictions', help='output folder (default: %(default)s)')
     p.add_argument('--crop_size', type=utils.number(int, 32), default=513,

@@ -1,5 +1,7 @@
-"""Shared helpers: user-facing errors, the confusion matrix and IoU, the poly LR schedule, the VOC palette,
-atomic checkpoint/output writing and checkpoint reading, distributed and logging helpers."""
+"""Helpers every script shares, in five sections: errors and command lines; files (safe reading, atomic writing,
+outputs that must not overwrite inputs); metrics (the confusion matrix, class maps, the VOC palette); processes
+(torchrun's environment, the process group, signals); logging and progress. What only the data pipeline uses is
+in pascal.py, the optimizer's beside it in main.py, running a model in inference.py."""
 import argparse
 import collections
 import contextlib
@@ -30,6 +32,10 @@ IGNORE_INDEX = 255
 log = logging.getLogger(__name__)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Errors, exit status and command lines
+
+
 class UserError(Exception):
     """A failure the user can fix (a missing file, a bad flag): printed as one message, no traceback."""
 
@@ -41,38 +47,6 @@ class UserError(Exception):
         if text.startswith('Caught ') and marker in text:
             text = text[text.rindex(marker) + len(marker):].strip()
         return text
-
-
-EXTRAS = 'requirements-extras.txt'  # the optional libraries: pytorchcv, timm
-
-
-def require(module: str, purpose: str):
-    """Import an optional library, or a one-line UserError naming what needs it and the pip install."""
-    import importlib
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise UserError(f'{purpose} needs {module}, which is not installed: pip install {module} '
-                        f'(or pip install -r {EXTRAS}).') from None
-
-
-def number(kind: type, minimum, inclusive: bool = True, maximum=None) -> Callable:
-    """An argparse type: a finite `kind` (int or float) of at least `minimum` (above it when not `inclusive`) and
-    at most `maximum`, so that a bad value is argparse's one-line message rather than a failure later on."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
-        if kind is float and not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f'must be a finite number, not {text}')
-        if value < minimum or (not inclusive and value == minimum):
-            bound = f'at least {minimum}' if inclusive else f'greater than {minimum}'
-            raise argparse.ArgumentTypeError(f'must be {bound}, not {text}')
-        if maximum is not None and value > maximum:
-            raise argparse.ArgumentTypeError(f'must be at most {maximum}, not {text}')
-        return value
-    return parse
 
 
 class Interrupted(Exception):
@@ -117,78 +91,135 @@ def run_command(parser, run: Callable, argv=None) -> int:
     return exit_status(lambda: run(args))
 
 
+def number(kind: type, minimum, inclusive: bool = True, maximum=None) -> Callable:
+    """An argparse type: a finite `kind` (int or float) of at least `minimum` (above it when not `inclusive`) and
+    at most `maximum`, so that a bad value is argparse's one-line message rather than a failure later on."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f'must be a finite number, not {text}')
+        if value < minimum or (not inclusive and value == minimum):
+            bound = f'at least {minimum}' if inclusive else f'greater than {minimum}'
+            raise argparse.ArgumentTypeError(f'must be {bound}, not {text}')
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f'must be at most {maximum}, not {text}')
+        return value
+    return parse
+
+
+EXTRAS = 'requirements-extras.txt'  # the optional libraries: pytorchcv, timm
+
+
+def require(module: str, purpose: str):
+    """Import an optional library, or a one-line UserError naming what needs it and the pip install."""
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f'{purpose} needs {module}, which is not installed: pip install {module} '
+                        f'(or pip install -r {EXTRAS}).') from None
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether an exception is an allocation that failed: CUDA's OutOfMemoryError, the CPU allocator's
+    "can't allocate memory" RuntimeError, or Python's MemoryError."""
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in text or 'out of memory' in text)
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:200]
+
+
+def few(items, n: int = 3) -> str:
+    """'(a, b, c, ...)': the first `n` of a list, for messages."""
+    items = list(items)
+    return '(' + ', '.join(items[:n]) + (', ...' if len(items) > n else '') + ')'
+
+
+def short_error(e: Exception) -> str:
+    """The informative lines of load_state_dict's error, shortened."""
+    lines = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+    text = '; '.join(lines[:3]) or str(e).strip()
+    return text if len(text) <= 300 else text[:297] + '...'
+
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# Metrics and schedule
+# Files: safe reading, atomic writing, outputs that must not overwrite inputs
 
 
-class ConfusionMatrix:
-    """Pixel counts of (label, prediction) pairs, accumulated on the device with `torch.bincount`.
+def strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict without the `module.` (DataParallel/DDP) or `_orig_mod.` (torch.compile) key prefix."""
+    state_dict = collections.OrderedDict(state_dict)
+    for prefix in ('module.', '_orig_mod.'):
+        torch.nn.modules.utils.consume_prefix_in_state_dict_if_present(state_dict, prefix)
+    return state_dict
 
-    IoU is dataset-level, as in the original: intersections and unions are summed over all images before the
-    division, and pixels labelled `ignore_index` are left out.
+
+def load_checkpoint(path: str, what: str = 'checkpoint') -> dict:
+    """Read a checkpoint safely (`weights_only=True`, on the CPU) and return a dict with a 'state_dict'.
+
+    Accepts a released checkpoint ({'epoch', 'state_dict', 'optimizer'}), this project's checkpoints, a bare
+    state dict, or {'model': state_dict}. Anything else is a UserError that says what the file holds.
     """
-
-    def __init__(self, num_classes: int, device: torch.device | None = None, ignore_index: int = IGNORE_INDEX):
-        self.num_classes = num_classes
-        self.ignore_index = ignore_index
-        self.mat = torch.zeros((num_classes, num_classes), dtype=torch.int64, device=device)
-
-    def update(self, target: torch.Tensor, pred: torch.Tensor) -> None:
-        n = self.num_classes
-        keep = target != self.ignore_index
-        idx = target[keep].to(torch.int64) * n + pred[keep].to(torch.int64)
-        self.mat += torch.bincount(idx, minlength=n * n).reshape(n, n)
-
-    def reduce_from_all_processes(self) -> None:
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self.mat)
-
-    def iou(self) -> np.ndarray:
-        """Per-class IoU in [0, 1], computed as the original did (float64, +1e-10 in the denominator)."""
-        mat = self.mat.cpu().numpy()
-        inter = np.diag(mat)
-        union = mat.sum(0) + mat.sum(1) - inter
-        return inter / (union + 1e-10)
-
-    def mean_iou(self) -> float:
-        """Mean IoU in percent over all classes, as printed by the original."""
-        return float(self.iou().mean() * 100)
-
-    def pixel_accuracy(self) -> float:
-        mat = self.mat.cpu().numpy()
-        return float(np.diag(mat).sum() / max(mat.sum(), 1) * 100)
-
-    def table(self, class_names: Sequence[str]) -> str:
-        """A per-class table with IoU, the class's share of the labelled pixels, and a bar."""
-        iou = self.iou() * 100
-        counts = self.mat.sum(1).cpu().numpy()
-        share = counts / max(counts.sum(), 1) * 100
-        width = max(len(n) for n in class_names)
-        rows = [f'{"class":<{width}}  {"IoU":>6}  {"pixels":>6}', '-' * (width + 40)]
-        for name, value, s in zip(class_names, iou, share):
-            rows.append(f'{name:<{width}}  {value:6.2f}  {s:5.1f}%  {"#" * int(round(value / 4))}')
-        rows.append('-' * (width + 40))
-        rows.append(f'{"mean":<{width}}  {iou.mean():6.2f}  pixel accuracy {self.pixel_accuracy():.2f}')
-        return '\n'.join(rows)
+    if os.path.isdir(path):
+        raise UserError(f'{what} {path} is a folder; give the .pth file in it.')
+    if not os.path.isfile(path):
+        raise UserError(f'{what} {path} does not exist.')
+    try:
+        obj = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        if 'Unsupported global' in str(e) or 'can still be loaded' in str(e):  # a class or function to import
+            raise UserError(f'{what} {path} holds Python objects that could only be loaded by running code from '
+                            f'the file, which this project never does (it loads with weights_only=True). '
+                            f'If you trust the file, re-save just its tensors: '
+                            f'torch.save(torch.load(path, weights_only=False)["state_dict"], new_path).') from None
+        raise UserError(f'{what} {path} is not a PyTorch file (its contents do not unpickle): it may be another '
+                        f'kind of file, or truncated; download or copy it again.') from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, IndexError, KeyError) as e:
+        raise UserError(f'{what} {path} is truncated or not a PyTorch checkpoint ({first_line(e)}); '
+                        f'download or copy it again.') from None
+    if isinstance(obj, dict) and isinstance(obj.get('state_dict'), dict):
+        return obj
+    if isinstance(obj, dict) and isinstance(obj.get('model'), dict):
+        return {**obj, 'state_dict': obj['model']}
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return {'state_dict': obj}
+    kind = f'a dict with keys {sorted(obj)[:5]}' if isinstance(obj, dict) else f'a {type(obj).__name__}'
+    raise UserError(f'{what} {path} holds {kind}, not model weights; give a checkpoint written by main.py '
+                    f'--train, a released checkpoint, or a saved state dict.')
 
 
-def voc_palette(num_colors: int = 256) -> list[int]:
-    """The standard PASCAL VOC colour map as a flat [r, g, b, ...] list for `Image.putpalette`."""
-    palette = []
-    for i in range(num_colors):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        palette += [r, g, b]
-    return palette
+def first_non_finite(state_dict: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding a NaN or an infinity, or None."""
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            return name
+    return None
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Files
+def check_finite(state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse weights with NaN or infinite values, naming the file and the first such tensor: a model built
+    from them predicts nothing useful, and an evaluation would print a near-zero mean IoU without a word."""
+    bad = first_non_finite(state_dict)
+    if bad is not None:
+        raise UserError(f'{source} has non-finite values (NaN or infinity) in {bad}: it was written by a run that '
+                        f'diverged, or is damaged. Use an earlier checkpoint, or download or copy it again.')
+
+
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 # What to do when a write fails, by errno.
@@ -226,10 +257,11 @@ def write_error(path: str, e: BaseException, flag: str | None = None, keeps: str
                      + '.' + (f' {keeps}.' if keeps else ''))
 
 
-def atomic_write(path: str, write: Callable[[io.BufferedWriter], None], flag: str | None = None,
-                 keeps: str | None = None) -> None:
+def atomic_write(path: str, write: Callable, flag: str | None = None, keeps: str | None = None,
+                 by_path: bool = False) -> None:
     """Write `path` through a temporary file in the same folder (flush, fsync, rename), so that a crash or a
-    full disk leaves either the old file or the new one, never a partial one, nor the temporary file. A failed
+    full disk leaves either the old file or the new one, never a partial one, nor the temporary file. `write`
+    gets the open temporary file, or with `by_path` its path (for libraries that save to a path). A failed
     write (full disk, read-only or missing folder, name too long, file-size limit) is a UserError naming the file,
     the cause and `flag`, the option that chooses another place."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -237,9 +269,12 @@ def atomic_write(path: str, write: Callable[[io.BufferedWriter], None], flag: st
     tmp = os.path.join(folder, f'.{os.path.basename(path)[:64]}.{os.getpid()}.tmp')
     try:
         os.makedirs(folder, exist_ok=True)
-        with open(tmp, 'wb') as f:
-            write(f)
-            f.flush()
+        if by_path:
+            write(tmp)
+        with open(tmp, 'r+b' if by_path else 'wb') as f:
+            if not by_path:
+                write(f)
+                f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
@@ -308,6 +343,34 @@ def refuse_overwrite(outputs: dict[str, str], inputs: dict[str, str]) -> None:
                                 f'overwrite an input. Choose another {flag}; nothing was written.')
 
 
+@contextlib.contextmanager
+def staged_folder(final: str, flag: str | None = None):
+    """Yield a private staging folder beside `final`; on success its files move into `final`, on failure (or a
+    stop) they are deleted with it, so a failed or interrupted run leaves no partial set of outputs and no
+    staging folder."""
+    parent, name = os.path.split(os.path.abspath(final))
+    staging = os.path.join(parent, f'.{name}.partial-{os.getpid()}')
+    try:
+        os.makedirs(staging, exist_ok=True)
+    except OSError as e:
+        raise write_error(final, e, flag) from None
+    try:
+        yield staging
+    except BaseException as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, UserError) and staging in str(e):  # name the file the user asked for, not its stand-in
+            raise UserError(str(e).replace(staging, os.path.abspath(final))) from None
+        raise
+    try:  # publish
+        os.makedirs(final, exist_ok=True)
+        for entry in os.listdir(staging):
+            os.replace(os.path.join(staging, entry), os.path.join(final, entry))
+        os.rmdir(staging)
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise write_error(final, e, flag) from None
+
+
 def save_checkpoint(checkpoint: dict, path: str) -> None:
     atomic_write(path, lambda f: torch.save(checkpoint, f), flag='--output_dir',
                  keeps='Any earlier checkpoint there is unchanged')
@@ -323,6 +386,71 @@ def save_image(image, path: str, flag: str | None = None) -> None:
     atomic_write(path, lambda f: f.write(encoded.getbuffer()), flag)
 
 
+def save_mask(pred, path: str, palette: list[int], flag: str | None = None) -> None:
+    """Save a class map (tensor or array of class indices) atomically as a palettised PNG."""
+    if isinstance(pred, torch.Tensor):
+        pred = pred.cpu().numpy()
+    image = Image.fromarray(pred.astype(np.uint8), 'P')
+    image.putpalette(palette)
+    save_image(image, path, flag)
+
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metrics: the confusion matrix, class maps, the VOC palette
+
+
+class ConfusionMatrix:
+    """Pixel counts of (label, prediction) pairs, accumulated on the device with `torch.bincount`.
+
+    IoU is dataset-level, as in the original: intersections and unions are summed over all images before the
+    division, and pixels labelled `ignore_index` are left out.
+    """
+
+    def __init__(self, num_classes: int, device: torch.device | None = None, ignore_index: int = IGNORE_INDEX):
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.mat = torch.zeros((num_classes, num_classes), dtype=torch.int64, device=device)
+
+    def update(self, target: torch.Tensor, pred: torch.Tensor) -> None:
+        n = self.num_classes
+        keep = target != self.ignore_index
+        idx = target[keep].to(torch.int64) * n + pred[keep].to(torch.int64)
+        self.mat += torch.bincount(idx, minlength=n * n).reshape(n, n)
+
+    def reduce_from_all_processes(self) -> None:
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.mat)
+
+    def iou(self) -> np.ndarray:
+        """Per-class IoU in [0, 1], computed as the original did (float64, +1e-10 in the denominator)."""
+        mat = self.mat.cpu().numpy()
+        inter = np.diag(mat)
+        union = mat.sum(0) + mat.sum(1) - inter
+        return inter / (union + 1e-10)
+
+    def mean_iou(self) -> float:
+        """Mean IoU in percent over all classes, as printed by the original."""
+        return float(self.iou().mean() * 100)
+
+    def pixel_accuracy(self) -> float:
+        mat = self.mat.cpu().numpy()
+        return float(np.diag(mat).sum() / max(mat.sum(), 1) * 100)
+
+    def table(self, class_names: Sequence[str]) -> str:
+        """A per-class table with IoU, the class's share of the labelled pixels, and a bar."""
+        iou = self.iou() * 100
+        counts = self.mat.sum(1).cpu().numpy()
+        share = counts / max(counts.sum(), 1) * 100
+        width = max(len(n) for n in class_names)
+        rows = [f'{"class":<{width}}  {"IoU":>6}  {"pixels":>6}', '-' * (width + 40)]
+        for name, value, s in zip(class_names, iou, share):
+            rows.append(f'{name:<{width}}  {value:6.2f}  {s:5.1f}%  {"#" * int(round(value / 4))}')
+        rows.append('-' * (width + 40))
+        rows.append(f'{"mean":<{width}}  {iou.mean():6.2f}  pixel accuracy {self.pixel_accuracy():.2f}')
+        return '\n'.join(rows)
+
+
 def class_map(scores: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """The class of each pixel: the index of the highest score along `dim`, the first one where several tie.
 
@@ -333,111 +461,24 @@ def class_map(scores: torch.Tensor, dim: int = 1) -> torch.Tensor:
     return scores.max(dim).indices
 
 
-def save_mask(pred, path: str, palette: list[int], flag: str | None = None) -> None:
-    """Save a class map (tensor or array of class indices) atomically as a palettised PNG."""
-    if isinstance(pred, torch.Tensor):
-        pred = pred.cpu().numpy()
-    image = Image.fromarray(pred.astype(np.uint8), 'P')
-    image.putpalette(palette)
-    save_image(image, path, flag)
+def voc_palette(num_colors: int = 256) -> list[int]:
+    """The standard PASCAL VOC colour map as a flat [r, g, b, ...] list for `Image.putpalette`."""
+    palette = []
+    for i in range(num_colors):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        palette += [r, g, b]
+    return palette
 
-
-def strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The state dict without the `module.` (DataParallel/DDP) or `_orig_mod.` (torch.compile) key prefix."""
-    state_dict = collections.OrderedDict(state_dict)
-    for prefix in ('module.', '_orig_mod.'):
-        torch.nn.modules.utils.consume_prefix_in_state_dict_if_present(state_dict, prefix)
-    return state_dict
-
-
-def load_checkpoint(path: str, what: str = 'checkpoint') -> dict:
-    """Read a checkpoint safely (`weights_only=True`, on the CPU) and return a dict with a 'state_dict'.
-
-    Accepts a released checkpoint ({'epoch', 'state_dict', 'optimizer'}), this project's checkpoints, a bare
-    state dict, or {'model': state_dict}. Anything else is a UserError that says what the file holds.
-    """
-    if os.path.isdir(path):
-        raise UserError(f'{what} {path} is a folder; give the .pth file in it.')
-    if not os.path.isfile(path):
-        raise UserError(f'{what} {path} does not exist.')
-    try:
-        obj = torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:
-        if 'Unsupported global' in str(e) or 'can still be loaded' in str(e):  # a class or function to import
-            raise UserError(f'{what} {path} holds Python objects that could only be loaded by running code from '
-                            f'the file, which this project never does (it loads with weights_only=True). '
-                            f'If you trust the file, re-save just its tensors: '
-                            f'torch.save(torch.load(path, weights_only=False)["state_dict"], new_path).') from None
-        raise UserError(f'{what} {path} is not a PyTorch file (its contents do not unpickle): it may be another '
-                        f'kind of file, or truncated; download or copy it again.') from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, IndexError, KeyError) as e:
-        raise UserError(f'{what} {path} is truncated or not a PyTorch checkpoint ({first_line(e)}); '
-                        f'download or copy it again.') from None
-    if isinstance(obj, dict) and isinstance(obj.get('state_dict'), dict):
-        return obj
-    if isinstance(obj, dict) and isinstance(obj.get('model'), dict):
-        return {**obj, 'state_dict': obj['model']}
-    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return {'state_dict': obj}
-    kind = f'a dict with keys {sorted(obj)[:5]}' if isinstance(obj, dict) else f'a {type(obj).__name__}'
-    raise UserError(f'{what} {path} holds {kind}, not model weights; give a checkpoint written by main.py '
-                    f'--train, a released checkpoint, or a saved state dict.')
-
-
-def out_of_memory(e: BaseException) -> bool:
-    """Whether an exception is an allocation that failed: CUDA's OutOfMemoryError, the CPU allocator's
-    "can't allocate memory" RuntimeError, or Python's MemoryError."""
-    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
-        return True
-    text = str(e).lower()
-    return isinstance(e, RuntimeError) and ("can't allocate memory" in text or 'out of memory' in text)
-
-
-def first_non_finite(state_dict: dict[str, torch.Tensor]) -> str | None:
-    """The name of the first floating-point tensor holding a NaN or an infinity, or None."""
-    for name, tensor in state_dict.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            return name
-    return None
-
-
-def check_finite(state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """Refuse weights with NaN or infinite values, naming the file and the first such tensor: a model built
-    from them predicts nothing useful, and an evaluation would print a near-zero mean IoU without a word."""
-    bad = first_non_finite(state_dict)
-    if bad is not None:
-        raise UserError(f'{source} has non-finite values (NaN or infinity) in {bad}: it was written by a run that '
-                        f'diverged, or is damaged. Use an earlier checkpoint, or download or copy it again.')
-
-
-def sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def few(items, n: int = 3) -> str:
-    """'(a, b, c, ...)': the first `n` of a list, for messages."""
-    items = list(items)
-    return '(' + ', '.join(items[:n]) + (', ...' if len(items) > n else '') + ')'
-
-
-def short_error(e: Exception) -> str:
-    """The informative lines of load_state_dict's error, shortened."""
-    lines = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
-    text = '; '.join(lines[:3]) or str(e).strip()
-    return text if len(text) <= 300 else text[:297] + '...'
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:200]
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Distributed
+# Processes: torchrun's environment, the process group, signals
 
 
 @dataclass
@@ -520,119 +561,9 @@ def init_distributed(device_name: str | None, gpu: int = 0) -> tuple[DistInfo, t
     return info, device
 
 
-@contextlib.contextmanager
-def staged_folder(final: str, flag: str | None = None):
-    """Yield a private staging folder beside `final`; on success its files move into `final`, on failure (or a
-    stop) they are deleted with it, so a failed or interrupted run leaves no partial set of outputs and no
-    staging folder."""
-    parent, name = os.path.split(os.path.abspath(final))
-    staging = os.path.join(parent, f'.{name}.partial-{os.getpid()}')
-    try:
-        os.makedirs(staging, exist_ok=True)
-    except OSError as e:
-        raise write_error(final, e, flag) from None
-    try:
-        yield staging
-    except BaseException as e:
-        shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(e, UserError) and staging in str(e):  # name the file the user asked for, not its stand-in
-            raise UserError(str(e).replace(staging, os.path.abspath(final))) from None
-        raise
-    try:  # publish
-        os.makedirs(final, exist_ok=True)
-        for entry in os.listdir(staging):
-            os.replace(os.path.join(staging, entry), os.path.join(final, entry))
-        os.rmdir(staging)
-    except OSError as e:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise write_error(final, e, flag) from None
-
-
 def cleanup_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def _thread_excepthook(args) -> None:
-    """TensorBoard's writer thread re-raises a failed write (full disk) in the main thread, which reports it as a
-    message (MetricsWriter); print nothing for it here, where Python would print the thread's traceback."""
-    if isinstance(args.exc_value, OSError) and type(args.thread).__name__ == '_AsyncWriterThread':
-        return
-    threading.__excepthook__(args)
-
-
-PROJECT_LOGGERS = ('main', 'deeplab', 'imagenet', 'vovnet', 'pascal', 'utils', 'plots', 'predict', 'export',
-                   'benchmark', 'demo')
-
-
-def setup_logging(is_main: bool = True) -> None:
-    """The project's messages to stdout from the main process only; warnings from every process to stderr."""
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    out = logging.StreamHandler(sys.stdout)
-    out.setFormatter(logging.Formatter('%(message)s'))
-    out.addFilter(lambda record: record.levelno < logging.WARNING)
-    err = logging.StreamHandler(sys.stderr)
-    err.setFormatter(logging.Formatter('warning: %(message)s'))
-    err.setLevel(logging.WARNING)
-    root.addHandler(out)
-    root.addHandler(err)
-    root.setLevel(logging.WARNING)
-    threading.excepthook = _thread_excepthook
-    for stream in (sys.stdout, sys.stderr):  # file names that are not UTF-8 (surrogates) print escaped, not fail
-        if hasattr(stream, 'reconfigure'):
-            with contextlib.suppress(ValueError, io.UnsupportedOperation):
-                stream.reconfigure(errors='backslashreplace')
-    for name in PROJECT_LOGGERS:
-        logging.getLogger(name).setLevel(logging.INFO if is_main else logging.WARNING)
-
-
-def plural(count: int, noun: str, nouns: str | None = None) -> str:
-    """'1 epoch', '2 epochs'; `nouns` where the plural is not noun + 's'."""
-    return f'{count} {noun if count == 1 else nouns or noun + "s"}'
-
-
-def format_rate(images: int, seconds: float) -> str:
-    """Throughput as images/s, or s/image when slower than one a second (where '0.0 img/s' would say nothing)."""
-    if images <= 0 or seconds <= 0:
-        return '- img/s'
-    rate = images / seconds
-    return f'{rate:.1f} img/s' if rate >= 1 else f'{seconds / images:.1f} s/img'
-
-
-class Pace:
-    """When to print the progress of a long loop, and how fast it goes: at its first item, then at most every `every`
-    seconds, and at its last; the speed and the time left come from the average so far."""
-
-    def __init__(self, total: int, every: float = 10.0):
-        self.total, self.every = total, every
-        self.start = self.last = time.time()
-        self.done = 0
-
-    def step(self, count: int = 1) -> bool:
-        """Count `count` more items done; whether to print now."""
-        first = self.done == 0
-        self.done += count
-        now = time.time()
-        if first or self.done >= self.total or now - self.last >= self.every:
-            self.last = now
-            return True
-        return False
-
-    def rate(self) -> str:
-        return format_rate(self.done, time.time() - self.start)
-
-    def eta(self) -> str:
-        elapsed = time.time() - self.start
-        return format_seconds(elapsed / max(self.done, 1) * max(self.total - self.done, 0))
-
-
-def format_seconds(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f'{h}:{m:02d}:{s:02d}' if h else f'{m}:{s:02d}'
 
 
 class GracefulStop:
@@ -681,6 +612,93 @@ class GracefulStop:
     @property
     def requested(self) -> bool:
         return self.signal is not None
+
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Logging and progress
+
+
+PROJECT_LOGGERS = ('main', 'deeplab', 'imagenet', 'vovnet', 'pascal', 'utils', 'plots', 'predict', 'export',
+                   'benchmark', 'demo')
+
+
+def _thread_excepthook(args) -> None:
+    """TensorBoard's writer thread re-raises a failed write (full disk) in the main thread, which reports it as a
+    message (MetricsWriter); print nothing for it here, where Python would print the thread's traceback."""
+    if isinstance(args.exc_value, OSError) and type(args.thread).__name__ == '_AsyncWriterThread':
+        return
+    threading.__excepthook__(args)
+
+
+def setup_logging(is_main: bool = True) -> None:
+    """The project's messages to stdout from the main process only; warnings from every process to stderr."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    out = logging.StreamHandler(sys.stdout)
+    out.setFormatter(logging.Formatter('%(message)s'))
+    out.addFilter(lambda record: record.levelno < logging.WARNING)
+    err = logging.StreamHandler(sys.stderr)
+    err.setFormatter(logging.Formatter('warning: %(message)s'))
+    err.setLevel(logging.WARNING)
+    root.addHandler(out)
+    root.addHandler(err)
+    root.setLevel(logging.WARNING)
+    threading.excepthook = _thread_excepthook
+    for stream in (sys.stdout, sys.stderr):  # file names that are not UTF-8 (surrogates) print escaped, not fail
+        if hasattr(stream, 'reconfigure'):
+            with contextlib.suppress(ValueError, io.UnsupportedOperation):
+                stream.reconfigure(errors='backslashreplace')
+    for name in PROJECT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO if is_main else logging.WARNING)
+
+
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """'1 epoch', '2 epochs'; `nouns` where the plural is not noun + 's'."""
+    return f'{count} {noun if count == 1 else nouns or noun + "s"}'
+
+
+def format_rate(images: int, seconds: float) -> str:
+    """Throughput as images/s, or s/image when slower than one a second (where '0.0 img/s' would say nothing)."""
+    if images <= 0 or seconds <= 0:
+        return '- img/s'
+    rate = images / seconds
+    return f'{rate:.1f} img/s' if rate >= 1 else f'{seconds / images:.1f} s/img'
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f'{h}:{m:02d}:{s:02d}' if h else f'{m}:{s:02d}'
+
+
+class Pace:
+    """When to print the progress of a long loop, and how fast it goes: at its first item, then at most every `every`
+    seconds, and at its last; the speed and the time left come from the average so far."""
+
+    def __init__(self, total: int, every: float = 10.0):
+        self.total, self.every = total, every
+        self.start = self.last = time.time()
+        self.done = 0
+
+    def step(self, count: int = 1) -> bool:
+        """Count `count` more items done; whether to print now."""
+        first = self.done == 0
+        self.done += count
+        now = time.time()
+        if first or self.done >= self.total or now - self.last >= self.every:
+            self.last = now
+            return True
+        return False
+
+    def rate(self) -> str:
+        return format_rate(self.done, time.time() - self.start)
+
+    def eta(self) -> str:
+        elapsed = time.time() - self.start
+        return format_seconds(elapsed / max(self.done, 1) * max(self.total - self.done, 0))
 
 
 class MetricsWriter:
