@@ -11,6 +11,9 @@ import shlex
 import sys
 import time
 
+import torch
+
+import inference
 import main as deeplab_main
 import pascal
 import synthetic
@@ -33,6 +36,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--crop_size', type=number(int, 64), default=DEFAULTS['crop_size'])
     p.add_argument('--workers', type=number(int, 0), default=DEFAULTS['workers'])
     p.add_argument('--device', default=None, help='default: CUDA when available, else CPU')
+    p.add_argument('--amp', default='auto', choices=('auto', 'off', 'bf16', 'fp16'),
+                   help='mixed precision of the training; auto (default): bf16 on a CPU with bf16 units (AVX-512 BF16, '
+                        'AMX) or a GPU (fp16 on one without bf16), fp32 elsewhere. Evaluation stays fp32.')
     return p
 
 
@@ -67,8 +73,12 @@ def demo(args) -> float:
     common = ['--exp', 'demo', '--backbone', 'vovnet39', '--epochs', str(args.epochs), '--crop_size',
               str(args.crop_size), '--data_root', args.root, '--output_dir', args.output_dir, '--workers',
               str(args.workers), '--channels_last'] + (['--device', args.device] if args.device else [])
+    amp = args.amp
+    if amp == 'auto':
+        device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+        amp = inference.fast_amp(device)
     run(['--train', '--scratch', '--base_lr', str(args.base_lr), '--batch_size', str(args.batch_size),
-         '--seed', '0', '--print_freq', '25', '--val_every', '2'] + common)
+         '--seed', '0', '--print_freq', '25', '--val_every', '2', '--amp', amp] + common)
     miou = run(common)
     print(f'\ndemo finished in {format_seconds(time.time() - start)}: mean IoU {miou:.2f} on {found[1]} '
           f'synthetic validation images; predictions in {os.path.join(args.output_dir, "val")}/')

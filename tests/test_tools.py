@@ -289,7 +289,7 @@ def test_predict_refuses_numbers_out_of_range_before_loading_anything(flag, valu
 def test_predict_refuses_a_backbone_that_contradicts_the_checkpoint(small_checkpoint, tmp_path, run_cli):
     Image.new('RGB', (30, 20)).save(tmp_path / 'a.png')
     status, _, err = run_cli('--checkpoint', small_checkpoint, '--input', tmp_path, '--backbone', 'resnet50',
-                             module='predict')
+                             '--output', tmp_path / 'out', module='predict')  # not the default, in the repository
     assert status == 1 and 'holds a DeepLabV3-vovnet39' in err
 
 
