@@ -351,6 +351,11 @@ def evaluate(runner: inference.Runner, loader, num_classes: int, save_dir: str |
                     log.info('evaluating  image %d/%d  %s  eta %s', pace.done, pace.total, pace.rate(), pace.eta())
         except pascal.Stopped:
             raise stopped() from None
+        except Exception:
+            # A worker killed by the same signal: PyTorch's SIGCHLD handler raises wherever the loop is.
+            if stop is not None and stop.requested:
+                raise stopped() from None
+            raise
     confusion.reduce_from_all_processes()
     if confusion_ms is not None:
         confusion_ms.reduce_from_all_processes()

@@ -146,6 +146,19 @@ def test_prediction_of_small_batches_whole_images_and_windows_is_the_previous_co
     assert len(classes) > 1  # the class maps compared are not all one class
 
 
+@pytest.mark.parametrize('crop', [32, 65])
+@pytest.mark.parametrize('size', [(200, 150), (66, 300), (300, 64), (131, 130)])
+def test_windows_finished_band_by_band_equal_windows_over_the_whole_canvas(crop, size):
+    cpu = torch.device('cpu')
+    model = Context().eval()
+    runner = inference.Runner(model, inference.Execution(cpu), crop)
+    image = torch.randn(3, *size)
+    with torch.inference_mode():
+        banded = runner.windows(image)
+        assert torch.equal(banded, OldPredictor(model, cpu, crop, None, slide=True).large(image))
+    assert len(banded.unique()) > 3
+
+
 def test_the_benchmark_forward_is_the_previous_code_s(model):
     x = torch.randn(1, 3, 65, 65).contiguous(memory_format=torch.channels_last)
     net = model.to(memory_format=torch.channels_last)

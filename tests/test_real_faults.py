@@ -22,7 +22,6 @@ from conftest import ROOT, randomize
 from PIL import Image
 
 import deeplab
-import inference
 import main
 import utils
 
@@ -369,47 +368,7 @@ def test_predict_on_file_names_that_are_not_utf8(tmp_path, run_cli):
     assert os.listdir(os.fsencode(tmp_path / 'out')) != []
 
 
-# --- 5. bounded memory
-
-
-class WindowModel(torch.nn.Module):
-    """Local evidence plus the window's mean: its prediction depends on the window, as DeepLab's ASPP pooling
-    makes DeepLab's do."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = torch.nn.Conv2d(3, 7, 5, padding=2)
-
-    def forward(self, x):
-        y = self.conv(x)
-        return y + 3 * y.mean((2, 3), keepdim=True)
-
-
-def whole_canvas_windows(model, image, crop):
-    """The windows' averaged softmax accumulated over the whole canvas (the previous implementation)."""
-    h, w = image.shape[1:]
-    padded = F.pad(image, (0, max(0, crop - w), 0, max(0, crop - h)))
-    ph, pw = padded.shape[1:]
-    total, count = torch.zeros(7, ph, pw), torch.zeros(1, ph, pw)
-    for y in inference.window_starts(ph, crop, crop * 2 // 3):
-        for x in inference.window_starts(pw, crop, crop * 2 // 3):
-            window = padded[None, :, y:y + crop, x:x + crop]
-            total[:, y:y + crop, x:x + crop] += model(window).float().softmax(1)[0]
-            count[:, y:y + crop, x:x + crop] += 1
-    return (total / count).argmax(0)[:h, :w]
-
-
-@pytest.mark.parametrize('crop', [32, 65])
-@pytest.mark.parametrize('size', [(200, 150), (66, 300), (300, 64), (131, 130)])
-def test_windows_finished_band_by_band_equal_windows_over_the_whole_canvas(crop, size):
-    model = WindowModel().eval()
-    runner = inference.Runner(model, inference.Execution(torch.device('cpu')), crop)
-    image = torch.randn(3, *size)
-    with torch.inference_mode():
-        banded = runner.windows(image)
-        assert torch.equal(banded, whole_canvas_windows(model, image, crop))
-    assert len(banded.unique()) > 3
+# --- 5. bounded memory (the windows, finished band by band, equal the previous whole-canvas ones: test_inference)
 
 
 def test_large_photos_are_predicted_in_windows_within_a_memory_limit_that_whole_prediction_exceeds(tmp_path):
