@@ -434,17 +434,12 @@ def checkpoint_parser(description: str) -> argparse.ArgumentParser:
     """The command line of a script that rebuilds a model with `model_from_checkpoint` (predict.py, export.py):
     its description, and the flags that name the checkpoint."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_checkpoint_args(parser)
-    return parser
-
-
-def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
-    """The flags of a script that rebuilds a model with `model_from_checkpoint`."""
     parser.add_argument('--checkpoint', required=True, help='a checkpoint of main.py --train, or a released one')
     parser.add_argument('--backbone', default=None, choices=BACKBONES,
                         help='only needed when the checkpoint does not tell (it usually does)')
     parser.add_argument('--output_stride', type=int, default=None, choices=OUTPUT_STRIDES,
                         help='default: the one the checkpoint was trained with (16 for the released ones)')
+    return parser
 
 
 # What `build_model` needs to rebuild a model, with the original's values where nothing says otherwise.

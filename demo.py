@@ -11,13 +11,11 @@ import shlex
 import sys
 import time
 
-import torch
-
 import inference
 import main as deeplab_main
 import pascal
 import synthetic
-from utils import Interrupted, UserError, exit_status, format_seconds, number
+from utils import Interrupted, UserError, exit_status, format_seconds, init_distributed, number
 
 DEFAULTS = dict(root='data/synthetic', output_dir='data/demo', train_images=600, val_images=120, epochs=8,
                 base_lr=0.02, batch_size=8, crop_size=81, workers=1)
@@ -74,9 +72,8 @@ def demo(args) -> float:
               str(args.crop_size), '--data_root', args.root, '--output_dir', args.output_dir, '--workers',
               str(args.workers), '--channels_last'] + (['--device', args.device] if args.device else [])
     amp = args.amp
-    if amp == 'auto':
-        device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-        amp = inference.fast_amp(device)
+    if amp == 'auto':  # main.py's --amp takes no 'auto': the demo names the precision it trains in
+        amp = inference.fast_amp(init_distributed(args.device)[1])
     run(['--train', '--scratch', '--base_lr', str(args.base_lr), '--batch_size', str(args.batch_size),
          '--seed', '0', '--print_freq', '25', '--val_every', '2', '--amp', amp] + common)
     miou = run(common)

@@ -96,7 +96,7 @@ def load_file(model: nn.Module, family: str, path: str, num_groups: int | None, 
     pytorchcv and timm files must hold every backbone tensor with its shape (their names are mapped one by
     one); the original's format and torchvision's load what fits and report the rest, never merging silently.
     """
-    state = {k: v for k, v in read_weights(path).items()}
+    state = read_weights(path)
     fmt = weights_format(state)
     name = model.backbone_name
     if fmt not in FORMATS[family]:

@@ -664,7 +664,7 @@ def train(args, rt: Runtime) -> None:
     optimizer = make_optimizer(model, args)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=scales_gradients(args))
     run = Run(args, rt, state, dataset, sampler, loader_of(dataset, per_process, sampler, args, rt),
-              val_set and eval_loader(val_set, args, rt), model, optimizer, scaler)
+              eval_loader(val_set, args, rt) if val_set is not None else None, model, optimizer, scaler)
     if resume is not None:
         restore(run, resume)
     state.batches_per_epoch = run.iterations

@@ -733,19 +733,23 @@ class MetricsWriter:
     def write(self, step: int, **values) -> None:
         if not self.enabled:
             return
-        line = json.dumps({'iteration': step, **values}) + '\n'
+        line = memoryview((json.dumps({'iteration': step, **values}) + '\n').encode())
+        # Unbuffered: a buffered file's truncate() flushes first, fails again on the bytes a full disk refused,
+        # and leaves the half line (seen with a file-size limit).
         try:
-            with open(self.path, 'a') as f:
-                start = f.tell()
-                try:
-                    f.write(line)
-                    f.flush()
-                except OSError:
-                    with contextlib.suppress(OSError):  # no half line for the curves to trip on
-                        f.truncate(start)
-                    raise
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         except OSError as e:
             raise write_error(self.path, e, '--output_dir') from None
+        try:
+            start = os.fstat(fd).st_size
+            while line:
+                line = line[os.write(fd, line):]
+        except OSError as e:
+            with contextlib.suppress(OSError):  # no half line for the curves to trip on
+                os.ftruncate(fd, start)
+            raise write_error(self.path, e, '--output_dir') from None
+        finally:
+            os.close(fd)
         if self.tensorboard is not None:
             try:
                 for key, value in values.items():

@@ -5,6 +5,7 @@ running processes, batches without a labelled pixel, and an environment torchrun
 
 Each asserts the exit status, the file or flag named, no traceback, and the file system afterwards."""
 import glob
+import json
 import os
 import resource
 import shutil
@@ -387,6 +388,32 @@ def test_large_photos_are_predicted_in_windows_within_a_memory_limit_that_whole_
     assert leftovers(tmp_path / 'o') == [] and not os.path.exists(tmp_path / 'o' / 'big.png')
     huge = script('predict', args + ['--output', tmp_path / 'c', '--crop_size', '60000'], tmp_path, memory_above=900)
     assert_clean_failure(huge, 'out of memory predicting', 'lower --batch_size or --crop_size')
+
+
+@pytest.mark.parametrize('workers', ['0', '1'])
+def test_out_of_memory_in_evaluation_and_training_is_a_message_naming_what_to_lower(workers, synthetic_root,
+                                                                                   tmp_path):
+    small_checkpoint(tmp_path / 'ckpt.pth')
+    base = ['--backbone', 'vovnet39', '--workers', workers, '--data_root', synthetic_root]
+    # Padding an image to a 20000 x 20000 canvas (4.8 GB), in this process or its data-loading worker.
+    evaluation = script('main', ['--exp', 'f', '--epochs', '1', '--crop_size', '20000', '--checkpoint', 'ckpt.pth']
+                        + base, tmp_path, memory_above=900)
+    assert_clean_failure(evaluation, 'out of memory preparing', '--crop_size that fits in memory')
+    assert leftovers(tmp_path) == [] and not os.path.exists(tmp_path / 'data' / 'val')
+    train = ['--train', '--exp', 'f', '--epochs', '1', '--scratch', '--seed', '0'] + base
+    training = script('main', train + ['--crop_size', '20000', '--batch_size', '4'], tmp_path, memory_above=900)
+    assert_clean_failure(training, 'out of memory preparing a batch', 'lower --batch_size or --crop_size')
+    if workers == '0':  # a training step whose activations do not fit: 8 crops of 1025 x 1025
+        step = script('main', train + ['--crop_size', '1025', '--batch_size', '8'], tmp_path, memory_above=900)
+        assert_clean_failure(step, 'out of memory in a training step', 'Lower --batch_size or --crop_size')
+    assert not glob.glob(str(tmp_path / 'data' / '*.pth'))
+
+
+def test_a_metrics_line_that_does_not_fit_is_not_left_half_written(synthetic_root, tmp_path):
+    result = script('main', TRAIN + ['--data_root', synthetic_root, '--print_freq', '1'], tmp_path, file_size=250)
+    assert_clean_failure(result, 'metrics.jsonl: File too large')
+    text = (tmp_path / 'data' / 'logs' / 'deeplab_vovnet39_pascal_v3_f' / 'metrics.jsonl').read_text()
+    assert text.endswith('\n') and all(json.loads(line) for line in text.splitlines())
 
 
 # --- 6. signals
