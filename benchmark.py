@@ -16,7 +16,7 @@ on NVIDIA GPUs, parameters, GFLOPs (2 x multiply-adds), the argmax agreement wit
 to `original`.
 
 `--mode train` times a training step (forward with autocast, cross entropy, backward, SGD step: PyTorch's
-default implementation for `original`, main.py's fused one for the configurations) at `--crop` and `--batch`.
+default implementation for `original`, engine.py's fused one for the configurations) at `--crop` and `--batch`.
 
 On CUDA every configuration but `original` runs with `cudnn.benchmark` (as main.py does; the original did not
 set it), and "fp32" convolutions use TF32, PyTorch's default on Ampere and later GPUs. CUDA measurements run in
@@ -38,15 +38,16 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import deeplab
+import engine
+import errors
+import files
 import inference
-import main
 import pascal
 import synthetic
 import utils
-from utils import UserError
+from errors import UserError
 
 PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
@@ -101,20 +102,20 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='comma-separated configurations (default: fp32,fp32+cl,bf16+cl on CPU; '
                         'fp32,fp32+cl,fp16+cl,bf16+cl on CUDA)')
     p.add_argument('--device', default=None, help='cpu or cuda (default: CUDA when available)')
-    p.add_argument('--size', type=utils.number(int, 32), default=513,
+    p.add_argument('--size', type=errors.number(int, 32), default=513,
                    help='inference input height and width (default 513)')
-    p.add_argument('--batch', type=utils.number(int, 1), default=None,
+    p.add_argument('--batch', type=errors.number(int, 1), default=None,
                    help='batch size (default: 1 for inference, 4 for train)')
-    p.add_argument('--crop', type=utils.number(int, 64), default=321, help='training crop (default 321)')
-    p.add_argument('--warmup', type=utils.number(int, 0), default=3, help='untimed runs first (default 3)')
-    p.add_argument('--iters', type=utils.number(int, 1), default=10,
+    p.add_argument('--crop', type=errors.number(int, 64), default=321, help='training crop (default 321)')
+    p.add_argument('--warmup', type=errors.number(int, 0), default=3, help='untimed runs first (default 3)')
+    p.add_argument('--iters', type=errors.number(int, 1), default=10,
                    help='timed runs; the median is reported (default 10)')
-    p.add_argument('--min_time', type=utils.number(float, 0), default=None,
+    p.add_argument('--min_time', type=errors.number(float, 0), default=None,
                    help='keep timing past --iters until this many seconds have passed, so that the energy '
                         'counter (updated every few ms) spans many updates (default: 1 on CUDA, 0 on CPU)')
     p.add_argument('--checkpoint', default=None, help='weights to use (one backbone); default: random weights '
                                                        'with BatchNorm statistics calibrated on the sample image')
-    p.add_argument('--threads', type=utils.number(int, 1), default=None, help='CPU threads (default: PyTorch\'s)')
+    p.add_argument('--threads', type=errors.number(int, 1), default=None, help='CPU threads (default: PyTorch\'s)')
     p.add_argument('--no_isolate', action='store_true',
                    help='CPU: measure in this process (the memory peak then spans all measurements)')
     p.add_argument('--json', default=None, metavar='FILE', help='also write the results as JSON')
@@ -267,8 +268,8 @@ def flops(model, x) -> float:
 
 
 def warm_up_gpu(device, seconds: float = 2.0) -> None:
-    """Keep the GPU busy for a while so that it leaves its idle clocks before the first measurement (on an H200,
-    VoVNet-39's `original` row measured first from idle read 7.8 ms, and 4.4 ms measured after other work)."""
+    """Keep the GPU busy for a while so that it leaves its idle clocks before the first measurement (an idle GPU
+    reads slower: docs/benchmarks.md, "NVIDIA H200")."""
     a = torch.randn(4096, 4096, device=device)
     start = time.perf_counter()
     while time.perf_counter() - start < seconds:
@@ -337,20 +338,16 @@ def measure_training(backbone: str, config: Config, args) -> dict:
     if config.name == ORIGINAL.name:  # PyTorch's default implementation
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
     else:  # main.py's: fused where PyTorch has the kernel and no gradient scaler is used
-        optimizer = main.sgd([{'params': model.parameters()}], lr=1e-3, momentum=0.9, weight_decay=1e-4,
-                             grad_scaler=scaler.is_enabled())
+        optimizer = engine.sgd([{'params': model.parameters()}], lr=1e-3, momentum=engine.MOMENTUM,
+                               weight_decay=engine.WEIGHT_DECAY, grad_scaler=scaler.is_enabled())
     net = torch.compile(model) if config.compile else model
     x = sample_batch(args.crop, args.batch).to(device, memory_format=fmt)
     target = torch.randint(0, 21, (args.batch, args.crop, args.crop), device=device)
 
+    criterion = engine.BatchCrossEntropy()
+
     def step():
-        with execution.autocast():
-            logits = net(x)
-        loss = F.cross_entropy(logits.float(), target, ignore_index=255)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        engine.train_step(net, criterion, optimizer, scaler, x, target, execution)
 
     warmup_s, times, memory, _ = time_runs(step, device, args)
     ms = statistics.median(times)
@@ -422,7 +419,7 @@ def check_args(args) -> tuple[torch.device, list[str], list[Config]]:
         if b not in deeplab.BACKBONES:
             raise UserError(f'unknown backbone {b!r} in --backbones; choose from {", ".join(deeplab.BACKBONES)}.')
         if b in deeplab.TIMM_BACKBONES:
-            utils.require('timm', f'the {b} backbone')
+            errors.require('timm', f'the {b} backbone')
     if args.mode == 'train' and args.batch < 2:
         raise UserError('a training step needs --batch 2 or more: BatchNorm normalises the ASPP\'s image-pooling '
                         'branch over the images of the batch.')
@@ -433,9 +430,9 @@ def check_args(args) -> tuple[torch.device, list[str], list[Config]]:
             raise UserError('--checkpoint needs exactly one backbone in --backbones.')
         deeplab.model_from_checkpoint(args.checkpoint, backbones[0])  # a message now, not one per row later
     if args.json:
-        utils.make_output_folder(os.path.dirname(os.path.abspath(args.json)), '--json')
-        utils.check_name_fits(args.json, '--json')
-        utils.refuse_overwrite({args.json: '--json'}, {args.checkpoint: 'the checkpoint (--checkpoint)'})
+        files.make_output_folder(os.path.dirname(os.path.abspath(args.json)), '--json')
+        files.check_name_fits(args.json, '--json')
+        files.refuse_overwrite({args.json: '--json'}, {args.checkpoint: 'the checkpoint (--checkpoint)'})
         if os.path.isdir(args.json):
             raise UserError(f'--json {args.json} is a folder; give a file name, e.g. {args.json}/results.json.')
     return device, backbones, configs
@@ -492,7 +489,7 @@ def run(args) -> list[dict]:
         text = json.dumps(dict(device=device_name, torch=torch.__version__, threads=threads, mode=args.mode,
                                size=args.size, crop=args.crop, batch=args.batch, results=results,
                                configs=[asdict(c) for c in configs]), indent=1)
-        utils.atomic_write(args.json, lambda f: f.write(text.encode()), flag='--json',
+        files.atomic_write(args.json, lambda f: f.write(text.encode()), flag='--json',
                            keeps='The results are printed above')
     return results
 
@@ -510,7 +507,7 @@ def _row(r, mode) -> str:
 
 
 def cli(argv=None) -> int:
-    return utils.run_command(get_args_parser(), run, argv)
+    return errors.run_command(get_args_parser(), run, argv)
 
 
 if __name__ == '__main__':

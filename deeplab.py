@@ -5,33 +5,29 @@ Chen, Papandreou, Schroff, Adam, "Rethinking Atrous Convolution for Semantic Ima
 github.com/chenxi116/DeepLabv3.pytorch): the same module names, so `state_dict` keys equal those of the released
 `.pth` files once their `module.` prefix is removed, and the same arithmetic, so they give the same logits.
 
-One public builder per backbone, with the original's signature: `vovnet39`, `vovnet57`, `resnet50`,
-`resnet101`, `densenet161`, `densenet201` (the original's six), and `ese_vovnet39b`, `ese_vovnet57b` (VoVNetV2,
-timm's modules, dilated like VoVNet; needs timm). `imagenet.py` holds where their ImageNet weights come from.
+`SPECS` is the table of backbones (how each body is built, its ASPP's norm, its options, where its ImageNet
+weights come from); `build_model(name, ...)` builds any of them, `initialize` loads ImageNet weights, and
+`model_from_checkpoint` rebuilds what a checkpoint holds. The original's builders (`vovnet39`, ..., `densenet201`)
+and `ese_vovnet39b`/`ese_vovnet57b` (timm's VoVNetV2, dilated like VoVNet) are thin wrappers.
 """
-import argparse
 import functools
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+import checkpoints
 import imagenet
 import vovnet
-from utils import UserError, check_finite, few, load_checkpoint, short_error, strip_prefixes
+from errors import UserError, few, short_error
 
 log = logging.getLogger(__name__)
 
-ORIGINAL_BACKBONES = ('vovnet39', 'vovnet57', 'resnet50', 'resnet101', 'densenet161', 'densenet201')
-TIMM_BACKBONES = tuple(vovnet.TIMM_WEIGHTS)  # ese_vovnet39b, ese_vovnet57b
-BACKBONES = ORIGINAL_BACKBONES + TIMM_BACKBONES
-FAMILIES = {'vovnet39': 'vovnet', 'vovnet57': 'vovnet', 'resnet50': 'resnet', 'resnet101': 'resnet',
-            'densenet161': 'densenet', 'densenet201': 'densenet', 'ese_vovnet39b': 'ese_vovnet',
-            'ese_vovnet57b': 'ese_vovnet'}
 OUTPUT_STRIDES = (8, 16)
 ASPP_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
 ASPP_DEPTH = 256
@@ -107,27 +103,40 @@ def convert_weight_std(module: nn.Module, skip: tuple[nn.Module, ...] = ()) -> n
 
 
 class DeepLabV3(nn.Sequential):
-    """Backbone stages, then `aspp`, then bilinear upsampling of the logits to the input size (align_corners).
+    """DeepLabV3 on a named backbone: the backbone's stages, then `aspp`, then bilinear upsampling of the logits to
+    the input size (align_corners), as the original.
 
-    The backbone's stages are registered at the top level, as in the original, so the state-dict keys read
-    `stem.*`/`stage2.*` (VoVNet), `conv1.*`/`layer1.*` (ResNet) or `features.*` (DenseNet), then `aspp.*`.
+    The stages are registered at the top level, as in the original, so the state-dict keys read `stem.*`/`stage2.*`
+    (VoVNet), `conv1.*`/`layer1.*` (ResNet), `features.*` (DenseNet) or `stem.*`/`stages.*` (eSE-VoVNet), then
+    `aspp.*`. `model_args` are the arguments that rebuild it (checkpoints record them); `initial_weights` is the
+    record of `initialize`, None until then.
 
     Args:
-        backbone: a Sequential of named stages with an `out_channels` attribute.
+        backbone: a name of `SPECS`.
         num_classes: number of output classes.
-        aspp_norm: builds the ASPP's norm layers from a channel count.
-        output_stride: 8 or 16; picks the ASPP rates.
-        name: backbone name, kept for checkpoints and messages.
+        output_stride: 16 (the original) or 8; picks the dilations and the ASPP rates.
+        num_groups: GroupNorm with this many groups instead of BatchNorm (where the backbone has the option).
+        weight_std: weight standardisation in every conv but the classifier (ResNet).
+        beta: a stem of three 3x3 convs in place of the 7x7 one (ResNet).
     """
 
-    def __init__(self, backbone: nn.Sequential, num_classes: int, aspp_norm: NormLayer, output_stride: int,
-                 name: str):
-        layers = OrderedDict(backbone.named_children())
-        layers['aspp'] = ASPP(backbone.out_channels, num_classes, ASPP_RATES[output_stride], aspp_norm)
+    def __init__(self, backbone: str, num_classes: int = 21, output_stride: int = 16, num_groups: int | None = None,
+                 weight_std: bool = False, beta: bool = False):
+        spec = check_options(backbone, num_classes, output_stride, num_groups, weight_std, beta)
+        body = spec.body(backbone, output_stride, num_groups, beta)
+        layers = OrderedDict(body.named_children())
+        layers['aspp'] = ASPP(body.out_channels, num_classes, ASPP_RATES[output_stride], spec.aspp_norm(num_groups))
         super().__init__(layers)
-        self.backbone_name = name
-        self.num_classes = num_classes
-        self.output_stride = output_stride
+        if weight_std:
+            convert_weight_std(self, skip=(self.aspp.conv3,))
+        self.backbone_name, self.num_classes, self.output_stride = backbone, num_classes, output_stride
+        self.model_args = dict(backbone=backbone, num_classes=num_classes, output_stride=output_stride,
+                               num_groups=num_groups, weight_std=weight_std, beta=beta)
+        self.initial_weights: dict | None = None
+
+    def head(self) -> tuple[nn.Module, ...]:
+        """The modules trained at lr x last_mult: the ASPP and its classifier."""
+        return (self.aspp,)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Backbone features, (N, C, H/os, W/os)."""
@@ -142,53 +151,7 @@ class DeepLabV3(nn.Sequential):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Backbones
-
-
-def _vovnet_backbone(name: str, num_groups: int | None, output_stride: int) -> nn.Sequential:
-    norm = nn.BatchNorm2d if num_groups is None else functools.partial(_group_norm, num_groups)
-    return vovnet.VoVNet(name, norm_layer=norm, output_stride=output_stride)
-
-
-def _resnet_backbone(name: str, imagenet_state: dict | None, num_groups: int | None, beta: bool,
-                     output_stride: int) -> nn.Sequential:
-    norm = (functools.partial(nn.BatchNorm2d, momentum=RESNET_BN_MOMENTUM) if num_groups is None
-            else functools.partial(_group_norm, num_groups))
-    net = getattr(torchvision.models, name)(norm_layer=norm,
-                                            replace_stride_with_dilation=[False, output_stride == 8, True])
-    vovnet.init_weights(net)
-    if imagenet_state is not None:
-        imagenet.load_torchvision(net, imagenet_state, name)
-    if beta:  # three 3x3 convs, no norm between them, in place of the 7x7
-        net.conv1 = nn.Sequential(nn.Conv2d(3, 64, 3, stride=2, padding=1, bias=False),
-                                  nn.Conv2d(64, 64, 3, padding=1, bias=False),
-                                  nn.Conv2d(64, 64, 3, padding=1, bias=False))
-        vovnet.init_weights(net.conv1)
-        if imagenet_state is not None:
-            log.warning('the --beta stem starts from random weights: the ImageNet weights have a 7x7 conv1')
-    stages = OrderedDict((n, m) for n, m in net.named_children() if n not in ('avgpool', 'fc'))
-    backbone = nn.Sequential(stages)
-    backbone.out_channels = net.fc.in_features
-    return backbone
-
-
-def _densenet_backbone(name: str, imagenet_state: dict | None, output_stride: int) -> nn.Sequential:
-    net = getattr(torchvision.models, name)()
-    if imagenet_state is not None:
-        imagenet.load_torchvision(net, imagenet_state, name)
-    features = net.features
-    # The last transition keeps the resolution and the last block is dilated (output stride 16); at output
-    # stride 8 the one before too.
-    dilated = {'transition3': ('denseblock4', 2)} if output_stride == 16 else {
-        'transition2': ('denseblock3', 2), 'transition3': ('denseblock4', 4)}
-    for transition, (block, dilation) in dilated.items():
-        del getattr(features, transition).pool
-        for layer in getattr(features, block).children():
-            layer.conv2.dilation = (dilation, dilation)
-            layer.conv2.padding = (dilation, dilation)
-    backbone = nn.Sequential(OrderedDict(features=features, relu=nn.ReLU(inplace=True)))
-    backbone.out_channels = features.norm5.num_features
-    return backbone
+# Backbones: each body is a Sequential of named stages with `out_channels`
 
 
 def _group_norm(num_groups: int, channels: int) -> nn.GroupNorm:
@@ -205,20 +168,84 @@ def _timm_group_norm(num_channels: int, num_groups: int, **kwargs) -> nn.Module:
     return GroupNormAct(num_channels, num_groups=num_groups, **kwargs)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Builders
+def _vovnet_body(name: str, output_stride: int, num_groups: int | None, beta: bool) -> nn.Sequential:
+    norm = nn.BatchNorm2d if num_groups is None else functools.partial(_group_norm, num_groups)
+    return vovnet.VoVNet(name, norm_layer=norm, output_stride=output_stride)
 
 
-def uses_batchnorm(backbone: str, num_groups: int | None) -> bool:
-    """Whether the model has BatchNorm layers: every one but a ResNet with GroupNorm (`num_groups`), since a
-    VoVNet's GroupNorm stops at the backbone and its ASPP keeps BatchNorm, as in the original."""
-    return num_groups is None or FAMILIES[backbone] != 'resnet'
+def _ese_vovnet_body(name: str, output_stride: int, num_groups: int | None, beta: bool) -> nn.Sequential:
+    norm = None if num_groups is None else functools.partial(_timm_group_norm, num_groups=num_groups)
+    return vovnet.dilate_timm_vovnet(vovnet.timm_vovnet(name, norm), output_stride)
 
 
-def _create_deeplab(backbone: str, pretrained: bool = False, num_classes: int = 21, num_groups: int | None = None,
-                    weight_std: bool = False, beta: bool = False, output_stride: int = 16,
-                    pretrained_path: str | None = None) -> DeepLabV3:
-    if backbone not in BACKBONES:
+def _resnet_body(name: str, output_stride: int, num_groups: int | None, beta: bool) -> nn.Sequential:
+    norm = (functools.partial(nn.BatchNorm2d, momentum=RESNET_BN_MOMENTUM) if num_groups is None
+            else functools.partial(_group_norm, num_groups))
+    net = getattr(torchvision.models, name)(norm_layer=norm,
+                                            replace_stride_with_dilation=[False, output_stride == 8, True])
+    vovnet.init_weights(net)
+    if beta:  # three 3x3 convs, no norm between them, in place of the 7x7
+        net.conv1 = nn.Sequential(nn.Conv2d(3, 64, 3, stride=2, padding=1, bias=False),
+                                  nn.Conv2d(64, 64, 3, padding=1, bias=False),
+                                  nn.Conv2d(64, 64, 3, padding=1, bias=False))
+        vovnet.init_weights(net.conv1)
+    body = nn.Sequential(OrderedDict((n, m) for n, m in net.named_children() if n not in ('avgpool', 'fc')))
+    body.out_channels = net.fc.in_features
+    return body
+
+
+def _densenet_body(name: str, output_stride: int, num_groups: int | None, beta: bool) -> nn.Sequential:
+    features = getattr(torchvision.models, name)().features
+    # The last transition keeps the resolution and the last block is dilated (output stride 16); at output
+    # stride 8 the one before too.
+    dilated = {'transition3': ('denseblock4', 2)} if output_stride == 16 else {
+        'transition2': ('denseblock3', 2), 'transition3': ('denseblock4', 4)}
+    for transition, (block, dilation) in dilated.items():
+        del getattr(features, transition).pool
+        for layer in getattr(features, block).children():
+            layer.conv2.dilation = (dilation, dilation)
+            layer.conv2.padding = (dilation, dilation)
+    body = nn.Sequential(OrderedDict(features=features, relu=nn.ReLU(inplace=True)))
+    body.out_channels = features.norm5.num_features
+    return body
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """One backbone: how its body is built, the norm settings of its ASPP, the options it has, and where its
+    ImageNet weights come from when no file is given (`imagenet.py`)."""
+    family: str
+    body: Callable[[str, int, int | None, bool], nn.Sequential]  # (name, output stride, groups, beta)
+    aspp_bn: dict
+    options: tuple[str, ...]  # of 'num_groups', 'weight_std', 'beta'
+    imagenet: Callable[[nn.Module], dict]  # loads the library's weights into a built model, returns the record
+    library: str  # who provides those weights
+    groupnorm_head: bool = False  # with --groups, the ASPP takes GroupNorm too (ResNet)
+
+    def aspp_norm(self, num_groups: int | None) -> NormLayer:
+        if num_groups is not None and self.groupnorm_head:
+            return functools.partial(_group_norm, num_groups)
+        return functools.partial(nn.BatchNorm2d, **self.aspp_bn)
+
+
+_VOVNET = BackboneSpec('vovnet', _vovnet_body, OTHER_ASPP_BN, ('num_groups',), imagenet.load_vovnet, 'pytorchcv')
+_ESE_VOVNET = BackboneSpec('ese_vovnet', _ese_vovnet_body, OTHER_ASPP_BN, ('num_groups',), imagenet.load_timm, 'timm')
+_RESNET = BackboneSpec('resnet', _resnet_body, RESNET_ASPP_BN, ('num_groups', 'weight_std', 'beta'),
+                       imagenet.load_torchvision, 'torchvision', groupnorm_head=True)
+_DENSENET = BackboneSpec('densenet', _densenet_body, OTHER_ASPP_BN, (), imagenet.load_torchvision, 'torchvision')
+SPECS = {'vovnet39': _VOVNET, 'vovnet57': _VOVNET, 'resnet50': _RESNET, 'resnet101': _RESNET,
+         'densenet161': _DENSENET, 'densenet201': _DENSENET, 'ese_vovnet39b': _ESE_VOVNET,
+         'ese_vovnet57b': _ESE_VOVNET}
+BACKBONES = tuple(SPECS)
+ORIGINAL_BACKBONES = BACKBONES[:6]  # the original's six; the eSE-VoVNets need timm
+TIMM_BACKBONES = tuple(name for name, spec in SPECS.items() if spec.library == 'timm')
+OPTION_FLAGS = {'num_groups': '--groups', 'weight_std': '--weight_std', 'beta': '--beta'}
+
+
+def check_options(backbone: str, num_classes: int, output_stride: int, num_groups: int | None, weight_std: bool,
+                  beta: bool) -> BackboneSpec:
+    """The spec of `backbone`, once the options are ones it has; else a message naming the flag."""
+    if backbone not in SPECS:
         raise UserError(f'unknown backbone {backbone!r}; choose one of {", ".join(BACKBONES)}.')
     if output_stride not in OUTPUT_STRIDES:
         raise UserError(f'output stride must be 8 or 16, not {output_stride}.')
@@ -226,157 +253,76 @@ def _create_deeplab(backbone: str, pretrained: bool = False, num_classes: int = 
         raise UserError(f'the number of classes must be positive, not {num_classes}.')
     if num_groups is not None and num_groups < 1:
         raise UserError(f'--groups must be a positive number of groups, not {num_groups}.')
-    family = FAMILIES[backbone]
-    refused = {'vovnet': ('weight_std', 'beta'), 'ese_vovnet': ('weight_std', 'beta'),
-               'densenet': ('num_groups', 'weight_std', 'beta')}.get(family, ())
-    options = dict(num_groups=num_groups is not None, weight_std=weight_std, beta=beta)
-    for option in refused:
-        if options[option]:
-            flag = '--groups' if option == 'num_groups' else f'--{option}'
+    spec = SPECS[backbone]
+    given = dict(num_groups=num_groups is not None, weight_std=weight_std, beta=beta)
+    for option, flag in OPTION_FLAGS.items():
+        if given[option] and option not in spec.options:
             raise UserError(f'{flag} is a ResNet option of the original; {backbone} has no such variant. '
                             f'Drop {flag}, or use --backbone resnet50/resnet101.')
-    # Without a file, ImageNet weights come from a library: torchvision (ResNet, DenseNet), timm (eSE-VoVNet),
-    # or, for VoVNet, the original's file or pytorchcv (imagenet.load_vovnet). None has GroupNorm weights.
-    from_library = pretrained and pretrained_path is None and family in ('resnet', 'densenet', 'ese_vovnet')
-    if from_library and num_groups is not None:
-        library = 'timm' if family == 'ese_vovnet' else 'torchvision'
-        raise UserError(f'{library} has no GroupNorm ImageNet weights for {backbone}: pass the path of a '
-                        f'GroupNorm state dict with --pretrained_path, or add --scratch.')
-    initial = imagenet.SCRATCH
-    imagenet_state = None
-    if from_library and family != 'ese_vovnet':
-        imagenet_state, initial = imagenet.torchvision_weights(backbone)
-
-    if family == 'vovnet':
-        body = _vovnet_backbone(backbone, num_groups, output_stride)
-    elif family == 'ese_vovnet':
-        net = vovnet.timm_vovnet(backbone, None if num_groups is None
-                                 else functools.partial(_timm_group_norm, num_groups=num_groups))
-        if from_library:
-            initial = imagenet.load_timm(net, backbone)
-        body = vovnet.dilate_timm_vovnet(net, output_stride)
-    elif family == 'resnet':
-        body = _resnet_backbone(backbone, imagenet_state, num_groups, beta, output_stride)
-    else:
-        body = _densenet_backbone(backbone, imagenet_state, output_stride)
-    if family == 'resnet':
-        aspp_norm = (functools.partial(nn.BatchNorm2d, **RESNET_ASPP_BN) if num_groups is None
-                     else functools.partial(_group_norm, num_groups))
-    else:
-        aspp_norm = functools.partial(nn.BatchNorm2d, **OTHER_ASPP_BN)
-    model = DeepLabV3(body, num_classes, aspp_norm, output_stride, backbone)
-    if weight_std:
-        convert_weight_std(model, skip=(model.aspp.conv3,))
-    if pretrained and pretrained_path is not None:
-        initial = imagenet.load_file(model, family, pretrained_path, num_groups)
-    elif pretrained and family == 'vovnet':
-        initial = imagenet.load_vovnet(model, backbone, num_groups)
-    model.initial_weights = initial
-    model.model_args = dict(backbone=backbone, num_classes=num_classes, output_stride=output_stride,
-                            num_groups=num_groups, weight_std=weight_std, beta=beta)
-    if pretrained:
-        log.info('initial weights: %s', imagenet.describe(initial))
-    return model
+    return spec
 
 
-def vovnet39(pretrained: bool = False, num_classes: int = 21, num_groups: int | None = None,
-             weight_std: bool = False, beta: bool = False, output_stride: int = 16, **kwargs) -> DeepLabV3:
-    """DeepLabV3 with VoVNet-39 (29,513,621 parameters at 21 classes).
-
-    Args:
-        pretrained: initialise the backbone from ImageNet weights
-            (`data/pretrained/vovnet39_statedict_norm.pth`, or `pretrained_path=`).
-        num_classes: number of output classes.
-        num_groups: GroupNorm with this many groups in the backbone instead of BatchNorm.
-        weight_std, beta: ResNet-only options of the original; refused here.
-        output_stride: 16 (the original) or 8.
-    """
-    return _create_deeplab('vovnet39', pretrained, num_classes, num_groups, weight_std, beta, output_stride, **kwargs)
-
-
-def vovnet57(pretrained: bool = False, num_classes: int = 21, num_groups: int | None = None,
-             weight_std: bool = False, beta: bool = False, output_stride: int = 16, **kwargs) -> DeepLabV3:
-    """DeepLabV3 with VoVNet-57 (43,553,621 parameters at 21 classes); arguments as `vovnet39`."""
-    return _create_deeplab('vovnet57', pretrained, num_classes, num_groups, weight_std, beta, output_stride, **kwargs)
-
-
-def resnet50(pretrained: bool = False, num_classes: int = 21, num_groups: int | None = None,
-             weight_std: bool = False, beta: bool = False, output_stride: int = 16, **kwargs) -> DeepLabV3:
-    """DeepLabV3 with a dilated ResNet-50 (39,048,533 parameters at 21 classes).
-
-    Args:
-        pretrained: initialise the backbone from torchvision's ImageNet weights (or `pretrained_path=`).
-        num_classes: number of output classes.
-        num_groups: GroupNorm with this many groups in place of every BatchNorm, the ASPP's included.
-        weight_std: weight standardisation in every conv except the final classifier.
-        beta: a stem of three 3x3 convs in place of the 7x7 conv.
-        output_stride: 16 (the original) or 8.
-    """
-    return _create_deeplab('resnet50', pretrained, num_classes, num_groups, weight_std, beta, output_stride, **kwargs)
-
-
-def resnet101(pretrained: bool = False, num_classes: int = 21, num_groups: int | None = None,
-              weight_std: bool = False, beta: bool = False, output_stride: int = 16, **kwargs) -> DeepLabV3:
-    """DeepLabV3 with a dilated ResNet-101 (58,040,661 parameters at 21 classes); arguments as `resnet50`."""
-    return _create_deeplab('resnet101', pretrained, num_classes, num_groups, weight_std, beta, output_stride,
-                           **kwargs)
-
-
-def densenet161(pretrained: bool = False, num_classes: int = 21, num_groups: int | None = None,
-                weight_std: bool = False, beta: bool = False, output_stride: int = 16, **kwargs) -> DeepLabV3:
-    """DeepLabV3 with a dilated DenseNet-161 (43,200,341 parameters at 21 classes).
-
-    Args:
-        pretrained: initialise the backbone from torchvision's ImageNet weights (or `pretrained_path=`).
-        num_classes: number of output classes.
-        num_groups, weight_std, beta: ResNet-only options of the original; refused here.
-        output_stride: 16 (the original) or 8.
-    """
-    return _create_deeplab('densenet161', pretrained, num_classes, num_groups, weight_std, beta, output_stride,
-                           **kwargs)
-
-
-def densenet201(pretrained: bool = False, num_classes: int = 21, num_groups: int | None = None,
-                weight_std: bool = False, beta: bool = False, output_stride: int = 16, **kwargs) -> DeepLabV3:
-    """DeepLabV3 with a dilated DenseNet-201 (32,683,157 parameters at 21 classes); arguments as `densenet161`."""
-    return _create_deeplab('densenet201', pretrained, num_classes, num_groups, weight_std, beta, output_stride,
-                           **kwargs)
-
-
-def ese_vovnet39b(pretrained: bool = False, num_classes: int = 21, num_groups: int | None = None,
-                  weight_std: bool = False, beta: bool = False, output_stride: int = 16, **kwargs) -> DeepLabV3:
-    """DeepLabV3 with timm's eSE-VoVNet-39 (VoVNetV2: an eSE channel attention on the last block of each stage),
-    dilated as VoVNet-39 is, with VoVNet's ASPP. Needs timm.
-
-    Args:
-        pretrained: initialise the backbone from timm's ImageNet weights (`ese_vovnet39b.ra_in1k`, through its
-            hub cache), or from `pretrained_path=` (a timm state dict).
-        num_classes: number of output classes.
-        num_groups: GroupNorm (timm's GroupNormAct) with this many groups in the backbone instead of BatchNorm.
-        weight_std, beta: ResNet-only options of the original; refused here.
-        output_stride: 16 or 8.
-    """
-    return _create_deeplab('ese_vovnet39b', pretrained, num_classes, num_groups, weight_std, beta, output_stride,
-                           **kwargs)
-
-
-def ese_vovnet57b(pretrained: bool = False, num_classes: int = 21, num_groups: int | None = None,
-                  weight_std: bool = False, beta: bool = False, output_stride: int = 16, **kwargs) -> DeepLabV3:
-    """DeepLabV3 with timm's eSE-VoVNet-57 (ImageNet weights `ese_vovnet57b.ra4_e3600_r256_in1k`); arguments as
-    `ese_vovnet39b`."""
-    return _create_deeplab('ese_vovnet57b', pretrained, num_classes, num_groups, weight_std, beta, output_stride,
-                           **kwargs)
-
-
-def build_model(backbone: str, **kwargs) -> DeepLabV3:
-    """The builder named `backbone`, called with `kwargs`; an unknown name is a clear error."""
-    if backbone not in BACKBONES:
-        raise UserError(f'unknown backbone {backbone!r}; choose one of {", ".join(BACKBONES)}.')
-    return globals()[backbone](**kwargs)
+def uses_batchnorm(backbone: str, num_groups: int | None) -> bool:
+    """Whether the model has BatchNorm layers: every one but a ResNet with GroupNorm (`num_groups`), since a
+    VoVNet's GroupNorm stops at the backbone and its ASPP keeps BatchNorm, as in the original."""
+    return num_groups is None or not SPECS[backbone].groupnorm_head
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Weights
+# Building and initialising
+
+
+def build_model(backbone: str, num_classes: int = 21, output_stride: int = 16, pretrained: bool = False,
+                pretrained_path: str | None = None, **options) -> DeepLabV3:
+    """The DeepLabV3 of `backbone` (`options`: num_groups, weight_std, beta), with random weights, or with
+    `pretrained` its backbone's ImageNet weights (`initialize`)."""
+    model = DeepLabV3(backbone, num_classes, output_stride, **options)
+    if pretrained:
+        initialize(model, pretrained_path)
+    return model
+
+
+def initialize(model: DeepLabV3, pretrained_path: str | None = None) -> dict:
+    """Load ImageNet weights into the backbone, from `pretrained_path` or the backbone's library (VoVNet: the
+    original's file, else pytorchcv); returns the record checkpoints keep, also set as `model.initial_weights`."""
+    spec, groups = SPECS[model.backbone_name], model.model_args['num_groups']
+    if pretrained_path is not None:
+        record = imagenet.load_file(model, spec.family, pretrained_path, groups)
+    else:
+        if groups is not None and spec.family != 'vovnet':  # load_vovnet says where GroupNorm weights could be
+            raise UserError(f'{spec.library} has no GroupNorm ImageNet weights for {model.backbone_name}: pass the '
+                            f'path of a GroupNorm state dict with --pretrained_path, or add --scratch.')
+        record = spec.imagenet(model)
+    log.info('initial weights: %s', imagenet.describe(record))
+    model.initial_weights = record
+    return record
+
+
+# The original's API: one builder per backbone, e.g. deeplab.vovnet39(pretrained=True, num_classes=21). Options:
+# num_classes=21, output_stride=16, num_groups=None, weight_std=False, beta=False (the last two ResNet only);
+# pretrained=True loads ImageNet weights (`initialize`), from pretrained_path= when given.
+
+
+def _builder(backbone: str, description: str):
+    def builder(pretrained: bool = False, **kwargs) -> DeepLabV3:
+        return build_model(backbone, pretrained=pretrained, **kwargs)
+    builder.__name__ = builder.__qualname__ = backbone
+    builder.__doc__ = f'DeepLabV3 with {description}.'
+    return builder
+
+
+vovnet39 = _builder('vovnet39', 'VoVNet-39 (29,513,621 parameters at 21 classes)')
+vovnet57 = _builder('vovnet57', 'VoVNet-57 (43,553,621 parameters at 21 classes)')
+resnet50 = _builder('resnet50', 'a dilated ResNet-50 (39,048,533 parameters at 21 classes)')
+resnet101 = _builder('resnet101', 'a dilated ResNet-101 (58,040,661 parameters at 21 classes)')
+densenet161 = _builder('densenet161', 'a dilated DenseNet-161 (43,200,341 parameters at 21 classes)')
+densenet201 = _builder('densenet201', 'a dilated DenseNet-201 (32,683,157 parameters at 21 classes)')
+ese_vovnet39b = _builder('ese_vovnet39b', "timm's eSE-VoVNet-39 (VoVNetV2), dilated as VoVNet-39 is; needs timm")
+ese_vovnet57b = _builder('ese_vovnet57b', "timm's eSE-VoVNet-57 (VoVNetV2), dilated as VoVNet-57 is; needs timm")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Weights and checkpoints
 
 
 # A key that only this backbone's state dict holds, tried in order.
@@ -406,17 +352,17 @@ def describe(backbone: str | None, num_classes: int | None) -> str:
 
 def load_weights(model: DeepLabV3, state_dict: dict[str, torch.Tensor], source: str) -> None:
     """Load a full DeepLabV3 state dict (prefix `module.` or none) strictly, or explain why it does not fit."""
-    state_dict = strip_prefixes(state_dict)
+    state_dict = checkpoints.strip_prefixes(state_dict)
     backbone, classes = identify(state_dict)
     if backbone is None and classes is None:
-        raise UserError(f'{source} holds no DeepLabV3 weights (e.g. {_first(state_dict)}); '
+        raise UserError(f'{source} holds no DeepLabV3 weights (e.g. {next(iter(state_dict), "(nothing)")}); '
                         f'give a checkpoint written by main.py --train or a released one.')
     if (backbone, classes) != (model.backbone_name, model.num_classes):
         raise UserError(f'{source} holds {describe(backbone, classes)}, but the model is '
                         f'{describe(model.backbone_name, model.num_classes)}. '
                         f'Pass --backbone {backbone or "..."} and --num_classes {classes}, or pick the matching '
                         f'checkpoint.')
-    check_finite(state_dict, source)
+    checkpoints.check_finite(state_dict, source)
     try:
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
     except RuntimeError as e:  # shape mismatches
@@ -430,55 +376,28 @@ def load_weights(model: DeepLabV3, state_dict: dict[str, torch.Tensor], source: 
                         f'{len(unexpected)} unexpected keys {few(unexpected)}.{hint}')
 
 
-def checkpoint_parser(description: str) -> argparse.ArgumentParser:
-    """The command line of a script that rebuilds a model with `model_from_checkpoint` (predict.py, export.py):
-    its description, and the flags that name the checkpoint."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--checkpoint', required=True, help='a checkpoint of main.py --train, or a released one')
-    parser.add_argument('--backbone', default=None, choices=BACKBONES,
-                        help='only needed when the checkpoint does not tell (it usually does)')
-    parser.add_argument('--output_stride', type=int, default=None, choices=OUTPUT_STRIDES,
-                        help='default: the one the checkpoint was trained with (16 for the released ones)')
-    return parser
-
-
-# What `build_model` needs to rebuild a model, with the original's values where nothing says otherwise.
-MODEL_DEFAULTS = dict(num_classes=21, output_stride=16, num_groups=None, weight_std=False, beta=False)
-
-
-def rebuild_args(checkpoint: dict, fixed: dict | None = None, defaults: dict | None = None) -> dict:
-    """The arguments of `build_model` that rebuild the model a checkpoint holds; the one rule of every script.
-
-    Each comes from, in order: `fixed`, what the caller requires (an --output_stride asked for, or main.py's
-    --backbone and dataset classes, which `load_weights` then checks against the weights); what the checkpoint
-    recorded (`model_args`, written by the builder into this project's checkpoints); what its keys tell (a released
-    checkpoint: backbone and classes); `defaults` (flags); the original's (`MODEL_DEFAULTS`). The backbone may stay
-    None where nothing tells it.
-    """
-    fixed, defaults = fixed or {}, defaults or {}
-    recorded = dict(checkpoint.get('model_args') or {})
-    backbone, classes = identify(strip_prefixes(checkpoint['state_dict']))
+def recorded_args(checkpoint: dict) -> dict:
+    """The `build_model` arguments a checkpoint gives: those it recorded (this project's checkpoints), over what its
+    keys tell (a released checkpoint: backbone and classes; the rest are the original's defaults)."""
+    backbone, classes = identify(checkpoints.strip_prefixes(checkpoint['state_dict']))
     told = {k: v for k, v in dict(backbone=backbone, num_classes=classes).items() if v is not None}
-    args = {}
-    for key, default in dict(backbone=None, **MODEL_DEFAULTS).items():
-        source = next((s for s in (fixed, recorded, told, defaults) if key in s), {key: default})
-        args[key] = source[key]
-    return args
+    return {**told, **(checkpoint.get('model_args') or {})}
 
 
 def model_from_checkpoint(path: str, backbone: str | None = None, output_stride: int | None = None) -> DeepLabV3:
-    """Rebuild and load the model a checkpoint holds (`rebuild_args`): a released one is recognised by its keys
-    and has stride 16; `backbone` is needed only when nothing tells, and must agree with it when given;
-    `output_stride` overrides the recorded one (the weights fit either)."""
-    checkpoint = load_checkpoint(path)
-    args = rebuild_args(checkpoint, fixed={'output_stride': output_stride} if output_stride else None)
-    held = args['backbone']
+    """Rebuild and load the model a checkpoint holds: `build_model(**recorded_args)`, at `output_stride` when given
+    (the weights fit either). `backbone` is needed only when nothing tells, and must agree with it when given."""
+    checkpoint = checkpoints.load(path)
+    args = recorded_args(checkpoint)
+    held = args.get('backbone')
     if held is None and backbone is None:
         raise UserError(f'cannot tell which backbone {path} was trained with; pass --backbone.')
     if backbone and held and backbone != held:
-        raise UserError(f'{path} holds {describe(held, args["num_classes"])}, not a {backbone}; ask for {held} '
+        raise UserError(f'{path} holds {describe(held, args.get("num_classes"))}, not a {backbone}; ask for {held} '
                         f'(predict.py and export.py need no --backbone) or pick the matching checkpoint.')
     args['backbone'] = held or backbone
+    if output_stride:
+        args['output_stride'] = output_stride
     model = build_model(**args)
     load_weights(model, checkpoint['state_dict'], path)
     return model
@@ -488,7 +407,7 @@ def convert_sync_batchnorm(model: DeepLabV3) -> DeepLabV3:
     """The model with SyncBatchNorm for BatchNorm. timm's layers fuse BatchNorm and activation
     (BatchNormAct2d), which PyTorch's converter would turn into a plain SyncBatchNorm, dropping the activation;
     timm's converter keeps it (and converts the ASPP's plain BatchNorm as PyTorch's does)."""
-    if FAMILIES[model.backbone_name] == 'ese_vovnet':
+    if SPECS[model.backbone_name].library == 'timm':
         from timm.layers import convert_sync_batchnorm as timm_convert
         return timm_convert(model)
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -496,7 +415,3 @@ def convert_sync_batchnorm(model: DeepLabV3) -> DeepLabV3:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def _first(state_dict) -> str:
-    return next(iter(state_dict), '(nothing)')

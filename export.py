@@ -18,9 +18,11 @@ import warnings
 import numpy as np
 import torch
 
+import checkpoints
 import deeplab
-import utils
-from utils import UserError
+import errors
+import files
+from errors import UserError
 
 log = logging.getLogger('export')
 
@@ -31,12 +33,14 @@ DYNAMO_MIN_OPSET = 18
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = deeplab.checkpoint_parser(__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    checkpoints.add_arguments(p, deeplab.BACKBONES, deeplab.OUTPUT_STRIDES)
     p.add_argument('--output', default=None, help='ONNX file to write (default: the checkpoint name with .onnx)')
-    p.add_argument('--height', type=utils.number(int, 32), default=513,
+    p.add_argument('--height', type=errors.number(int, 32), default=513,
                    help='height of the example traced (default 513)')
-    p.add_argument('--width', type=utils.number(int, 32), default=513, help='width of the example traced (default 513)')
-    p.add_argument('--opset', type=utils.number(int, MIN_OPSET), default=DYNAMO_MIN_OPSET,
+    p.add_argument('--width', type=errors.number(int, 32), default=513,
+                   help='width of the example traced (default 513)')
+    p.add_argument('--opset', type=errors.number(int, MIN_OPSET), default=DYNAMO_MIN_OPSET,
                    help=f'ONNX opset (default {DYNAMO_MIN_OPSET}; {DYNAMO_MIN_OPSET} or later with the dynamo '
                         f'exporter, {MIN_OPSET} or later with the TorchScript one)')
     p.add_argument('--exporter', choices=('dynamo', 'torchscript'), default='dynamo',
@@ -58,9 +62,9 @@ def export(model: deeplab.DeepLabV3, path: str, height: int, width: int, opset: 
                 warnings.simplefilter('ignore')  # the TorchScript exporter's deprecation notices
                 torch.onnx.export(model, (example,), f, input_names=['image'], output_names=['logits'],
                                   dynamic_axes=axes, opset_version=opset, dynamo=False)
-        utils.atomic_write(path, write, flag='--output')
+        files.atomic_write(path, write, flag='--output')
         return
-    utils.require('onnxscript', 'the dynamo ONNX exporter')
+    errors.require('onnxscript', 'the dynamo ONNX exporter')
     if opset < DYNAMO_MIN_OPSET:
         raise UserError(f'the dynamo exporter writes opset {DYNAMO_MIN_OPSET} and later, not {opset}: pass --opset '
                         f'{DYNAMO_MIN_OPSET} or later, or --exporter torchscript (deprecated) for older opsets.')
@@ -75,7 +79,7 @@ def export(model: deeplab.DeepLabV3, path: str, height: int, width: int, opset: 
         raise UserError(f'PyTorch {torch.__version__} cannot export opset {opset} with the dynamo exporter (its graph '
                         f'is opset {written}); use an opset from {DYNAMO_MIN_OPSET} up to the newest ONNX defines, '
                         f'or --exporter torchscript.')
-    utils.atomic_write(path, program.save, flag='--output', by_path=True)
+    files.atomic_write(path, program.save, flag='--output', by_path=True)
 
 
 @contextlib.contextmanager
@@ -109,8 +113,8 @@ def check(model: deeplab.DeepLabV3, path: str, height: int, width: int) -> dict 
 
 def run(args) -> None:
     output = args.output or os.path.splitext(args.checkpoint)[0] + '.onnx'
-    utils.check_name_fits(output, '--output')
-    utils.refuse_overwrite({output: '--output'}, {args.checkpoint: 'the checkpoint (--checkpoint)'})
+    files.check_name_fits(output, '--output')
+    files.refuse_overwrite({output: '--output'}, {args.checkpoint: 'the checkpoint (--checkpoint)'})
     model = deeplab.model_from_checkpoint(args.checkpoint, args.backbone, args.output_stride).eval()
     try:
         export(model, output, args.height, args.width, args.opset, args.exporter)
@@ -135,7 +139,7 @@ def run(args) -> None:
 
 
 def cli(argv=None) -> int:
-    return utils.run_command(get_args_parser(), run, argv)
+    return errors.run_command(get_args_parser(), run, argv)
 
 
 if __name__ == '__main__':

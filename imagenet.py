@@ -22,7 +22,10 @@ import torchvision
 from torch import nn
 
 import vovnet
-from utils import UserError, check_finite, few, load_checkpoint, require, sha256_file, short_error, strip_prefixes
+from checkpoints import check_finite, strip_prefixes
+from checkpoints import load as load_checkpoint
+from errors import UserError, few, require
+from files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -196,9 +199,10 @@ def _load_lenient(model: nn.Module, state_dict: dict, path: str) -> None:
 # VoVNet-39/57: the original's file, else pytorchcv
 
 
-def load_vovnet(model: nn.Module, name: str, num_groups: int | None) -> dict:
+def load_vovnet(model: nn.Module) -> dict:
     """VoVNet's ImageNet initialisation when no file is given: the original's file when it is there, else
     pytorchcv's weights (downloaded and checked by pytorchcv into its cache)."""
+    name, num_groups = model.backbone_name, model.model_args['num_groups']
     original = ORIGINAL_FILE.format(name=name)
     if os.path.isfile(original):
         return load_file(model, 'vovnet', original, num_groups, source='original file')
@@ -237,11 +241,13 @@ def load_vovnet(model: nn.Module, name: str, num_groups: int | None) -> dict:
 # eSE-VoVNet: timm
 
 
-def load_timm(net: nn.Module, name: str) -> dict:
-    """Load timm's ImageNet weights into timm's model `net` (built by `vovnet.timm_vovnet`) with timm's own
-    pretrained loading: from the Hugging Face hub cache when the file is there (no network), else downloaded
-    into it."""
+def load_timm(model: nn.Module) -> dict:
+    """timm's ImageNet weights for an eSE-VoVNet, loaded by timm's own pretrained loading into a timm model (from
+    the Hugging Face hub cache when the file is there, no network; else downloaded into it), then into `model`."""
+    name = model.backbone_name
     timm = require('timm', f'the {name} backbone')
+    with torch.random.fork_rng(devices=[]):  # the model's own random initialisation stays as it was
+        net = vovnet.timm_vovnet(name)
     cfg = net.pretrained_cfg
     model_name, repo = f'{cfg["architecture"]}.{cfg["tag"]}', cfg['hf_hub_id']
     page = f'https://huggingface.co/{repo}'
@@ -262,7 +268,7 @@ def load_timm(net: nn.Module, name: str) -> dict:
                         f'({constants.HF_HUB_CACHE}); on a machine without it, download model.safetensors from '
                         f'that page and pass it with --pretrained_path FILE, or add --scratch to train from random '
                         f'initialisation.') from None
-    check_finite(_backbone_only(net.state_dict()), cached or page)
+    _load_strict(model, _backbone_only(net.state_dict()), cached or page)
     record = {'source': 'timm', 'model': model_name, 'file': cached}
     blob = os.path.realpath(cached) if cached else ''
     if os.path.basename(os.path.dirname(blob)) == 'blobs' and re.fullmatch(r'[0-9a-f]{64}', os.path.basename(blob)):
@@ -284,9 +290,10 @@ def _hub_cached(repo: str) -> str | None:
 # ResNet, DenseNet: torchvision
 
 
-def torchvision_weights(name: str) -> tuple[dict, dict]:
-    """torchvision's ImageNet state dict for `name` (the one the original used), read from torch's hub cache or
-    downloaded into it, and its record; or a clear error."""
+def load_torchvision(model: nn.Module) -> dict:
+    """torchvision's ImageNet weights (the ones the original used), read from torch's hub cache or downloaded into
+    it, loaded into a ResNet's or DenseNet's backbone; returns the record."""
+    name = model.backbone_name
     weights, cached = _torchvision_file(name)
     try:
         state = weights.get_state_dict(progress=False, check_hash=True)
@@ -295,19 +302,26 @@ def torchvision_weights(name: str) -> tuple[dict, dict]:
             f'the ImageNet weights of {name} are needed but could not be read or downloaded ({e}). '
             f'Download {weights.url} to {cached} (or set TORCH_HOME), or add --scratch to train without them.'
         ) from None
+    state = {k: v for k, v in _rename_legacy_densenet_keys(state).items() if not k.startswith(('fc.', 'classifier.'))}
+    own_only = ('aspp.',)
+    if model.model_args['beta']:  # three 3x3 convs where the file has the 7x7 conv1
+        own_only = ('aspp.', 'conv1.')
+        state = {k: v for k, v in state.items() if not k.startswith('conv1.')}
+        log.warning('the --beta stem starts from random weights: the ImageNet weights have a 7x7 conv1')
+    own = model.state_dict()
+    wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    unexpected = [k for k in state if k not in own]
+    missing = [k for k in own if k not in state and not k.startswith(own_only)
+               and not k.endswith('num_batches_tracked')]
+    if wrong or missing or unexpected:
+        cause = (f'{wrong[0]} has shape {tuple(state[wrong[0]].shape)}, the model {tuple(own[wrong[0]].shape)}'
+                 if wrong else f'{len(missing)} tensors missing {few(missing)}, {len(unexpected)} unexpected '
+                               f'{few(unexpected)}')
+        raise UserError(f'the ImageNet weights in {cached} do not fit torchvision\'s {name} ({cause}); delete '
+                        f'the file so that it is downloaded again, or copy {weights.url} there.')
     check_finite(state, cached)
-    return state, {'source': 'torchvision', 'weights': f'{type(weights).__name__}.{weights.name}', 'file': cached}
-
-
-def load_torchvision(net: nn.Module, state_dict: dict, name: str) -> None:
-    """Load torchvision's state dict into torchvision's model, or say how to replace a cached file that does not
-    fit."""
-    try:
-        net.load_state_dict(_rename_legacy_densenet_keys(state_dict))
-    except RuntimeError as e:
-        weights, cached = _torchvision_file(name)
-        raise UserError(f'the ImageNet weights in {cached} do not fit torchvision\'s {name} ({short_error(e)}); delete '
-                        f'the file so that it is downloaded again, or copy {weights.url} there.') from None
+    model.load_state_dict(state, strict=False)
+    return {'source': 'torchvision', 'weights': f'{type(weights).__name__}.{weights.name}', 'file': cached}
 
 
 def _torchvision_file(name: str):

@@ -14,14 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils import UserError, class_map
+from errors import UserError
+from utils import class_map
 
 AMP_DTYPES = {'off': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}  # --amp
 
 
 def cpu_has_bf16() -> bool:
     """Whether this CPU computes bf16 in hardware (AVX-512 BF16 or AMX): without, PyTorch emulates it, several
-    times slower than fp32 (README)."""
+    times slower than fp32 (docs/benchmarks.md)."""
     with contextlib.suppress(AttributeError, RuntimeError):
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     return False

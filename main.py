@@ -10,6 +10,7 @@ Several GPUs or machines: torchrun --nproc_per_node=N main.py --train ... (READM
 import argparse
 import contextlib
 import glob
+import itertools
 import logging
 import math
 import os
@@ -17,25 +18,25 @@ import random
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+import checkpoints
 import deeplab
+import engine
+import errors
+import files
 import imagenet
 import inference
 import pascal
 import plots
 import utils
-from utils import IGNORE_INDEX, Interrupted, UserError
+from checkpoints import epoch_path, log_folder, run_file, run_name
+from errors import Interrupted, UserError
 
 log = logging.getLogger('main')
-
-MOMENTUM = 0.9
-WEIGHT_DECAY = 1e-4
-CHECKPOINT_VERSION = 1
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -57,42 +58,42 @@ def get_args_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group('flags of the original (same names and defaults)')
     o.add_argument('--train', action='store_true', help='train; without it, evaluate')
     o.add_argument('--exp', required=True, help='experiment name, part of the checkpoint file names')
-    o.add_argument('--gpu', type=utils.number(int, 0), default=0,
+    o.add_argument('--gpu', type=errors.number(int, 0), default=0,
                    help='CUDA device of a single-process run (default 0)')
     o.add_argument('--backbone', default='resnet101', choices=deeplab.BACKBONES, help='default: %(default)s')
     o.add_argument('--dataset', default='pascal', choices=pascal.DATASETS,
                    help='pascal (VOC 2012 + SBD, or any dataset in its list layout) or cityscapes')
-    o.add_argument('--groups', type=utils.number(int, 1), default=None,
+    o.add_argument('--groups', type=errors.number(int, 1), default=None,
                    help='GroupNorm with this many groups instead of BatchNorm')
-    o.add_argument('--epochs', type=utils.number(int, 1), default=30,
+    o.add_argument('--epochs', type=errors.number(int, 1), default=30,
                    help='epochs to train; for evaluation, the epoch of the checkpoint to load (default 30)')
-    o.add_argument('--batch_size', type=utils.number(int, 1), default=16,
+    o.add_argument('--batch_size', type=errors.number(int, 1), default=16,
                    help='images per iteration in total over all processes: 16 means 16 whatever the number '
                         'of GPUs under torchrun, each taking batch_size / N (default 16)')
-    o.add_argument('--base_lr', type=utils.number(float, 0, inclusive=False), default=0.00025,
+    o.add_argument('--base_lr', type=errors.number(float, 0, inclusive=False), default=0.00025,
                    help='initial learning rate of the poly schedule (the published runs use 0.007)')
-    o.add_argument('--last_mult', type=utils.number(float, 0), default=1.0, help='LR multiplier of the ASPP head')
+    o.add_argument('--last_mult', type=errors.number(float, 0), default=1.0, help='LR multiplier of the ASPP head')
     o.add_argument('--scratch', action='store_true', help='train from random initialisation, no ImageNet weights')
     o.add_argument('--freeze_bn', action='store_true', help='keep BatchNorm statistics and affine parameters fixed')
     o.add_argument('--weight_std', action='store_true', help='weight standardisation (ResNet only)')
     o.add_argument('--beta', action='store_true', help='three 3x3 convs as the stem (ResNet only)')
-    o.add_argument('--crop_size', type=utils.number(int, 1), default=513,
+    o.add_argument('--crop_size', type=errors.number(int, 1), default=513,
                    help='training crop and evaluation canvas (default 513)')
     o.add_argument('--resume', default=None, metavar='PATH',
                    help='continue training from a checkpoint: weights, optimizer, epoch, iteration, RNG')
-    o.add_argument('--workers', type=utils.number(int, 0), default=None,
+    o.add_argument('--workers', type=errors.number(int, 0), default=None,
                    help='data-loading processes per training process (default 4, fewer where this machine has '
                         'fewer CPUs for each process)')
 
     d = p.add_argument_group('data and output')
     d.add_argument('--data_root', default=None,
                    help='dataset folder (default data/VOCdevkit for pascal, data/cityscapes for cityscapes)')
-    d.add_argument('--num_classes', type=utils.number(int, 2), default=None,
+    d.add_argument('--num_classes', type=errors.number(int, 2), default=None,
                    help='classes of a custom dataset in the VOC layout, background included (default: 21/19)')
     d.add_argument('--class_names', default=None, metavar='FILE', help='file with one class name per line')
     d.add_argument('--output_dir', default='data',
                    help='where checkpoints, predictions (val/) and logs (logs/) go (default: data)')
-    d.add_argument('--seed', type=utils.number(int, 0), default=None,
+    d.add_argument('--seed', type=errors.number(int, 0), default=None,
                    help='seed of shuffling, augmentation and initialisation (default: random, logged and saved)')
 
     m = p.add_argument_group('model')
@@ -104,11 +105,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                         'pytorchcv\'s, timm\'s or torchvision\'s format (README, "ImageNet weights")')
 
     t = p.add_argument_group('training extras')
-    t.add_argument('--save_every', type=utils.number(int, 1), default=10,
+    t.add_argument('--save_every', type=errors.number(int, 1), default=10,
                    help='write a checkpoint every N epochs; the last epoch is always written (default 10)')
-    t.add_argument('--val_every', type=utils.number(int, 0), default=0,
+    t.add_argument('--val_every', type=errors.number(int, 0), default=0,
                    help='validate every N epochs and keep the best checkpoint (_best.pth); 0: never (default)')
-    t.add_argument('--print_freq', type=utils.number(int, 1), default=10, help='log every N iterations (default 10)')
+    t.add_argument('--print_freq', type=errors.number(int, 1), default=10, help='log every N iterations (default 10)')
 
     s = p.add_argument_group('devices and speed')
     s.add_argument('--device', default=None, help='cpu, cuda or cuda:N (default: CUDA when available, else CPU)')
@@ -131,33 +132,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_name(args) -> str:
-    return f'deeplab_{args.backbone}_{args.dataset}_v3_{args.exp}'
-
-
-def checkpoint_path(args, epoch) -> str:
-    """The original's file name: data/deeplab_{backbone}_{dataset}_v3_{exp}_epoch{N}.pth."""
-    return os.path.join(args.output_dir, f'{run_name(args)}_epoch{epoch}.pth')
-
-
-def run_file(args, what: str) -> str:
-    """The run's `best` or `interrupted` checkpoint, beside the epoch checkpoints."""
-    return os.path.join(args.output_dir, f'{run_name(args)}_{what}.pth')
-
-
-def log_folder(args) -> str:
-    return os.path.join(args.output_dir, 'logs', run_name(args))
-
-
-def dataset_inputs(*datasets) -> dict[str, str]:
-    return {path: 'a file of the dataset' for dataset in datasets if dataset is not None
-            for pair in dataset.samples for path in pair}
-
-
 def training_outputs(args, first_epoch: int) -> dict[str, str]:
     """Every file a training run may write, with the options that place it (checked before any work)."""
     epochs = [e for e in range(first_epoch + 1, args.epochs + 1) if e % args.save_every == 0 or e == args.epochs]
-    paths = [checkpoint_path(args, e) for e in epochs] + [run_file(args, 'interrupted')]
+    paths = [epoch_path(args, e) for e in epochs] + [run_file(args, 'interrupted')]
     if args.val_every:
         paths.append(run_file(args, 'best'))
     paths += [os.path.join(log_folder(args), 'metrics.jsonl'), os.path.join(log_folder(args), 'curves.png')]
@@ -165,6 +143,11 @@ def training_outputs(args, first_epoch: int) -> dict[str, str]:
         # A run resumed from its interruption checkpoint replaces it at the next one (README), once it has read it.
         paths.remove(run_file(args, 'interrupted'))
     return {path: '--output_dir or --exp' for path in paths}
+
+
+def dataset_inputs(*datasets) -> dict[str, str]:
+    return {path: 'a file of the dataset' for dataset in datasets if dataset is not None
+            for pair in dataset.samples for path in pair}
 
 
 def sync_batchnorm(args, info: utils.DistInfo, cuda: bool) -> bool:
@@ -180,11 +163,22 @@ def batchnorm_per_process(args, info: utils.DistInfo, cuda: bool) -> bool:
             and not sync_batchnorm(args, info, cuda))
 
 
+def scales_gradients(args) -> bool:
+    """Whether training runs under a gradient scaler: fp16's small range needs one, bf16 and fp32 none."""
+    return args.amp == 'fp16'
+
+
 def default_workers(info: utils.DistInfo) -> int:
     """The original's 4 data-loading processes, or fewer where the CPUs this process may use, shared among the
     processes torchrun started on this machine, are fewer (more would only compete for them)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
     return max(1, min(4, cpus // info.local_world_size))
+
+
+def initial_seed(seed: int | None) -> int:
+    """The run's seed: `--seed`, or one drawn at random and the same on every process (each shards the same
+    permutation of the training set; seeds of their own would have them see overlapping shards)."""
+    return seed if seed is not None else utils.from_main_process(random.SystemRandom().randrange(2 ** 31))
 
 
 def check_args(args, info: utils.DistInfo) -> None:
@@ -207,27 +201,61 @@ def check_args(args, info: utils.DistInfo) -> None:
         raise UserError(f'with BatchNorm each process needs at least 2 images per batch (the ASPP\'s image-pooling '
                         f'branch normalises one value per image): raise --batch_size, or use --freeze_bn{groups}.')
     if args.backbone in deeplab.TIMM_BACKBONES:
-        utils.require('timm', f'--backbone {args.backbone}')
+        errors.require('timm', f'--backbone {args.backbone}')
     if args.train:  # before any folder is made: a name the file system refuses would fail only when written
-        for path in (checkpoint_path(args, args.epochs), run_file(args, 'interrupted'),
+        for path in (epoch_path(args, args.epochs), run_file(args, 'interrupted'),
                      os.path.join(log_folder(args), 'metrics.jsonl')):
-            utils.check_name_fits(path, '--exp or --output_dir')
+            files.check_name_fits(path, '--exp or --output_dir')
     if args.resume and not args.train:
         raise UserError('--resume continues a training run: add --train, or use --checkpoint to evaluate a file.')
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# This process: its place among torchrun's processes, and how models run on it
+# Data and model
+
+
+def dataset_of(args, split: str, transforms, **kwargs) -> pascal.SegmentationDataset:
+    """The `split` of the dataset the flags name, with its class names file, if any."""
+    names = pascal.read_class_names(args.class_names) if args.class_names else None
+    return pascal.build_dataset(args.dataset, args.data_root, split, transforms, args.num_classes, names,
+                                names_source=args.class_names and f'{args.class_names} (--class_names)', **kwargs)
+
+
+def loader_of(dataset, batch_size: int, sampler, args, device: torch.device):
+    return pascal.make_loader(dataset, batch_size, sampler, args.workers, pin_memory=device.type == 'cuda')
+
+
+def eval_loader(dataset, args, info: utils.DistInfo, device: torch.device):
+    """One image per batch: the protocol pads each image on its own canvas; each process takes its share."""
+    return loader_of(dataset, 1, pascal.ShardSampler(len(dataset), info.rank, info.world_size), args, device)
+
+
+def model_for(args, num_classes: int, checkpoint: dict | None = None, resume: bool = False) -> deeplab.DeepLabV3:
+    """The model of this run, with random weights: the flags' backbone and options, the dataset's classes,
+    --output_stride. From a checkpoint, what it recorded, with the flags' options over it when resuming (a
+    mismatch is then load_weights' message) and under it when evaluating."""
+    flags = dict(backbone=args.backbone, num_groups=args.groups, weight_std=args.weight_std, beta=args.beta)
+    fixed = {'num_classes': num_classes, **({'output_stride': args.output_stride} if args.output_stride else {})}
+    if checkpoint is None:
+        return deeplab.build_model(**flags, **fixed)
+    recorded = deeplab.recorded_args(checkpoint)
+    if resume:
+        return deeplab.build_model(**{**recorded, **flags, **fixed})
+    return deeplab.build_model(**{**flags, **recorded, 'backbone': args.backbone, **fixed})
+
+
+def unwrap(model: nn.Module) -> deeplab.DeepLabV3:
+    """The DeepLabV3 inside DistributedDataParallel and/or torch.compile wrappers."""
+    while not isinstance(model, deeplab.DeepLabV3):
+        model = getattr(model, 'module', None) or model._orig_mod
+    return model
 
 
 @dataclass
 class Runtime:
+    """This process: its place among torchrun's processes, and how models run on its device."""
     dist: utils.DistInfo
     execution: inference.Execution
-
-    @property
-    def device(self) -> torch.device:
-        return self.execution.device
 
 
 def make_runtime(args, info: utils.DistInfo, device: torch.device) -> Runtime:
@@ -238,132 +266,12 @@ def make_runtime(args, info: utils.DistInfo, device: torch.device) -> Runtime:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Model and data
-
-
-def flag_model_args(args) -> dict:
-    """The model the flags describe (the backbone's options), for `deeplab.rebuild_args`."""
-    return dict(backbone=args.backbone, num_groups=args.groups, weight_std=args.weight_std, beta=args.beta)
-
-
-def model_for(args, num_classes: int, checkpoint: dict | None = None, resume: bool = False) -> deeplab.DeepLabV3:
-    """The model of this run: the flags' backbone and the dataset's classes, the output stride of --output_stride.
-    From a checkpoint the rest follows `deeplab.rebuild_args`: when evaluating, the norm layers and stem it
-    recorded; when resuming, the flags' (a mismatch is then load_weights' message). A new training run starts
-    from ImageNet weights unless --scratch."""
-    stride = {'output_stride': args.output_stride} if args.output_stride else {}
-    if checkpoint is None:
-        return deeplab.build_model(args.backbone, pretrained=not args.scratch, num_classes=num_classes,
-                                   num_groups=args.groups, weight_std=args.weight_std, beta=args.beta,
-                                   output_stride=args.output_stride or 16, pretrained_path=args.pretrained_path)
-    flags = flag_model_args(args)
-    fixed = {**(flags if resume else {'backbone': args.backbone}), 'num_classes': num_classes, **stride}
-    return deeplab.build_model(**deeplab.rebuild_args(checkpoint, fixed=fixed, defaults=flags))
-
-
-def unwrap(model: nn.Module) -> deeplab.DeepLabV3:
-    """The DeepLabV3 inside DistributedDataParallel and/or torch.compile wrappers."""
-    while not isinstance(model, deeplab.DeepLabV3):
-        model = getattr(model, 'module', None) or model._orig_mod
-    return model
-
-
-def class_names_of(args):
-    return pascal.read_class_names(args.class_names) if args.class_names else None
-
-
-def dataset_of(args, split: str, transforms, **kwargs) -> pascal.SegmentationDataset:
-    """The `split` of the dataset the flags name, with its class names file, if any."""
-    return pascal.build_dataset(args.dataset, args.data_root, split, transforms, args.num_classes,
-                                class_names_of(args), names_source=args.class_names and
-                                f'{args.class_names} (--class_names)', **kwargs)
-
-
-def loader_of(dataset, batch_size: int, sampler, args, rt: Runtime):
-    return pascal.make_loader(dataset, batch_size, sampler, args.workers, pin_memory=rt.device.type == 'cuda')
-
-
-def eval_loader(dataset, args, rt: Runtime):
-    """One image per batch: the protocol pads each image on its own canvas; each process takes its share."""
-    return loader_of(dataset, 1, pascal.ShardSampler(len(dataset), rt.dist.rank, rt.dist.world_size), args, rt)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Evaluation
 
 
-@dataclass
-class MultiScale:
-    """Multi-scale and/or flip evaluation beside the protocol's single scale."""
-    scales: list[float]
-    flip: bool = False
-    save_dir: str | None = None
-
-
-@torch.inference_mode()
-def evaluate(runner: inference.Runner, loader, num_classes: int, save_dir: str | None = None,
-             multi_scale: MultiScale | None = None, stop: utils.GracefulStop | None = None):
-    """The original's protocol, one image at a time: the image padded bottom/right to the crop size, argmax,
-    cropped back to the image; IoU accumulated over the dataset. With `multi_scale`, its prediction is scored
-    beside it. Returns (ConfusionMatrix, ConfusionMatrix or None); with several processes each sees its share of
-    the images and the matrices are summed over all. A stop requested through `stop` (SIGINT, SIGTERM) ends it
-    between images with Interrupted. Progress is logged at least every 10 s."""
-    runner.model.eval()
-    device = runner.execution.device
-    dataset = loader.dataset
-    confusion = utils.ConfusionMatrix(num_classes, device)
-    confusion_ms = utils.ConfusionMatrix(num_classes, device) if multi_scale else None
-    palette = utils.voc_palette()
-    pace = utils.Pace(len(loader))
-
-    def stopped():
-        return Interrupted(stop.signal, f'evaluation stopped by signal {stop.signal} after {pace.done} of '
-                                        f'{len(loader)} images; nothing was published')
-    advice = f'use a --crop_size that fits in memory (513 for VOC; the canvas is {runner.crop}x{runner.crop})'
-    with contextlib.closing(pascal.batches(loader, stop, advice)) as batches:
-        try:
-            for image, mask, info in batches:
-                if stop is not None and stop.requested:
-                    raise stopped()
-                h, w = int(info['size'][0]), int(info['size'][1])
-                name = dataset.name(int(info['index']))
-                target = mask[0, :h, :w].to(device, non_blocking=True)
-                try:
-                    logits = runner.logits(image, (h, w))
-                except (RuntimeError, MemoryError) as e:
-                    if not utils.out_of_memory(e):
-                        raise
-                    raise UserError(f'out of memory evaluating {name} ({w}x{h} on a {image.shape[-1]}x'
-                                    f'{image.shape[-2]} canvas) on {device} ({utils.first_line(e)}): evaluate on a '
-                                    f'device with more memory, or with --amp (bf16 on a CPU).') from None
-                pred = utils.class_map(logits[0], 0)
-                confusion.update(target, pred)
-                if save_dir:
-                    utils.save_mask(pred, os.path.join(save_dir, f'{name}.png'), palette, '--output_dir')
-                if multi_scale:
-                    probs = runner.multi_scale_probs(image[..., :h, :w], multi_scale.scales, multi_scale.flip, logits)
-                    pred_ms = utils.class_map(probs[0], 0)
-                    confusion_ms.update(target, pred_ms)
-                    if multi_scale.save_dir:
-                        utils.save_mask(pred_ms, os.path.join(multi_scale.save_dir, f'{name}.png'), palette,
-                                        '--output_dir')
-                if pace.step():
-                    log.info('evaluating  image %d/%d  %s  eta %s', pace.done, pace.total, pace.rate(), pace.eta())
-        except pascal.Stopped:
-            raise stopped() from None
-        except Exception:
-            # A worker killed by the same signal: PyTorch's SIGCHLD handler raises wherever the loop is.
-            if stop is not None and stop.requested:
-                raise stopped() from None
-            raise
-    confusion.reduce_from_all_processes()
-    if confusion_ms is not None:
-        confusion_ms.reduce_from_all_processes()
-    return confusion, confusion_ms
-
-
 def run_evaluation(args, rt: Runtime) -> float:
-    path = args.checkpoint or checkpoint_path(args, args.epochs)
+    info, execution = rt.dist, rt.execution
+    path = args.checkpoint or epoch_path(args, args.epochs)
     if not os.path.exists(path):
         found = sorted(glob.glob(os.path.join(args.output_dir, f'deeplab_{args.backbone}_*.pth')))
         listing = ('checkpoints there for this backbone: ' + ', '.join(os.path.basename(f) for f in found)
@@ -371,47 +279,63 @@ def run_evaluation(args, rt: Runtime) -> float:
         raise UserError(f'the checkpoint {path} does not exist ({listing}). Check --exp, --epochs, --backbone and '
                         f'--dataset, download a released checkpoint into {args.output_dir}/ (README), or pass '
                         f'--checkpoint PATH.')
-    checkpoint = utils.load_checkpoint(path)
+    checkpoint = checkpoints.load(path)
     dataset = dataset_of(args, 'val', pascal.eval_transforms(args.crop_size))
-    ms = bool(args.eval_scales or args.flip)
-    folders = ['val', 'val_ms'] if ms else ['val']
-    outputs = {os.path.join(args.output_dir, folder, f'{dataset.name(i)}.png'): '--output_dir'
-               for folder in (folders if args.save_predictions else []) for i in range(len(dataset))}
+    multi_scale = engine.MultiScale(args.eval_scales or [1.0], args.flip) if args.eval_scales or args.flip else None
+    folders = {False: os.path.join(args.output_dir, 'val')}
+    if multi_scale:
+        folders[True] = os.path.join(args.output_dir, 'val_ms')
+    outputs = {os.path.join(folder, f'{dataset.name(i)}.png'): '--output_dir'
+               for folder in (folders.values() if args.save_predictions else []) for i in range(len(dataset))}
     outputs[chart_path(args, path)] = '--output_dir'
-    utils.refuse_overwrite(outputs, {**dataset_inputs(dataset), path: 'the checkpoint evaluated',
+    files.refuse_overwrite(outputs, {**dataset_inputs(dataset), path: 'the checkpoint evaluated',
                                      args.class_names: '--class_names'})
     model = model_for(args, dataset.num_classes, checkpoint)
     deeplab.load_weights(model, checkpoint['state_dict'], path)
-    model = rt.execution.prepare(model)
-    runner = inference.Runner(torch.compile(model) if args.compile else model, rt.execution, args.crop_size)
-    loader = eval_loader(dataset, args, rt)
+    model = execution.prepare(model)
+    runner = inference.Runner(torch.compile(model) if args.compile else model, execution, args.crop_size)
 
     log.info('evaluating %s on %s of %s (%s, output stride %d)', path, utils.plural(len(dataset), 'image'),
-             args.dataset, rt.device, model.output_stride)
+             args.dataset, execution.device, model.output_stride)
     log.info('initial weights of its training: %s', imagenet.describe(checkpoint.get('initial_weights')))
-    hint = inference.speed_hint(rt.device)
-    if hint and rt.execution.amp is None:
+    hint = inference.speed_hint(execution.device)
+    if hint and execution.amp is None:
         log.info('%s', hint)
     start = time.time()
-    # Predictions go to a staging folder and join <output_dir>/val only when the evaluation succeeds.
     with contextlib.ExitStack() as stack:
         if args.compile:
             # Weights as constants (BN folded into the convolutions, weights prepacked), for this evaluation only:
-            # Inductor compiles at the first call and reads the flag then, and a flag left set would freeze the
-            # weights of any model compiled later in this process, stale once it trains.
+            # Inductor reads the flag when it compiles, at the first call, and a flag left set would freeze the
+            # weights of any model compiled later in this process.
             from torch._inductor import config as inductor_config
             stack.enter_context(inductor_config.patch(freezing=True))
-        save_dir, multi_scale = None, None
-        if args.save_predictions:
-            save_dir = stack.enter_context(utils.staged_folder(os.path.join(args.output_dir, 'val'),
-                                                                          '--output_dir'))
-        if ms:
-            ms_dir = (stack.enter_context(utils.staged_folder(os.path.join(args.output_dir, 'val_ms'), '--output_dir'))
-                      if args.save_predictions else None)
-            multi_scale = MultiScale(args.eval_scales or [1.0], args.flip, ms_dir)
-        stop = stack.enter_context(utils.GracefulStop(repeat_raises=True))
-        confusion, confusion_ms = evaluate(runner, loader, dataset.num_classes, save_dir, multi_scale, stop)
-    if rt.dist.is_main:
+        # Predictions go to staging folders that become <output_dir>/val (val_ms) only when the evaluation succeeds.
+        staged = {ms: stack.enter_context(files.staged_folder(folder, '--output_dir'))
+                  for ms, folder in folders.items()} if args.save_predictions else {}
+        palette = utils.voc_palette()
+
+        def save(index, pred, ms):
+            files.save_mask(pred, os.path.join(staged[ms], f'{dataset.name(index)}.png'), palette, '--output_dir')
+
+        stop = stack.enter_context(errors.GracefulStop(repeat_raises=True))
+        batches = stack.enter_context(contextlib.closing(pascal.Batches(
+            eval_loader(dataset, args, info, execution.device), stop,
+            f'use a --crop_size that fits in memory (513 for VOC; the canvas is {args.crop_size}x{args.crop_size})')))
+
+        def out_of_memory(e):
+            image, _, meta = batches.current
+            h, w = int(meta['size'][0]), int(meta['size'][1])
+            return (f'out of memory evaluating {dataset.name(int(meta["index"]))} ({w}x{h} on a {image.shape[-1]}x'
+                    f'{image.shape[-2]} canvas) on {execution.device} ({errors.first_line(e)}): evaluate on a device '
+                    f'with more memory, or with --amp (bf16 on a CPU).')
+        try:
+            with errors.stops_on(stop), errors.out_of_memory_is(out_of_memory):
+                confusion, confusion_ms = engine.evaluate(runner, batches, dataset.num_classes,
+                                                          save if staged else None, multi_scale, stop)
+        except errors.Stopped:
+            raise Interrupted(stop.signal, f'evaluation stopped by signal {stop.signal} after {batches.done} of '
+                                           f'{len(batches)} images; nothing was published') from None
+    if info.is_main:
         report(confusion, confusion_ms, dataset.class_names, args, path, time.time() - start, len(dataset))
     return confusion.mean_iou()
 
@@ -450,200 +374,24 @@ def _side_by_side(class_names, iou, iou_ms) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Training: optimizer, schedule, loss
-
-
-def poly_lr(base_lr: float, iteration: int, max_iterations: int, power: float = 0.9) -> float:
-    """The original's poly schedule, set every iteration: base_lr * (1 - it / max_it) ** 0.9."""
-    return base_lr * (1 - iteration / max_iterations) ** power
-
-
-FUSED_DEVICES = ('cpu', 'cuda')
-
-
-def sgd(groups: list[dict], lr: float, momentum: float, weight_decay: float,
-        grad_scaler: bool = False) -> torch.optim.SGD:
-    """SGD with PyTorch's fused kernel where it has one (CPU, CUDA): the same update as the original's loop over
-    tensors (to the last bit's rounding, see tests/test_scale.py) in one kernel per tensor instead of four.
-
-    Not under a gradient scaler (`grad_scaler`, fp16): when the scaler skips the first step for an overflow, as
-    it does at its initial scale, PyTorch's fused kernel (2.11 to 2.14 at least) leaves the momentum buffers it
-    allocated uninitialised, and the next step adds that memory to the weights (NaN loss within a few steps)."""
-    groups = [dict(group, params=list(group['params'])) for group in groups]  # parameters() is an iterator
-    fused = not grad_scaler and all(p.device.type in FUSED_DEVICES and p.is_floating_point()
-                                    for g in groups for p in g['params'])
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=fused or None)
-
-
-def keep_fused(optimizer: torch.optim.Optimizer) -> None:
-    """After `load_state_dict`, which restores each group's flags: a state saved by an unfused optimizer (older
-    checkpoints, PyTorch 1.1's released ones) would switch the fused kernel off; keep this run's choice."""
-    fused = optimizer.defaults.get('fused')
-    for group in optimizer.param_groups:
-        group['fused'] = fused
-        if fused:
-            group['foreach'] = None
-
-
-def frozen_batchnorm(model: nn.Module):
-    """The BatchNorm layers --freeze_bn keeps fixed (statistics and affine parameters)."""
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
-def set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
-    model.train()
-    for m in frozen_batchnorm(model) if freeze_bn else []:
-        m.eval()
-
-
-def scales_gradients(args) -> bool:
-    """Whether training runs under a gradient scaler: fp16's small range needs one, bf16 and fp32 none."""
-    return args.amp == 'fp16'
-
-
-def make_optimizer(model: deeplab.DeepLabV3, args) -> torch.optim.SGD:
-    """SGD with two parameter groups, as the original: the backbone, and the ASPP at lr x last_mult."""
-    for m in frozen_batchnorm(model) if args.freeze_bn else []:
-        m.weight.requires_grad_(False)
-        m.bias.requires_grad_(False)
-    head = [p for p in model.aspp.parameters() if p.requires_grad]
-    head_ids = {id(p) for p in model.aspp.parameters()}
-    backbone = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
-    return sgd([{'params': backbone}, {'params': head}], lr=args.base_lr, momentum=MOMENTUM,
-               weight_decay=WEIGHT_DECAY, grad_scaler=scales_gradients(args))
-
-
-class BatchCrossEntropy(nn.Module):
-    """Cross entropy ignoring 255, averaged over the labelled pixels of the whole batch as the original's (its
-    DataParallel gathered the logits of all GPUs before the loss), also when processes split the batch.
-
-    The mean of each process's own mean would weigh a pixel by how many labelled pixels its process happens to
-    have (scale augmentation pads small images with 255). So each process divides its sum by the count over all
-    processes, times their number, which DDP's gradient averaging divides out. In one process this is
-    `nn.CrossEntropyLoss`'s mean, bit for bit (loss and gradients, tests/test_faults.py), except for a batch
-    without a labelled pixel (all 255): its mean is 0 / 0, NaN; here it is 0, with zero gradients.
-    `labelled` keeps the last batch's count of labelled pixels (over all processes), for messages.
-    """
-
-    def __init__(self, world_size: int = 1):
-        super().__init__()
-        self.world_size = world_size
-        self.labelled = torch.zeros((), dtype=torch.int64)
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        total = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction='sum')
-        count = (target != IGNORE_INDEX).sum()  # int64: exact for any batch
-        if self.world_size > 1:
-            torch.distributed.all_reduce(count)
-            total = total * self.world_size
-        self.labelled = count
-        return total / count.clamp(min=1)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Training: the run
-
-
-@dataclass
-class TrainState:
-    epoch: int = 0  # completed epochs
-    iteration: int = 0  # completed iterations over all epochs
-    batches_per_epoch: int = 0
-    seed: int = 0
-    best_miou: float | None = None
-    last_checkpoint: str | None = None
-    initial_weights: dict | None = None  # where the run's weights started (imagenet.describe)
-
-
-@dataclass
-class Run:
-    """A training run in one object: what the loop and its helpers read and change."""
-    args: argparse.Namespace
-    rt: Runtime
-    state: TrainState
-    dataset: pascal.SegmentationDataset
-    sampler: pascal.TrainSampler
-    loader: object
-    val_loader: object | None
-    model: deeplab.DeepLabV3  # as saved
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    net: nn.Module | None = None  # as trained: under DistributedDataParallel and/or torch.compile
-    criterion: nn.Module | None = None
-    metrics: utils.MetricsWriter | None = None
-    progress: 'Progress | None' = field(default=None, repr=False)
-
-    @property
-    def iterations(self) -> int:
-        """Batches per epoch for this process."""
-        return self.sampler.batches_per_epoch
-
-    @property
-    def max_iterations(self) -> int:
-        return self.args.epochs * self.iterations
-
-    def checkpoint(self, path: str) -> None:
-        save(make_checkpoint(self), path, self.state, self.rt)
-
-    def interrupt(self, stop: utils.GracefulStop, where: str) -> None:
-        path = run_file(self.args, 'interrupted')
-        self.checkpoint(path)
-        raise Interrupted(stop.signal or signal.SIGTERM, f'stopped by signal {stop.signal} {where}; the state is '
-                                                         f'saved in {path}. Resume with the same command plus '
-                                                         f'--resume {path}')
-
-
-def initial_seed(seed: int | None) -> int:
-    """The run's seed: `--seed`, or one drawn at random and the same on every process (each shards the same
-    permutation of the training set; seeds of their own would have them see overlapping shards)."""
-    return seed if seed is not None else utils.from_main_process(random.SystemRandom().randrange(2 ** 31))
-
-
-def start_state(args, resume: dict | None) -> TrainState:
-    """Where the run starts: from scratch, or where the resumed checkpoint left (its epoch, iteration, seed, best
-    validation, initial weights)."""
-    state = TrainState(last_checkpoint=args.resume)
-    if resume is not None and 'iteration' in resume:
-        state.epoch, state.iteration, state.seed = resume['epoch'], resume['iteration'], resume['seed']
-        state.best_miou = resume.get('best_miou')
-        state.initial_weights = resume.get('initial_weights')
-        if args.seed is not None and args.seed != state.seed:
-            log.warning('--seed %d differs from the resumed run\'s seed %d; keeping %d so the schedule continues '
-                        'as it was', args.seed, state.seed, state.seed)
-    else:
-        state.seed = initial_seed(args.seed)
-        if resume is not None:  # a released checkpoint: only the epoch is known
-            state.epoch = int(resume.get('epoch', 0))
-    if state.epoch >= args.epochs:
-        raise UserError(f'{args.resume} has already trained {utils.plural(state.epoch, "epoch")}; ask for more '
-                        f'with --epochs.')
-    return state
-
-
-def restore(run: Run, resume: dict) -> None:
-    """What a resumed run takes from its checkpoint, besides where it starts: the weights, the optimizer and
-    gradient scaler, the random state, and the iteration on this run's schedule."""
-    path = run.args.resume
-    deeplab.load_weights(run.model, resume['state_dict'], path)
-    restore_optimizer(run.optimizer, run.scaler, resume, path)
-    if 'rng' in resume:
-        set_rng_state(resume['rng'], run.rt.device)
-    run.state.iteration = resume_iteration(resume, run.state, run.iterations, path)
+# Training
 
 
 def train(args, rt: Runtime) -> None:
-    """Data, model, optimizer, restore (when resuming), loop."""
-    info = rt.dist
-    resume = utils.load_checkpoint(args.resume, what='the checkpoint to resume') if args.resume else None
-    state = start_state(args, resume)
+    """Data, model, optimizer, resume, loop."""
+    info, execution, device = rt.dist, rt.execution, rt.execution.device
+    resume = checkpoints.load(args.resume, what='the checkpoint to resume') if args.resume else None
+    state = checkpoints.start_state(args, resume, draw_seed=lambda: initial_seed(None))
     torch.manual_seed(state.seed + info.rank)
     outputs = training_outputs(args, state.epoch)
 
+    # Data
     dataset = dataset_of(args, 'train', pascal.train_transforms(args.crop_size), seed=state.seed)
     per_process = args.batch_size // info.world_size
     sampler = pascal.TrainSampler(len(dataset), per_process, state.seed, info.rank, info.world_size,
-                                  drop_single=batchnorm_per_process(args, info, rt.device.type == 'cuda'))
-    if sampler.batches_per_epoch == 0:
+                                  drop_single=batchnorm_per_process(args, info, device.type == 'cuda'))
+    iterations = state.batches_per_epoch = sampler.batches_per_epoch  # this process's batches per epoch
+    if iterations == 0:
         smallest = 'two' if sampler.drop_single else 'one'
         raise UserError(f'the training set has {utils.plural(len(dataset), "image")}, too few for a batch of '
                         f'{smallest} in each of {utils.plural(info.world_size, "process", "processes")}; add '
@@ -652,250 +400,135 @@ def train(args, rt: Runtime) -> None:
     if args.val_every:
         val_set = pascal.build_dataset(args.dataset, args.data_root, 'val', pascal.eval_transforms(args.crop_size),
                                        dataset.num_classes, dataset.class_names)
-    utils.refuse_overwrite(outputs, {**dataset_inputs(dataset, val_set), args.resume: 'the checkpoint to resume',
+    files.refuse_overwrite(outputs, {**dataset_inputs(dataset, val_set), args.resume: 'the checkpoint to resume',
                                      args.pretrained_path: '--pretrained_path', args.class_names: '--class_names'})
+    loader = loader_of(dataset, per_process, sampler, args, device)
 
+    # Model and optimizer
     model = model_for(args, dataset.num_classes, resume, resume=resume is not None)
     if resume is None:
-        state.initial_weights = model.initial_weights
-    model = rt.execution.prepare(model)
-    if sync_batchnorm(args, info, rt.device.type == 'cuda'):
+        state.initial_weights = (imagenet.SCRATCH if args.scratch
+                                 else deeplab.initialize(model, args.pretrained_path))
+    model = execution.prepare(model)
+    if sync_batchnorm(args, info, device.type == 'cuda'):
         model = deeplab.convert_sync_batchnorm(model)
-    optimizer = make_optimizer(model, args)
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=scales_gradients(args))
-    run = Run(args, rt, state, dataset, sampler, loader_of(dataset, per_process, sampler, args, rt),
-              eval_loader(val_set, args, rt) if val_set is not None else None, model, optimizer, scaler)
+    optimizer = engine.make_optimizer(model, args.base_lr, args.freeze_bn, scales_gradients(args))
+    scaler = torch.amp.GradScaler(device.type, enabled=scales_gradients(args))
     if resume is not None:
-        restore(run, resume)
-    state.batches_per_epoch = run.iterations
-
-    run.net = model
+        deeplab.load_weights(model, resume['state_dict'], args.resume)
+        checkpoints.restore_optimizer(optimizer, scaler, resume, args.resume)
+        if 'rng' in resume:
+            checkpoints.set_rng_state(resume['rng'], device)
+        state.iteration = checkpoints.resume_iteration(resume, state, iterations, args.resume)
+    net = model
     if info.distributed:
-        run.net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[rt.device.index] if rt.device.type == 'cuda' else None)
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
     if args.compile:
-        run.net = torch.compile(run.net)
-    run.criterion = BatchCrossEntropy(info.world_size)
-    execution = rt.execution
-    log.info('training %s (%s parameters) on %s of %s: %s x %s, batch %d%s, seed %d, '
-             '%s%s%s', run_name(args), f'{deeplab.count_parameters(model):,}', utils.plural(len(dataset), 'image'),
-             args.dataset, utils.plural(args.epochs, 'epoch'), utils.plural(run.iterations, 'iteration'),
-             args.batch_size, f' ({per_process} per process x {info.world_size})' if info.distributed else '',
-             state.seed, rt.device, f', amp {args.amp}' if execution.amp else '',
-             ', channels last' if execution.channels_last else '')
+        net = torch.compile(net)
+    criterion = engine.BatchCrossEntropy(info.world_size)
+    schedule = engine.PolySchedule(args.base_lr, args.epochs * iterations, args.last_mult)
+
+    log.info('training %s (%s parameters) on %s of %s: %s x %s, batch %d%s, seed %d, %s%s%s', run_name(args),
+             f'{deeplab.count_parameters(model):,}', utils.plural(len(dataset), 'image'), args.dataset,
+             utils.plural(args.epochs, 'epoch'), utils.plural(iterations, 'iteration'), args.batch_size,
+             f' ({per_process} per process x {info.world_size})' if info.distributed else '', state.seed, device,
+             f', amp {args.amp}' if execution.amp else '', ', channels last' if execution.channels_last else '')
     if state.iteration:
         log.info('resuming from %s at epoch %d, iteration %d', args.resume, state.epoch + 1, state.iteration)
-    run.metrics = utils.MetricsWriter(log_folder(args), info.is_main, resume=resume is not None)
-    run.progress = Progress(args, run.iterations, run.max_iterations, state.iteration, run.metrics)
+
+    def save(path: str) -> None:
+        if info.is_main:
+            checkpoints.save(checkpoints.make(state, model, optimizer, scaler, args, dataset.class_names, device),
+                             path)
+            log.info('saved %s', path)
+        state.last_checkpoint = path
+
+    metrics = files.MetricsWriter(log_folder(args), info.is_main, resume=resume is not None)
+    progress = utils.Progress(args.epochs, iterations, args.batch_size, args.print_freq, state.iteration, metrics)
     try:
-        with utils.GracefulStop() as stop:
+        with errors.GracefulStop() as stop:
+            # Reading the losses synchronises the host with the device: on GPUs, at the logging rhythm only.
+            monitor = engine.Monitor(stop, progress.step, every=1 if device.type == 'cpu' else args.print_freq,
+                                     world_size=info.world_size)
+
+            def interrupt(where: str) -> None:
+                monitor.read(stops=False)  # a loss not yet read may not be finite: then nothing is saved
+                path = run_file(args, 'interrupted')
+                save(path)
+                raise Interrupted(stop.signal or signal.SIGTERM, f'stopped by signal {stop.signal} {where}; the state '
+                                                                 f'is saved in {path}. Resume with the same command '
+                                                                 f'plus --resume {path}')
+
             while state.epoch < args.epochs:
-                if not train_one_epoch(run, stop):
-                    run.interrupt(stop, f'at epoch {state.epoch + 1}, iteration '
-                                        f'{state.iteration - state.epoch * run.iterations}/{run.iterations}')
+                first = state.iteration - state.epoch * iterations
+                sampler.set_epoch(state.epoch, first)
+                dataset.set_epoch(state.epoch)
+                engine.set_train_mode(net, args.freeze_bn)
+                progress.new_epoch()
+                try:
+                    with contextlib.closing(pascal.Batches(loader, stop)) as batches, training_errors(
+                            args, state, stop, monitor, per_process, device):
+                        engine.train_one_epoch(net, criterion, optimizer, scaler,
+                                               itertools.islice(batches, iterations - first), execution, schedule,
+                                               state, monitor)
+                except errors.Stopped:
+                    interrupt(f'at epoch {state.epoch + 1}, iteration '
+                              f'{state.iteration - state.epoch * iterations}/{iterations}')
                 state.epoch += 1
                 if args.val_every and (state.epoch % args.val_every == 0 or state.epoch == args.epochs):
                     try:
-                        validate(run, stop)
-                    except Interrupted:
-                        run.interrupt(stop, f'while validating epoch {state.epoch} (not validated)')
+                        validate(net, val_set, args, info, execution, state, metrics, stop, save)
+                    except errors.Stopped:
+                        interrupt(f'while validating epoch {state.epoch} (not validated)')
                 if state.epoch % args.save_every == 0 or state.epoch == args.epochs:
-                    run.checkpoint(checkpoint_path(args, state.epoch))
+                    save(epoch_path(args, state.epoch))
     finally:
-        run.metrics.close()
-    if info.is_main and os.path.isfile(run.metrics.path):
+        metrics.close()
+    if info.is_main and os.path.isfile(metrics.path):
         curves = os.path.join(log_folder(args), 'curves.png')
-        plots.training_curves(run.metrics.path, curves)
+        plots.training_curves(metrics.path, curves)
         log.info('finished %s in %s; curves in %s', utils.plural(args.epochs, 'epoch'),
-                 utils.format_seconds(time.time() - run.progress.start), curves)
+                 utils.format_seconds(time.time() - progress.start), curves)
 
 
-def train_one_epoch(run: Run, stop: utils.GracefulStop) -> bool:
-    """Train from the state's iteration to the end of its epoch; False when a stop was requested first."""
-    args, rt, state, optimizer = run.args, run.rt, run.state, run.optimizer
-    iterations, epoch = run.iterations, state.epoch
-    first = state.iteration - epoch * iterations
-    run.sampler.set_epoch(epoch, first)
-    run.dataset.set_epoch(epoch)
-    set_train_mode(run.net, args.freeze_bn)
-    run.progress.new_epoch()
-    with contextlib.closing(pascal.batches(run.loader, stop)) as batches:
-        try:
-            for batch_index, (images, masks, _) in zip(range(first, iterations), batches):
-                lr = poly_lr(args.base_lr, state.iteration, run.max_iterations)
-                optimizer.param_groups[0]['lr'] = lr
-                optimizer.param_groups[1]['lr'] = lr * args.last_mult
-                with rt.execution.autocast():
-                    logits = run.net(rt.execution.input(images))
-                loss = run.criterion(logits.float(), masks.to(rt.device, non_blocking=True))
-                optimizer.zero_grad(set_to_none=True)
-                run.scaler.scale(loss).backward()
-                run.scaler.step(optimizer)
-                run.scaler.update()
-                state.iteration += 1
-                loss_value, stop_all = agree(loss.detach(), stop.requested, rt.dist)
-                if not math.isfinite(loss_value):
-                    labelled = int(run.criterion.labelled)
-                    cause = ('its batch had no labelled pixel, yet the logits were not finite: the weights diverged'
-                             if labelled == 0 else f'over the {labelled:,} labelled pixels of its batch: the run '
-                             f'diverged')
-                    raise UserError(f'the loss became {loss_value} at epoch {epoch + 1}, iteration '
-                                    f'{batch_index + 1}/{iterations} (iteration {state.iteration} of the run), '
-                                    f'{cause}; training stopped without saving. The last good checkpoint is '
-                                    f'{state.last_checkpoint or "none"}. Lower --base_lr, check the data, or train '
-                                    f'without --amp.')
-                run.progress.step(epoch, batch_index, state.iteration, lr, loss_value)
-                if stop_all:
-                    return False
-        except pascal.Stopped:
-            return False
-        except Exception as e:
-            if stop.requested:  # the signal broke what the step waited for (a worker, another process)
-                return False
-            if utils.out_of_memory(e):
-                raise UserError(f'out of memory in a training step (epoch {epoch + 1}, {run.loader.batch_size} '
-                                f'images of {args.crop_size}x{args.crop_size} per process on {rt.device}: '
-                                f'{utils.first_line(e)}). Lower --batch_size or --crop_size, or train with --amp. '
-                                f'The last checkpoint is {state.last_checkpoint or "none"}.') from None
+@contextlib.contextmanager
+def training_errors(args, state: checkpoints.TrainState, stop: errors.GracefulStop, monitor: engine.Monitor,
+                    per_process: int, device: torch.device):
+    """The training loop's failures as messages: a loss that stopped being finite, memory that ran out; and, once
+    a stop was requested, whatever the signal broke is that stop (`errors.Stopped`)."""
+    try:
+        with errors.stops_on(stop, keep=(engine.Diverged,)):
+            yield
+    except engine.Diverged as e:
+        epoch, batch_index = divmod(e.iteration - 1, state.batches_per_epoch)
+        cause = ('its batch had no labelled pixel, yet the logits were not finite: the weights diverged'
+                 if e.labelled == 0 else f'over the {e.labelled:,} labelled pixels of its batch: the run diverged')
+        raise UserError(f'the loss became {e.loss} at epoch {epoch + 1}, iteration {batch_index + 1}/'
+                        f'{state.batches_per_epoch} (iteration {e.iteration} of the run), {cause}; training stopped '
+                        f'without saving. The last good checkpoint is {state.last_checkpoint or "none"}. Lower '
+                        f'--base_lr, check the data, or train without --amp.') from None
+    except (RuntimeError, MemoryError) as e:
+        if not errors.out_of_memory(e):
             raise
-    return True
+        raise UserError(f'out of memory in a training step (epoch {state.epoch + 1}, {per_process} images of '
+                        f'{args.crop_size}x{args.crop_size} per process on {device}: {errors.first_line(e)}). Lower '
+                        f'--batch_size or --crop_size, or train with --amp. The last checkpoint is '
+                        f'{state.last_checkpoint or "none"}.') from None
 
 
-def validate(run: Run, stop: utils.GracefulStop | None = None) -> None:
+def validate(net, val_set, args, info, execution, state: checkpoints.TrainState, metrics, stop, save) -> None:
     """Validation during training: log the mean IoU and keep the best checkpoint (_best.pth)."""
-    state = run.state
-    runner = inference.Runner(unwrap(run.net), run.rt.execution, run.args.crop_size)
-    confusion, _ = evaluate(runner, run.val_loader, run.dataset.num_classes, stop=stop)
-    miou = confusion.mean_iou()
-    run.metrics.write(state.iteration, epoch=state.epoch, miou=miou)
+    runner = inference.Runner(unwrap(net), execution, args.crop_size)
+    with contextlib.closing(pascal.Batches(eval_loader(val_set, args, info, execution.device), stop)) as batches, \
+            errors.stops_on(stop):
+        miou = engine.validate(runner, batches, val_set.num_classes, stop)
+    metrics.write(state.iteration, epoch=state.epoch, miou=miou)
     improved = state.best_miou is None or miou > state.best_miou
     log.info('epoch %d: validation mean IoU %.2f%s', state.epoch, miou,
              ' (best so far)' if improved else f' (best {state.best_miou:.2f})')
     if improved:
         state.best_miou = miou
-        run.checkpoint(run_file(run.args, 'best'))
-
-
-def agree(loss: torch.Tensor, stop: bool, info: utils.DistInfo):
-    """The mean loss over all processes and whether any of them was asked to stop, so all act alike."""
-    if not info.distributed:
-        return loss.item(), stop
-    values = torch.stack([loss.float(), torch.tensor(float(stop), device=loss.device)])
-    torch.distributed.all_reduce(values)
-    loss_sum, stops = values.tolist()
-    return loss_sum / info.world_size, stops > 0
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Training: checkpoints and the log
-
-
-def rng_state(device: torch.device) -> dict:
-    state = {'torch': torch.get_rng_state()}
-    if device.type == 'cuda':
-        state['cuda'] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict, device: torch.device) -> None:
-    if 'torch' in state:
-        torch.set_rng_state(state['torch'])
-    if 'cuda' in state and device.type == 'cuda':
-        torch.cuda.set_rng_state(state['cuda'], device)
-
-
-def make_checkpoint(run: Run) -> dict:
-    state, args = run.state, run.args
-    return {
-        'format': 'vovnet-deeplabv3', 'version': CHECKPOINT_VERSION,
-        'epoch': state.epoch, 'iteration': state.iteration, 'batches_per_epoch': state.batches_per_epoch,
-        'seed': state.seed, 'best_miou': state.best_miou,
-        'state_dict': unwrap(run.model).state_dict(), 'optimizer': run.optimizer.state_dict(),
-        'scaler': run.scaler.state_dict() if run.scaler.is_enabled() else None,
-        'model_args': dict(unwrap(run.model).model_args), 'initial_weights': state.initial_weights,
-        'dataset': args.dataset,
-        'class_names': list(run.dataset.class_names), 'rng': rng_state(run.rt.device),
-        'args': {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))},
-    }
-
-
-def save(checkpoint: dict, path: str, state: TrainState, rt: Runtime) -> None:
-    if rt.dist.is_main:
-        utils.save_checkpoint(checkpoint, path)
-        log.info('saved %s', path)
-    state.last_checkpoint = path
-
-
-class Progress:
-    """Logs a training line every `print_freq` iterations (epoch, iteration, lr, loss, images/s, time left) and
-    the same numbers to the metrics log."""
-
-    def __init__(self, args, iterations: int, max_iterations: int, first_iteration: int, metrics):
-        self.args, self.iterations, self.max_iterations, self.metrics = args, iterations, max_iterations, metrics
-        self.start, self.first_iteration = time.time(), first_iteration
-        self.window_start, self.window_images, self.losses = time.time(), 0, []
-
-    def new_epoch(self) -> None:
-        self.window_start, self.window_images, self.losses = time.time(), 0, []
-
-    def step(self, epoch: int, batch_index: int, iteration: int, lr: float, loss: float) -> None:
-        self.losses.append(loss)
-        self.window_images += self.args.batch_size
-        if iteration % self.args.print_freq and batch_index + 1 != self.iterations:
-            return
-        now = time.time()
-        speed = self.window_images / max(now - self.window_start, 1e-9)
-        eta = (now - self.start) / max(iteration - self.first_iteration, 1) * (self.max_iterations - iteration)
-        log.info('epoch %d/%d  iter %d/%d  lr %.6f  loss %.4f (%.4f)  %.1f img/s  eta %s', epoch + 1,
-                 self.args.epochs, batch_index + 1, self.iterations, lr, loss, sum(self.losses) / len(self.losses),
-                 speed, utils.format_seconds(eta))
-        self.metrics.write(iteration, epoch=epoch + 1, lr=lr, loss=loss, images_per_s=speed, time=now)
-        self.window_start, self.window_images = now, 0
-
-
-def resume_iteration(checkpoint: dict, state: TrainState, iterations: int, path: str) -> int:
-    """The iteration to continue from, with `iterations` batches per epoch. A checkpoint of the end of an epoch
-    continues with the next one whatever its batches per epoch were (another batch size, dataset or number of
-    processes); one written mid-epoch continues only with the batches per epoch it was trained with."""
-    if 'iteration' not in checkpoint:  # a released checkpoint: only the epoch is known
-        return state.epoch * iterations
-    recorded = checkpoint.get('batches_per_epoch')  # absent from checkpoints of before it was recorded
-    offset = state.iteration - state.epoch * (recorded or iterations)
-    if recorded and offset in (0, recorded):  # at the start or the end of an epoch (stopped after its last batch)
-        if recorded != iterations:
-            log.warning('%s was trained with %d batches per epoch, this run has %d; the schedule continues from '
-                        'epoch %d on this run\'s iterations', path, recorded, iterations,
-                        state.epoch + (2 if offset else 1))
-        return (state.epoch + (1 if offset else 0)) * iterations
-    if recorded in (None, iterations) and 0 <= offset <= iterations:
-        return state.iteration
-    advice = 'Resume with the --batch_size, dataset and number of processes it was trained with'
-    if recorded:
-        raise UserError(f'{path} stopped {offset} of {recorded} batches into epoch {state.epoch + 1}, but this run '
-                        f'has {iterations} batches per epoch. {advice}, or from the checkpoint of a completed epoch.')
-    raise UserError(f'{path} ({utils.plural(state.iteration, "iteration")} in {utils.plural(state.epoch, "epoch")}) '
-                    f'was trained with another number of batches per epoch than this run\'s {iterations}. {advice}.')
-
-
-def restore_optimizer(optimizer, scaler, checkpoint: dict, path: str) -> None:
-    if checkpoint.get('optimizer') is None:
-        log.warning('%s holds no optimizer state; momentum starts from zero', path)
-        return
-    momentum = {f'{name} of parameter {index}': value
-                for index, state in (checkpoint['optimizer'].get('state') or {}).items()
-                for name, value in state.items() if isinstance(value, torch.Tensor)}
-    bad = utils.first_non_finite(momentum)
-    if bad is not None:
-        raise UserError(f'{path} has non-finite values (NaN or infinity) in its optimizer state ({bad}): it was '
-                        f'written by a run that diverged, or is damaged. Resume from an earlier checkpoint.')
-    try:
-        optimizer.load_state_dict(checkpoint['optimizer'])
-    except (ValueError, KeyError, RuntimeError) as e:
-        raise UserError(f'the optimizer state in {path} does not fit this run ({e}); it was trained with other '
-                        f'options (e.g. --freeze_bn). Resume with the same flags.') from None
-    keep_fused(optimizer)
-    if checkpoint.get('scaler') and scaler.is_enabled():
-        scaler.load_state_dict(checkpoint['scaler'])
+        save(run_file(args, 'best'))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -908,7 +541,7 @@ def main(args) -> float | None:
     check_args(args, info)  # before joining a process group, so that a bad flag cannot leave the others waiting
     if args.workers is None:
         args.workers = default_workers(info)
-    utils.make_output_folder(args.output_dir, '--output_dir')
+    files.make_output_folder(args.output_dir, '--output_dir')
     info, device = utils.init_distributed(args.device, args.gpu)
     try:
         rt = make_runtime(args, info, device)
@@ -922,7 +555,7 @@ def main(args) -> float | None:
 
 def cli(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
-    return utils.exit_status(lambda: main(args))
+    return errors.exit_status(lambda: main(args))
 
 
 if __name__ == '__main__':

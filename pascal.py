@@ -21,7 +21,9 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
-from utils import IGNORE_INDEX, UserError, first_line, out_of_memory
+import errors
+from errors import Stopped, UserError
+from utils import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -440,51 +442,36 @@ def make_loader(dataset: Dataset, batch_size: int, sampler, workers: int, pin_me
                       worker_init_fn=ignore_interrupts_in_worker)
 
 
-class Stopped(Exception):
-    """A batch could not be fetched after a stop was requested: the signal reached the loader's workers too."""
+class Batches:
+    """A loader's batches, for training and evaluation alike; use with `contextlib.closing`, so that its workers
+    shut down when the loop ends, however it ends. Fetching a batch fails with `errors.Stopped` once `stop` (a
+    GracefulStop) has a request, and with a message naming the cause when a worker died or memory ran out.
 
+    `current` is the batch the loop works on, `done` the number of batches it has finished with (for messages
+    about where a loop stopped or failed)."""
 
-def batches(loader: DataLoader, stop=None, out_of_memory_advice: str = 'lower --batch_size or --crop_size'):
-    """The loader's batches, for training and evaluation alike; use with `contextlib.closing`, so that its workers
-    shut down when the loop ends, however it ends. Fetching a batch fails with `Stopped` once `stop` (a
-    GracefulStop) has a request; with a UserError naming the cause when a worker died or memory ran out."""
-    iterator = iter(loader)
-    try:
+    def __init__(self, loader: DataLoader, stop=None, out_of_memory_advice: str = 'lower --batch_size or --crop_size'):
+        self.loader, self.stop, self.advice = loader, stop, out_of_memory_advice
+        self.current, self.done, self._iterator = None, 0, None
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        self._iterator = iter(self.loader)
         while True:
             try:
-                batch = next(iterator)
+                batch = next(self._iterator)
             except StopIteration:
                 return
             except Exception as e:
-                if stop is not None and stop.requested:  # the workers' pipes break: RuntimeError, OSError, ...
+                if self.stop is not None and self.stop.requested:  # the workers' pipes break: RuntimeError, ...
                     raise Stopped() from None
-                if out_of_memory(e):
-                    raise UserError(f'out of memory preparing a batch ({first_line(e)}): '
-                                    f'{out_of_memory_advice}.') from None
-                if isinstance(e, RuntimeError):
-                    raise_if_worker_died(e, iterator)
+                errors.raise_for_loader(e, self._iterator, self.advice)
                 raise
+            self.current = batch
             yield batch
-    finally:
-        del iterator  # shut the workers down now
+            self.done += 1
 
-
-def raise_if_worker_died(e: RuntimeError, iterator=None) -> None:
-    """Turn PyTorch's "DataLoader worker (pid ...) exited unexpectedly" into a message with the cause: the signal or
-    status the worker ended with (`iterator`, the loader's, knows its workers)."""
-    text = str(e)
-    if 'DataLoader worker (pid' not in text:  # "... exited unexpectedly", "... is killed by signal"; not an
-        return                                # exception the worker raised ("Caught ... in DataLoader worker")
-    causes = []
-    for worker in getattr(iterator, '_workers', []):
-        code = worker.exitcode
-        if code is not None and code < 0:
-            name = signal.Signals(-code).name
-            causes.append(f'worker pid {worker.pid} was killed by {name}'
-                          + (' (Killed: usually the out-of-memory killer)' if name == 'SIGKILL' else ''))
-        elif code:
-            causes.append(f'worker pid {worker.pid} exited with status {code}')
-    cause = '; '.join(causes) or text.strip().splitlines()[0]
-    raise UserError(f'a data-loading worker died ({cause}). This usually means it ran out of memory, or of shared '
-                    f'memory (/dev/shm) in a container: lower --workers or --batch_size, or load in the main process '
-                    f'with --workers 0.') from None
+    def close(self) -> None:
+        self._iterator = None  # shut the workers down now

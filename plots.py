@@ -3,7 +3,7 @@ Drawn with matplotlib's file-only (Agg) backend; saved atomically."""
 import json
 from collections.abc import Sequence
 
-from utils import atomic_write
+from files import atomic_write
 
 
 def _pyplot():

@@ -18,11 +18,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+import checkpoints
 import deeplab
+import errors
+import files
 import inference
 import pascal
 import utils
-from utils import Interrupted, UserError
+from errors import Interrupted, UserError
 
 log = logging.getLogger('predict')
 
@@ -32,17 +35,18 @@ WINDOW_ABOVE_MP = 2.5
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = deeplab.checkpoint_parser(__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    checkpoints.add_arguments(p, deeplab.BACKBONES, deeplab.OUTPUT_STRIDES)
     p.add_argument('--input', required=True, help='an image, a folder of images, or a glob such as "photos/*.jpg"')
     p.add_argument('--output', default='predictions', help='output folder (default: %(default)s)')
-    p.add_argument('--crop_size', type=utils.number(int, 32), default=513,
+    p.add_argument('--crop_size', type=errors.number(int, 32), default=513,
                    help='canvas smaller images are padded to, and window size (default 513)')
-    p.add_argument('--batch_size', type=utils.number(int, 1), default=4,
+    p.add_argument('--batch_size', type=errors.number(int, 1), default=4,
                    help='images up to the crop size per forward pass (default 4)')
-    p.add_argument('--opacity', type=utils.number(float, 0, maximum=1), default=0.5,
+    p.add_argument('--opacity', type=errors.number(float, 0, maximum=1), default=0.5,
                    help='opacity of the overlay colours, 0-1 (default 0.5)')
     size = p.add_mutually_exclusive_group()
-    size.add_argument('--window_above', type=utils.number(float, 0, inclusive=False), default=WINDOW_ABOVE_MP,
+    size.add_argument('--window_above', type=errors.number(float, 0, inclusive=False), default=WINDOW_ABOVE_MP,
                       metavar='MEGAPIXELS', help='predict images larger than this in overlapping crop-sized windows, '
                       f'smaller ones whole (default {WINDOW_ABOVE_MP}: about 2 GB at most on a CPU in fp32)')
     size.add_argument('--slide', action='store_true',
@@ -60,15 +64,15 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def collect_inputs(spec: str) -> list[str]:
     if os.path.isdir(spec):
-        files = [os.path.join(spec, f) for f in sorted(os.listdir(spec)) if not f.startswith('.')]
-        files = [f for f in files if os.path.isfile(f)]
+        paths = [os.path.join(spec, f) for f in sorted(os.listdir(spec)) if not f.startswith('.')]
+        paths = [f for f in paths if os.path.isfile(f)]
     elif os.path.isfile(spec):
-        files = [spec]
+        paths = [spec]
     else:
-        files = sorted(f for f in glob.glob(spec, recursive=True) if os.path.isfile(f))
-    if not files:
+        paths = sorted(f for f in glob.glob(spec, recursive=True) if os.path.isfile(f))
+    if not paths:
         raise UserError(f'--input {spec} names no file: give an image, a folder of images or a glob pattern.')
-    return files
+    return paths
 
 
 def overlay(photo: Image.Image, mask: np.ndarray, opacity: float, palette) -> Image.Image:
@@ -89,12 +93,12 @@ def unique_stem(path: str, used: set) -> str:
     return stem
 
 
-def plan(files: list[str], args) -> tuple[list[tuple[str, list[str]]], int]:
+def plan(inputs: list[str], args) -> tuple[list[tuple[str, list[str]]], int]:
     """The work in order, from the file headers (only one batch is decoded at a time): ('batch', paths) for
     images up to the crop size, ('whole' or 'windows', [path]) for larger ones; and the number of unreadable
     files, reported and skipped."""
     skipped, small, large = 0, [], []
-    for path in files:
+    for path in inputs:
         try:
             w, h = pascal.image_size(path, exif=True)
         except UserError as e:
@@ -121,18 +125,18 @@ def advice(how: str, device) -> str:
 def run(args) -> int:
     """Predict every readable input; returns the number of files skipped."""
     _, device = utils.init_distributed(args.device)
-    files = collect_inputs(args.input)
-    utils.make_output_folder(args.output, '--output')
+    inputs = collect_inputs(args.input)
+    files.make_output_folder(args.output, '--output')
     amp = inference.amp_dtype(args.amp, device)
     execution = inference.Execution(device, amp, amp is not None if args.channels_last is None else args.channels_last)
-    work, skipped = plan(files, args)
+    work, skipped = plan(inputs, args)
     used, stems = set(), {}
     for _, paths in work:
         for path in paths:
             stems[path] = unique_stem(path, used)
     outputs = {os.path.join(args.output, name): '--output'
                for stem in stems.values() for name in (f'{stem}.png', f'{stem}_overlay.jpg')}
-    utils.refuse_overwrite(outputs, {**{path: 'an input image' for path in files},
+    files.refuse_overwrite(outputs, {**{path: 'an input image' for path in inputs},
                                      args.checkpoint: 'the checkpoint (--checkpoint)'})
     model = deeplab.model_from_checkpoint(args.checkpoint, args.backbone, args.output_stride)
     runner = inference.Runner(execution.prepare(model).eval(), execution, args.crop_size)
@@ -143,7 +147,7 @@ def run(args) -> int:
     palette = utils.voc_palette()
 
     done, total, pace = 0, len(stems), utils.Pace(len(stems))
-    with torch.inference_mode(), utils.GracefulStop(repeat_raises=True) as stop:
+    with torch.inference_mode(), errors.GracefulStop(repeat_raises=True) as stop:
         for how, paths in work:
             if stop.requested:
                 raise Interrupted(stop.signal, f'stopped by signal {stop.signal} after {done} of {total} images; '
@@ -163,17 +167,17 @@ def run(args) -> int:
             try:
                 masks = runner.class_maps(tensors) if how == 'batch' else [getattr(runner, how)(tensors[0])]
             except Exception as e:
-                if not utils.out_of_memory(e):
+                if not errors.out_of_memory(e):
                     raise
                 sizes = ', '.join(f'{p} ({photo.size[0]}x{photo.size[1]})' for p, photo in photos.items())
-                raise UserError(f'out of memory predicting {sizes} on {device} ({utils.first_line(e)}): '
+                raise UserError(f'out of memory predicting {sizes} on {device} ({errors.first_line(e)}): '
                                 f'{advice(how, device)}. Masks of the {done} images before it are in '
                                 f'{args.output}/.') from None
             for (path, photo), mask in zip(photos.items(), masks):
                 mask = mask.numpy().astype(np.uint8)
                 stem = stems[path]
-                utils.save_mask(mask, os.path.join(args.output, f'{stem}.png'), palette, '--output')
-                utils.save_image(overlay(photo, mask, args.opacity, palette),
+                files.save_mask(mask, os.path.join(args.output, f'{stem}.png'), palette, '--output')
+                files.save_image(overlay(photo, mask, args.opacity, palette),
                                  os.path.join(args.output, f'{stem}_overlay.jpg'), '--output')
                 done += 1
                 if pace.step():
@@ -189,7 +193,7 @@ def run(args) -> int:
 
 
 def cli(argv=None) -> int:
-    return utils.run_command(get_args_parser(), run, argv)
+    return errors.run_command(get_args_parser(), run, argv)
 
 
 if __name__ == '__main__':

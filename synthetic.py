@@ -14,7 +14,9 @@ import sys
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from utils import IGNORE_INDEX, atomic_write, exit_status, number, save_image, voc_palette, write_error
+from errors import exit_status, number
+from files import atomic_write, save_image, write_error
+from utils import IGNORE_INDEX, voc_palette
 
 NUM_OBJECT_CLASSES = 20
 # Saturated colours, one per class, at least 100 apart in RGB (farthest-point picks among colours with a

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from utils import require
+from errors import require
 
 NormLayer = Callable[[int], nn.Module]
 

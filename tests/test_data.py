@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
+import errors
 import pascal
-import utils
 
 
 def build(root, split='val', transforms=None, **kwargs):
@@ -33,14 +33,14 @@ def test_the_vocdevkit_root_or_the_voc2012_folder_itself_can_be_given(synthetic_
 
 
 def test_missing_root_list_and_files_are_reported_up_front(voc_copy, tmp_path):
-    with pytest.raises(utils.UserError, match=f'{tmp_path / "nowhere"} does not exist.*--data_root'):
+    with pytest.raises(errors.UserError, match=f'{tmp_path / "nowhere"} does not exist.*--data_root'):
         build(tmp_path / 'nowhere')
     os.remove(voc_copy / 'VOC2012' / 'list' / 'val.txt')
-    with pytest.raises(utils.UserError, match=r'list/val.txt does not exist.*list.zip'):
+    with pytest.raises(errors.UserError, match=r'list/val.txt does not exist.*list.zip'):
         build(voc_copy)
     for name in ('synthetic_train_00001.jpg', 'synthetic_train_00002.jpg'):
         os.remove(voc_copy / 'VOC2012' / 'JPEGImages' / name)
-    with pytest.raises(utils.UserError) as e:
+    with pytest.raises(errors.UserError) as e:
         build(voc_copy, 'train')
     assert '2 of the 16 files named by' in str(e.value) and 'synthetic_train_00001.jpg' in str(e.value)
 
@@ -48,7 +48,7 @@ def test_missing_root_list_and_files_are_reported_up_front(voc_copy, tmp_path):
 def test_a_malformed_list_line_names_the_line(voc_copy):
     with open(voc_copy / 'VOC2012' / 'list' / 'val.txt', 'a') as f:
         f.write('/JPEGImages/a.jpg\n')
-    with pytest.raises(utils.UserError, match='line 5 of .*val.txt holds 1 fields'):
+    with pytest.raises(errors.UserError, match='line 5 of .*val.txt holds 1 fields'):
         build(voc_copy)
 
 
@@ -57,7 +57,7 @@ def test_custom_class_count_and_names(voc_copy, tmp_path):
     names.write_text('\n'.join(f'thing{i}' for i in range(21)) + '\n')
     dataset = build(voc_copy, class_names=pascal.read_class_names(str(names)))
     assert dataset.class_names[3] == 'thing3' and dataset.num_classes == 21
-    with pytest.raises(utils.UserError) as e:
+    with pytest.raises(errors.UserError) as e:
         build(voc_copy, num_classes=5, class_names=pascal.read_class_names(str(names)),
               names_source=f'{names} (--class_names)')
     assert f'{names} (--class_names) holds 21 class names, but --num_classes is 5' in str(e.value)
@@ -169,7 +169,7 @@ def test_cityscapes_layout(tmp_path):
     assert val.name(0) == 'frankfurt_000000_000294_gtFine_labelTrainIds'
     assert val[1][1][:32, :64].unique().tolist() == [18]
     os.remove(tmp_path / 'gtFine' / 'train' / 'aachen' / 'aachen_000000_000019_gtFine_labelTrainIds.png')
-    with pytest.raises(utils.UserError, match='1 of the 2 files named by'):
+    with pytest.raises(errors.UserError, match='1 of the 2 files named by'):
         pascal.build_dataset('cityscapes', str(tmp_path), 'train', None)
 
 

@@ -122,10 +122,10 @@ def test_ctrl_c_under_torchrun_saves_a_resumable_checkpoint(synthetic_root, tmp_
 
 
 def test_a_repeated_signal_is_one_stop_and_a_later_one_stops_at_once():
-    import utils
+    import errors
     inherited = signal.signal(signal.SIGINT, signal.default_int_handler)  # ignored where pytest runs in background
     try:
-        with utils.GracefulStop(repeat_window=0.5) as stop:
+        with errors.GracefulStop(repeat_window=0.5) as stop:
             signal.raise_signal(signal.SIGINT)
             signal.raise_signal(signal.SIGINT)  # the same Ctrl-C, delivered twice
             assert stop.signal == signal.SIGINT

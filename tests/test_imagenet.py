@@ -11,8 +11,8 @@ import torch
 from conftest import randomize, train_in
 
 import deeplab
+import errors
 import imagenet
-import utils
 import vovnet
 
 
@@ -65,7 +65,7 @@ def test_a_pytorchcv_file_with_a_missing_or_misshapen_tensor_is_refused(damage, 
         state = pytorchcv_model('vovnet57').state_dict()
         message = 'is it the other depth'
     torch.save(state, tmp_path / 'cv.pth')
-    with pytest.raises(utils.UserError) as e:
+    with pytest.raises(errors.UserError) as e:
         deeplab.vovnet39(pretrained=True, pretrained_path=str(tmp_path / 'cv.pth'))
     assert message in str(e.value) and str(tmp_path / 'cv.pth') in str(e.value)
 
@@ -122,7 +122,7 @@ def test_the_originals_file_wins_over_pytorchcv(pytorchcv_serves, tmp_path, monk
 def test_offline_or_without_pytorchcv_the_message_says_what_was_tried_and_what_to_do(offline, tmp_path,
                                                                                     monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(utils.UserError) as e:
+    with pytest.raises(errors.UserError) as e:
         deeplab.vovnet57(pretrained=True)
     message = str(e.value)
     for needle in ('data/pretrained/vovnet57_statedict_norm.pth does not exist', 'could not be fetched from '
@@ -132,7 +132,7 @@ def test_offline_or_without_pytorchcv_the_message_says_what_was_tried_and_what_t
     monkeypatch.setitem(sys.modules, 'pytorchcv', None)  # not installed
     monkeypatch.setitem(sys.modules, 'pytorchcv.models', None)
     monkeypatch.setitem(sys.modules, 'pytorchcv.models.common', None)
-    with pytest.raises(utils.UserError) as e:
+    with pytest.raises(errors.UserError) as e:
         deeplab.vovnet39(pretrained=True)
     assert 'pip install pytorchcv' in str(e.value) and '--scratch' in str(e.value)
     assert '\n' not in str(e.value)
@@ -175,12 +175,12 @@ def test_ese_vovnet_starts_from_timms_hub_weights_and_then_from_the_hub_cache(ti
     assert downloads == ['model.safetensors']
     deeplab.ese_vovnet39b(pretrained=True)  # from the cache, without asking the hub
     assert downloads == ['model.safetensors']
-    with pytest.raises(utils.UserError, match='timm has no GroupNorm ImageNet weights'):
+    with pytest.raises(errors.UserError, match='timm has no GroupNorm ImageNet weights'):
         deeplab.ese_vovnet39b(pretrained=True, num_groups=32)
 
 
 def test_ese_vovnet_offline_or_without_timm_is_a_clear_message(offline, tmp_path, monkeypatch, run_cli):
-    with pytest.raises(utils.UserError) as e:
+    with pytest.raises(errors.UserError) as e:
         deeplab.ese_vovnet57b(pretrained=True)
     message = str(e.value)
     for needle in ('ese_vovnet57b.ra4_e3600_r256_in1k', 'https://huggingface.co/timm/ese_vovnet57b.ra4_e3600_r256_in1k',
@@ -197,17 +197,17 @@ def test_ese_vovnet_offline_or_without_timm_is_a_clear_message(offline, tmp_path
 
 def test_imagenet_files_for_another_family_or_with_non_finite_values_are_refused(tmp_path):
     torch.save(timm_model('ese_vovnet39b').state_dict(), tmp_path / 'timm.pth')
-    with pytest.raises(utils.UserError, match='holds timm ImageNet weights, which fit --backbone ese_vovnet39b'):
+    with pytest.raises(errors.UserError, match='holds timm ImageNet weights, which fit --backbone ese_vovnet39b'):
         deeplab.vovnet39(pretrained=True, pretrained_path=str(tmp_path / 'timm.pth'))
     torch.save(pytorchcv_model('vovnet39').state_dict(), tmp_path / 'cv.pth')
-    with pytest.raises(utils.UserError, match='holds pytorchcv ImageNet weights, which fit --backbone vovnet39'):
+    with pytest.raises(errors.UserError, match='holds pytorchcv ImageNet weights, which fit --backbone vovnet39'):
         deeplab.ese_vovnet39b(pretrained=True, pretrained_path=str(tmp_path / 'cv.pth'))
     for path, key, build in (('cv.pth', 'features.stage4.unit1.branches.branch2.bn.running_var', deeplab.vovnet39),
                              ('timm.pth', 'stages.1.blocks.0.attn.fc.weight', deeplab.ese_vovnet39b)):
         state = torch.load(tmp_path / path, weights_only=True)
         state[key][0] = float('nan')
         torch.save(state, tmp_path / path)
-        with pytest.raises(utils.UserError, match='non-finite values'):
+        with pytest.raises(errors.UserError, match='non-finite values'):
             build(pretrained=True, pretrained_path=str(tmp_path / path))
 
 
@@ -222,19 +222,20 @@ def test_a_timm_model_safetensors_file_is_accepted_by_pretrained_path(tmp_path):
 
 
 def test_ese_vovnet_options_group_norm_freeze_bn_and_sync_batchnorm():
+    import engine
     import main
     gn = deeplab.ese_vovnet39b(num_groups=32)
     assert type(gn.stages[3].blocks[1].conv_mid[0].bn).__name__ == 'GroupNormAct'
     assert isinstance(gn.aspp.aspp1_bn, torch.nn.BatchNorm2d)  # the ASPP keeps BatchNorm, as VoVNet's does
     assert deeplab.uses_batchnorm('ese_vovnet39b', 32)
-    with pytest.raises(utils.UserError, match='does not divide'):
+    with pytest.raises(errors.UserError, match='does not divide'):
         deeplab.ese_vovnet39b(num_groups=7)
     for flag in ('weight_std', 'beta'):
-        with pytest.raises(utils.UserError, match='ResNet option'):
+        with pytest.raises(errors.UserError, match='ResNet option'):
             deeplab.ese_vovnet39b(**{flag: True})
     model = deeplab.ese_vovnet39b()
     args = main.get_args_parser().parse_args(['--exp', 'x', '--freeze_bn'])
-    optimizer = main.make_optimizer(model, args)
+    optimizer = engine.make_optimizer(model, args.base_lr, args.freeze_bn, main.scales_gradients(args))
     trained = {id(p) for g in optimizer.param_groups for p in g['params']}
     bn = model.stages[1].blocks[0].conv_mid[2].bn
     assert id(bn.weight) not in trained and id(model.stages[1].blocks[0].attn.fc.weight) in trained

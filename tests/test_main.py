@@ -11,6 +11,7 @@ from conftest import randomize, train_in
 from PIL import Image
 from test_metrics import original_inter_and_union
 
+import checkpoints
 import deeplab
 import pascal
 import utils
@@ -100,7 +101,7 @@ def test_seed_evaluation_command_on_a_released_checkpoint_follows_the_original_p
     # The original protocol, computed here with the independent functional forward: pad to 513 (image 0,
     # mask 255), argmax over the padded canvas, per-image histograms summed over the dataset.
     dataset = pascal.build_dataset('pascal', 'data/VOCdevkit', 'val', None)
-    state = utils.strip_prefixes(torch.load(path, weights_only=True)['state_dict'])
+    state = checkpoints.strip_prefixes(torch.load(path, weights_only=True)['state_dict'])
     inter, union = np.zeros(21), np.zeros(21)
     for i, (image_path, mask_path) in enumerate(dataset.samples):
         image = Image.open(image_path).convert('RGB')

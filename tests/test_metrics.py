@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-import main
+import engine
 import utils
 
 
@@ -74,7 +74,7 @@ def test_classes_absent_from_labels_and_predictions_count_as_zero_in_the_mean():
 
 @pytest.mark.parametrize('iteration,lr', [(0, 0.007), (662, 0.006874), (16550, 0.003751), (33099, 6e-7)])
 def test_poly_lr_of_the_published_schedule(iteration, lr):
-    value = main.poly_lr(0.007, iteration, 33100)
+    value = engine.poly_lr(0.007, iteration, 33100)
     assert value == pytest.approx(lr, rel=1e-3 if iteration < 33099 else 0.1)
 
 

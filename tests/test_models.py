@@ -6,8 +6,9 @@ import torch
 from conftest import randomize
 from torch import nn
 
+import checkpoints
 import deeplab
-import utils
+import errors
 
 DATA = os.path.join(os.path.dirname(__file__), 'data')
 PARAMS = {'vovnet39': 29_513_621, 'vovnet57': 43_553_621, 'resnet50': 39_048_533, 'resnet101': 58_040_661,
@@ -193,16 +194,16 @@ def test_beta_stem_is_three_3x3_convs():
                                                  ('densenet161', dict(num_groups=32), '--groups'),
                                                  ('densenet201', dict(beta=True), '--beta')])
 def test_options_without_meaning_for_a_backbone_are_refused(builder, kwargs, flag):
-    with pytest.raises(utils.UserError, match=flag):
+    with pytest.raises(errors.UserError, match=flag):
         getattr(deeplab, builder)(**kwargs)
 
 
 def test_unknown_backbone_and_bad_output_stride_are_clear_errors():
-    with pytest.raises(utils.UserError, match='unknown backbone .*vovnet39'):
+    with pytest.raises(errors.UserError, match='unknown backbone .*vovnet39'):
         deeplab.build_model('vovnet99')
-    with pytest.raises(utils.UserError, match='output stride must be 8 or 16'):
+    with pytest.raises(errors.UserError, match='output stride must be 8 or 16'):
         deeplab.vovnet39(output_stride=4)
-    with pytest.raises(utils.UserError, match='does not divide'):
+    with pytest.raises(errors.UserError, match='does not divide'):
         deeplab.vovnet39(num_groups=7)
 
 
@@ -213,7 +214,7 @@ def test_unknown_backbone_and_bad_output_stride_are_clear_errors():
 def test_released_checkpoint_loads_and_gives_the_same_logits(backbone, released_checkpoint):
     source = randomize(deeplab.build_model(backbone), seed=1).eval()
     path = released_checkpoint(source)
-    checkpoint = utils.load_checkpoint(str(path))
+    checkpoint = checkpoints.load(str(path))
     assert checkpoint['epoch'] == 50
     assert all(k.startswith('module.') for k in checkpoint['state_dict'])
     assert any(k.endswith('num_batches_tracked') for k in checkpoint['state_dict'])
@@ -228,7 +229,7 @@ def test_a_bare_state_dict_loads_too(tmp_path):
     source = randomize(deeplab.vovnet39(num_classes=3), seed=2)
     torch.save(source.state_dict(), tmp_path / 'bare.pth')
     model = deeplab.vovnet39(num_classes=3)
-    deeplab.load_weights(model, utils.load_checkpoint(str(tmp_path / 'bare.pth'))['state_dict'], 'bare.pth')
+    deeplab.load_weights(model, checkpoints.load(str(tmp_path / 'bare.pth'))['state_dict'], 'bare.pth')
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), source.state_dict().values()))
 
 
@@ -254,24 +255,24 @@ def released_state(model):
                                          ('densenet161', 'densenet201'), ('resnet101', 'resnet50')])
 def test_a_checkpoint_of_another_backbone_is_refused_with_what_it_holds(held, wanted):
     model = deeplab.build_model(wanted)
-    with pytest.raises(utils.UserError) as e:
+    with pytest.raises(errors.UserError) as e:
         deeplab.load_weights(model, released_state(deeplab.build_model(held)), 'x.pth')
     assert f'x.pth holds a DeepLabV3-{held} with 21 classes' in str(e.value)
     assert f'--backbone {held}' in str(e.value)
 
 
 def test_a_checkpoint_with_another_class_count_is_refused():
-    with pytest.raises(utils.UserError, match='19 classes.*21 classes'):
+    with pytest.raises(errors.UserError, match='19 classes.*21 classes'):
         deeplab.load_weights(deeplab.vovnet39(), released_state(deeplab.vovnet39(num_classes=19)), 'x.pth')
 
 
 def test_a_group_norm_checkpoint_offered_to_a_batchnorm_model_says_so():
-    with pytest.raises(utils.UserError, match='--groups'):
+    with pytest.raises(errors.UserError, match='--groups'):
         deeplab.load_weights(deeplab.vovnet39(), released_state(deeplab.vovnet39(num_groups=16)), 'x.pth')
 
 
 def test_weights_that_are_not_a_deeplab_state_dict_are_refused():
-    with pytest.raises(utils.UserError, match='holds no DeepLabV3 weights'):
+    with pytest.raises(errors.UserError, match='holds no DeepLabV3 weights'):
         deeplab.load_weights(deeplab.vovnet39(), {'conv.weight': torch.zeros(1)}, 'x.pth')
 
 
@@ -304,7 +305,7 @@ def test_vovnet_imagenet_weights_load_with_or_without_prefix_and_classifier(tmp_
 
 def test_imagenet_weights_default_path_and_missing_file_message(tmp_path, monkeypatch, offline):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(utils.UserError) as e:
+    with pytest.raises(errors.UserError) as e:
         deeplab.vovnet57(pretrained=True)
     message = str(e.value)
     assert 'data/pretrained/vovnet57_statedict_norm.pth' in message and '--scratch' in message
@@ -323,7 +324,7 @@ def test_imagenet_weights_that_do_not_fit_are_reported_not_merged_silently(tmp_p
     assert '1 backbone tensors are not in' in caplog.text and 'stem.stem_1/conv.weight' in caplog.text
     assert '1 tensors of' in caplog.text and 'extra.weight' in caplog.text
     torch.save(deeplab.resnet50().state_dict(), tmp_path / 'r.pth')
-    with pytest.raises(utils.UserError, match='none of the weights of vovnet39'):
+    with pytest.raises(errors.UserError, match='none of the weights of vovnet39'):
         deeplab.vovnet39(pretrained=True, pretrained_path=str(tmp_path / 'r.pth'))
 
 
@@ -335,7 +336,7 @@ def test_torchvision_imagenet_weights_come_from_the_hub_cache_or_a_clear_error(t
     def offline(*args, **kwargs):
         raise OSError('network unreachable')
     monkeypatch.setattr(torch.hub, 'download_url_to_file', offline)
-    with pytest.raises(utils.UserError) as e:
+    with pytest.raises(errors.UserError) as e:
         deeplab.resnet50(pretrained=True)
     cached = os.path.join(str(tmp_path), 'hub', 'checkpoints', os.path.basename(weights.url))
     assert cached in str(e.value) and weights.url in str(e.value) and '--scratch' in str(e.value)
@@ -365,5 +366,5 @@ def test_densenet_imagenet_weights_in_torchvisions_legacy_key_format_load(tmp_pa
     assert torch.equal(model.features.denseblock4.denselayer7.conv2.weight,
                        imagenet.features.denseblock4.denselayer7.conv2.weight)
     torch.save({'features.conv0.weight': torch.zeros(1)}, tmp_path / 'hub' / 'checkpoints' / os.path.basename(url))
-    with pytest.raises(utils.UserError, match='do not fit torchvision.s densenet201.*delete'):
+    with pytest.raises(errors.UserError, match='do not fit torchvision.s densenet201.*delete'):
         deeplab.densenet201(pretrained=True)

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from conftest import ROOT, randomize
 from PIL import Image
 
+import checkpoints
 import deeplab
-import main
-import utils
+import engine
 
 TRAIN = ['--train', '--exp', 'f', '--epochs', '1', '--backbone', 'vovnet39', '--scratch', '--crop_size', '65',
          '--batch_size', '4', '--seed', '0', '--workers', '0']
@@ -135,7 +135,7 @@ def test_a_checkpoint_that_does_not_fit_leaves_the_previous_one_and_no_temporary
                                'Any earlier checkpoint there is unchanged')
     assert 'unexpected pos' not in err  # torch.save's RuntimeError, traced back to its OSError
     assert target.read_bytes() == before and leftovers(disk) == []
-    utils.load_checkpoint(str(target))
+    checkpoints.load(str(target))
 
 
 def test_predictions_and_metrics_on_a_full_disk_stop_with_the_file_named(mount, synthetic_root, tmp_path,
@@ -473,7 +473,7 @@ def test_a_signal_during_prediction_leaves_whole_files_only(tmp_path):
 
 
 def test_the_batch_loss_is_the_mean_bit_for_bit_and_zero_without_labelled_pixels():
-    criterion = main.BatchCrossEntropy()
+    criterion = engine.BatchCrossEntropy()
     generator = torch.Generator().manual_seed(0)
     for _ in range(20):
         logits = (torch.randn(2, 21, 33, 41, generator=generator) * 5).requires_grad_()
@@ -506,13 +506,13 @@ def test_training_on_batches_without_labelled_pixels_is_finite_on_one_and_two_pr
         assert result.returncode == 0, result.stderr[-3000:]
         assert 'loss 0.0000 (0.0000)' in result.stdout
         weights = torch.load(folder / 'data' / 'deeplab_vovnet39_pascal_v3_f_epoch1.pth', weights_only=True)
-        assert utils.first_non_finite(weights['state_dict']) is None
+        assert checkpoints.first_non_finite(weights['state_dict']) is None
 
 
 def test_a_diverging_loss_message_counts_the_labelled_pixels(synthetic_root, tmp_path, monkeypatch, run_cli):
     monkeypatch.chdir(tmp_path)
-    real = main.BatchCrossEntropy.forward
-    monkeypatch.setattr(main.BatchCrossEntropy, 'forward', lambda self, logits, target: real(
+    real = engine.BatchCrossEntropy.forward
+    monkeypatch.setattr(engine.BatchCrossEntropy, 'forward', lambda self, logits, target: real(
         self, logits * float('inf'), target))
     err = assert_clean_failure(run_cli(*TRAIN, '--data_root', synthetic_root), 'the loss became nan')
     assert 'labelled pixels of its batch: the run diverged' in err

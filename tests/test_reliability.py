@@ -7,9 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoints
 import deeplab
-import main
-import utils
+import engine
+import errors
 
 TRAIN = ['--train', '--exp', 'r', '--epochs', '1', '--backbone', 'vovnet39', '--scratch', '--crop_size', '65',
          '--batch_size', '4', '--seed', '0']
@@ -275,35 +276,35 @@ def test_predict_refuses_an_output_folder_it_cannot_write(workdir, run_cli):
 
 def test_a_failed_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
     path = str(tmp_path / 'ckpt.pth')
-    utils.save_checkpoint({'state_dict': {'w': torch.ones(3)}, 'epoch': 1}, path)
+    checkpoints.save({'state_dict': {'w': torch.ones(3)}, 'epoch': 1}, path)
 
     def failing_save(obj, f, *args, **kwargs):
         f.write(b'PK\x03\x04 half a checkpoint')
         raise OSError(28, 'No space left on device')
     monkeypatch.setattr(torch, 'save', failing_save)
-    with pytest.raises(utils.UserError, match='No space left on device.*unchanged'):
-        utils.save_checkpoint({'state_dict': {'w': torch.zeros(3)}, 'epoch': 2}, path)
+    with pytest.raises(errors.UserError, match='No space left on device.*unchanged'):
+        checkpoints.save({'state_dict': {'w': torch.zeros(3)}, 'epoch': 2}, path)
     monkeypatch.undo()
-    assert utils.load_checkpoint(path)['epoch'] == 1
+    assert checkpoints.load(path)['epoch'] == 1
     assert os.listdir(tmp_path) == ['ckpt.pth']
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(workdir, synthetic_root, run_cli,
                                                                             monkeypatch):
     calls = []
-    real = main.BatchCrossEntropy.forward
+    real = engine.BatchCrossEntropy.forward
 
     def poisoned(self, logits, target):
         calls.append(1)
         loss = real(self, logits, target)
         return loss * float('nan') if len(calls) == 3 else loss  # epoch 2, its first iteration
-    monkeypatch.setattr(main.BatchCrossEntropy, 'forward', poisoned)
+    monkeypatch.setattr(engine.BatchCrossEntropy, 'forward', poisoned)
     args = TRAIN[:3] + ['--epochs', '2', '--save_every', '1'] + TRAIN[5:] + ['--data_root', synthetic_root,
                                                                           '--workers', '0']
     assert_clean_failure(run_cli(*args), 'the loss became nan at epoch 2, iteration 1/2',
                          'data/deeplab_vovnet39_pascal_v3_r_epoch1.pth')
     assert outputs(workdir) == [str(workdir / 'data/deeplab_vovnet39_pascal_v3_r_epoch1.pth')]
-    assert utils.load_checkpoint('data/deeplab_vovnet39_pascal_v3_r_epoch1.pth')['epoch'] == 1
+    assert checkpoints.load('data/deeplab_vovnet39_pascal_v3_r_epoch1.pth')['epoch'] == 1
 
 
 def test_a_dataloader_worker_that_dies_is_reported_with_its_cause(workdir, synthetic_root, run_cli, monkeypatch):

@@ -9,7 +9,9 @@ import sys
 import pytest
 import torch
 
+import checkpoints
 import deeplab
+import engine
 import main
 import pascal
 
@@ -148,14 +150,13 @@ def test_bf16_and_channels_last_train_and_evaluate_on_cpu(synthetic_root, tmp_pa
 def _sgd_run(optimizer_class, steps, resume=None):
     """A tiny model after `steps` SGD steps in two groups with the poly schedule's changing lr, optionally resumed
     from `resume` = (model state, optimizer state) as main.py resumes."""
-    import main
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Conv2d(8, 2, 1))
     optimizer = optimizer_class([{'params': model[:2].parameters()}, {'params': model[2].parameters()}],
                                 lr=0.01, momentum=0.9, weight_decay=0.01)  # decay large enough to be seen
     if resume is not None:
         model.load_state_dict(resume[0])
-        main.restore_optimizer(optimizer, None, {'optimizer': copy.deepcopy(resume[1])}, 'x.pth')
+        checkpoints.restore_optimizer(optimizer, None, {'optimizer': copy.deepcopy(resume[1])}, 'x.pth')
     g = torch.Generator().manual_seed(1)
     for step in range(steps):
         for group, lr in zip(optimizer.param_groups, (0.01, 0.1)):
@@ -167,7 +168,7 @@ def _sgd_run(optimizer_class, steps, resume=None):
 
 
 def test_fused_sgd_updates_as_the_original_loop_and_stays_fused_on_resume():
-    fused, opt_fused = _sgd_run(main.sgd, 5)
+    fused, opt_fused = _sgd_run(engine.sgd, 5)
     loop, opt_loop = _sgd_run(torch.optim.SGD, 5)  # PyTorch's loop over tensors on the CPU, as the original's
     assert all(g['fused'] for g in opt_fused.param_groups) and not any(g['fused'] for g in opt_loop.param_groups)
     for k in loop:  # the same update; the fused kernel may round the last bit differently (fused multiply-add)
@@ -177,7 +178,7 @@ def test_fused_sgd_updates_as_the_original_loop_and_stays_fused_on_resume():
     saved = opt_loop.state_dict()
     for group in saved['param_groups']:
         del group['fused'], group['foreach']  # as PyTorch 1.1 saved them
-    fused, opt_fused = _sgd_run(main.sgd, 3, (loop, saved))
+    fused, opt_fused = _sgd_run(engine.sgd, 3, (loop, saved))
     loop, _ = _sgd_run(torch.optim.SGD, 3, (loop, saved))
     assert all(g['fused'] for g in opt_fused.param_groups)
     for k in loop:  # the same update; the fused kernel may round the last bit differently (fused multiply-add)
@@ -188,7 +189,7 @@ def test_fused_sgd_updates_as_the_original_loop_and_stays_fused_on_resume():
 def test_sgd_under_the_fp16_gradient_scaler_skips_overflowing_steps_as_the_loop_does(overflow):
     # main.py's --amp fp16 (CUDA) path; the scaler's logic is the same with a CPU scaler. PyTorch's fused kernel
     # skips an overflowing first step without initialising the momentum buffers it allocated, so the next step
-    # adds whatever memory they got: main.sgd must not fuse under a scaler.
+    # adds whatever memory they got: engine.sgd must not fuse under a scaler.
 
     def run(optimizer_class, **kwargs):
         torch.manual_seed(0)
@@ -208,7 +209,7 @@ def test_sgd_under_the_fp16_gradient_scaler_skips_overflowing_steps_as_the_loop_
             weights.append(w.detach().clone())
         return weights, scaler.get_scale()
 
-    scaled, scaled_scale = run(main.sgd, grad_scaler=True)
+    scaled, scaled_scale = run(engine.sgd, grad_scaler=True)
     loop, loop_scale = run(torch.optim.SGD)
     assert scaled_scale == loop_scale == 2.0 ** 9
     assert torch.equal(scaled[overflow + 1], scaled[overflow])  # the overflowing step is skipped
@@ -219,11 +220,11 @@ def test_sgd_under_the_fp16_gradient_scaler_skips_overflowing_steps_as_the_loop_
 
 
 def test_main_fuses_sgd_except_under_the_fp16_gradient_scaler():
-    import main
     model = deeplab.build_model('vovnet39', num_classes=3)
     for amp, fused in (('off', True), ('bf16', True), ('fp16', None)):
         args = main.get_args_parser().parse_args(['--exp', 'x', '--amp', amp])
-        assert [g['fused'] for g in main.make_optimizer(model, args).param_groups] == [fused, fused]
+        optimizer = engine.make_optimizer(model, args.base_lr, args.freeze_bn, main.scales_gradients(args))
+        assert [g['fused'] for g in optimizer.param_groups] == [fused, fused]
 
 
 def test_compile_trains_and_evaluates_as_eager(synthetic_root, tmp_path, monkeypatch, run_cli):

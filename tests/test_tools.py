@@ -10,7 +10,7 @@ from conftest import randomize, train_in
 from PIL import Image
 
 import deeplab
-import utils
+import files
 
 TRAIN = ['--train', '--exp', 'x', '--backbone', 'vovnet39', '--scratch', '--crop_size', '65', '--batch_size', '4',
          '--workers', '0', '--seed', '3', '--base_lr', '0.01']
@@ -130,7 +130,7 @@ def test_tensorboard_absent_degrades_to_a_message(tmp_path, monkeypatch, caplog)
         return real_import(name, *args, **kwargs)
     monkeypatch.setattr(builtins, '__import__', no_tensorboard)
     caplog.set_level('INFO')
-    writer = utils.MetricsWriter(str(tmp_path))
+    writer = files.MetricsWriter(str(tmp_path))
     writer.write(1, loss=0.5)
     assert 'TensorBoard is not installed' in caplog.text
     assert os.listdir(tmp_path) == ['metrics.jsonl']

@@ -1,0 +1,229 @@
+"""Checkpoints: the original's file names, the format written here (what rebuilds the model and what resumes the
+run), reading any checkpoint safely (`weights_only=True`) and checking its tensors, and resuming a run: where it
+starts, the optimizer, the random state, the iteration on the new run's schedule."""
+import argparse
+import collections
+import logging
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass
+
+import torch
+
+import engine
+import files
+from errors import UserError, first_line
+from utils import plural
+
+log = logging.getLogger(__name__)
+
+FORMAT = 'vovnet-deeplabv3'
+VERSION = 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Names: the original's, data/deeplab_{backbone}_{dataset}_v3_{exp}_epoch{N}.pth
+
+
+def run_name(args) -> str:
+    return f'deeplab_{args.backbone}_{args.dataset}_v3_{args.exp}'
+
+
+def epoch_path(args, epoch: int) -> str:
+    return os.path.join(args.output_dir, f'{run_name(args)}_epoch{epoch}.pth')
+
+
+def run_file(args, what: str) -> str:
+    """The run's `best` or `interrupted` checkpoint, beside the epoch checkpoints."""
+    return os.path.join(args.output_dir, f'{run_name(args)}_{what}.pth')
+
+
+def log_folder(args) -> str:
+    return os.path.join(args.output_dir, 'logs', run_name(args))
+
+
+def add_arguments(parser: argparse.ArgumentParser, backbones, output_strides) -> None:
+    """The flags of a script that rebuilds a model from a checkpoint (predict.py, export.py)."""
+    parser.add_argument('--checkpoint', required=True, help='a checkpoint of main.py --train, or a released one')
+    parser.add_argument('--backbone', default=None, choices=backbones,
+                        help='only needed when the checkpoint does not tell (it usually does)')
+    parser.add_argument('--output_stride', type=int, default=None, choices=output_strides,
+                        help='default: the one the checkpoint was trained with (16 for the released ones)')
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading and checking
+
+
+def strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict without the `module.` (DataParallel/DDP) or `_orig_mod.` (torch.compile) key prefix."""
+    state_dict = collections.OrderedDict(state_dict)
+    for prefix in ('module.', '_orig_mod.'):
+        torch.nn.modules.utils.consume_prefix_in_state_dict_if_present(state_dict, prefix)
+    return state_dict
+
+
+def load(path: str, what: str = 'checkpoint') -> dict:
+    """Read a checkpoint safely (`weights_only=True`, on the CPU) and return a dict with a 'state_dict'.
+
+    Accepts a released checkpoint ({'epoch', 'state_dict', 'optimizer'}), this project's checkpoints, a bare
+    state dict, or {'model': state_dict}. Anything else is a UserError that says what the file holds.
+    """
+    if os.path.isdir(path):
+        raise UserError(f'{what} {path} is a folder; give the .pth file in it.')
+    if not os.path.isfile(path):
+        raise UserError(f'{what} {path} does not exist.')
+    try:
+        obj = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        if 'Unsupported global' in str(e) or 'can still be loaded' in str(e):  # a class or function to import
+            raise UserError(f'{what} {path} holds Python objects that could only be loaded by running code from '
+                            f'the file, which this project never does (it loads with weights_only=True). '
+                            f'If you trust the file, re-save just its tensors: '
+                            f'torch.save(torch.load(path, weights_only=False)["state_dict"], new_path).') from None
+        raise UserError(f'{what} {path} is not a PyTorch file (its contents do not unpickle): it may be another '
+                        f'kind of file, or truncated; download or copy it again.') from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, IndexError, KeyError) as e:
+        raise UserError(f'{what} {path} is truncated or not a PyTorch checkpoint ({first_line(e)}); '
+                        f'download or copy it again.') from None
+    if isinstance(obj, dict) and isinstance(obj.get('state_dict'), dict):
+        return obj
+    if isinstance(obj, dict) and isinstance(obj.get('model'), dict):
+        return {**obj, 'state_dict': obj['model']}
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return {'state_dict': obj}
+    kind = f'a dict with keys {sorted(obj)[:5]}' if isinstance(obj, dict) else f'a {type(obj).__name__}'
+    raise UserError(f'{what} {path} holds {kind}, not model weights; give a checkpoint written by main.py '
+                    f'--train, a released checkpoint, or a saved state dict.')
+
+
+def first_non_finite(state_dict: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding a NaN or an infinity, or None."""
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            return name
+    return None
+
+
+def check_finite(state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse weights with NaN or infinite values, naming the file and the first such tensor: a model built
+    from them predicts nothing useful, and an evaluation would print a near-zero mean IoU without a word."""
+    bad = first_non_finite(state_dict)
+    if bad is not None:
+        raise UserError(f'{source} has non-finite values (NaN or infinity) in {bad}: it was written by a run that '
+                        f'diverged, or is damaged. Use an earlier checkpoint, or download or copy it again.')
+
+
+def save(checkpoint: dict, path: str) -> None:
+    files.atomic_write(path, lambda f: torch.save(checkpoint, f), flag='--output_dir',
+                       keeps='Any earlier checkpoint there is unchanged')
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A training run's state, written into its checkpoints
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # completed epochs
+    iteration: int = 0  # completed iterations over all epochs
+    batches_per_epoch: int = 0
+    seed: int = 0
+    best_miou: float | None = None
+    last_checkpoint: str | None = None
+    initial_weights: dict | None = None  # where the run's weights started (imagenet.describe)
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {'torch': torch.get_rng_state()}
+    if device.type == 'cuda':
+        state['cuda'] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    if 'torch' in state:
+        torch.set_rng_state(state['torch'])
+    if 'cuda' in state and device.type == 'cuda':
+        torch.cuda.set_rng_state(state['cuda'], device)
+
+
+def make(state: TrainState, model, optimizer, scaler, args, class_names, device: torch.device) -> dict:
+    """The checkpoint of a run: what rebuilds the model (`model_args`), what resumes the run, how it started."""
+    return {
+        'format': FORMAT, 'version': VERSION,
+        'epoch': state.epoch, 'iteration': state.iteration, 'batches_per_epoch': state.batches_per_epoch,
+        'seed': state.seed, 'best_miou': state.best_miou,
+        'state_dict': model.state_dict(), 'optimizer': optimizer.state_dict(),
+        'scaler': scaler.state_dict() if scaler.is_enabled() else None,
+        'model_args': dict(model.model_args), 'initial_weights': state.initial_weights,
+        'dataset': args.dataset, 'class_names': list(class_names), 'rng': rng_state(device),
+        'args': {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))},
+    }
+
+
+def start_state(args, resume: dict | None, draw_seed) -> TrainState:
+    """Where the run starts: from scratch (its seed `--seed`, or `draw_seed()`), or where the resumed checkpoint
+    left (its epoch, iteration, seed, best validation, initial weights)."""
+    state = TrainState(last_checkpoint=args.resume)
+    if resume is not None and 'iteration' in resume:
+        state.epoch, state.iteration, state.seed = resume['epoch'], resume['iteration'], resume['seed']
+        state.best_miou = resume.get('best_miou')
+        state.initial_weights = resume.get('initial_weights')
+        if args.seed is not None and args.seed != state.seed:
+            log.warning('--seed %d differs from the resumed run\'s seed %d; keeping %d so the schedule continues '
+                        'as it was', args.seed, state.seed, state.seed)
+    else:
+        state.seed = args.seed if args.seed is not None else draw_seed()
+        if resume is not None:  # a released checkpoint: only the epoch is known
+            state.epoch = int(resume.get('epoch', 0))
+    if state.epoch >= args.epochs:
+        raise UserError(f'{args.resume} has already trained {plural(state.epoch, "epoch")}; ask for more '
+                        f'with --epochs.')
+    return state
+
+
+def resume_iteration(checkpoint: dict, state: TrainState, iterations: int, path: str) -> int:
+    """The iteration to continue from, with `iterations` batches per epoch. A checkpoint of the end of an epoch
+    continues with the next one whatever its batches per epoch were (another batch size, dataset or number of
+    processes); one written mid-epoch continues only with the batches per epoch it was trained with."""
+    if 'iteration' not in checkpoint:  # a released checkpoint: only the epoch is known
+        return state.epoch * iterations
+    recorded = checkpoint.get('batches_per_epoch')  # absent from checkpoints of before it was recorded
+    offset = state.iteration - state.epoch * (recorded or iterations)
+    if recorded and offset in (0, recorded):  # at the start or the end of an epoch (stopped after its last batch)
+        if recorded != iterations:
+            log.warning('%s was trained with %d batches per epoch, this run has %d; the schedule continues from '
+                        'epoch %d on this run\'s iterations', path, recorded, iterations,
+                        state.epoch + (2 if offset else 1))
+        return (state.epoch + (1 if offset else 0)) * iterations
+    if recorded in (None, iterations) and 0 <= offset <= iterations:
+        return state.iteration
+    advice = 'Resume with the --batch_size, dataset and number of processes it was trained with'
+    if recorded:
+        raise UserError(f'{path} stopped {offset} of {recorded} batches into epoch {state.epoch + 1}, but this run '
+                        f'has {iterations} batches per epoch. {advice}, or from the checkpoint of a completed epoch.')
+    raise UserError(f'{path} ({plural(state.iteration, "iteration")} in {plural(state.epoch, "epoch")}) '
+                    f'was trained with another number of batches per epoch than this run\'s {iterations}. {advice}.')
+
+
+def restore_optimizer(optimizer, scaler, checkpoint: dict, path: str) -> None:
+    if checkpoint.get('optimizer') is None:
+        log.warning('%s holds no optimizer state; momentum starts from zero', path)
+        return
+    momentum = {f'{name} of parameter {index}': value
+                for index, state in (checkpoint['optimizer'].get('state') or {}).items()
+                for name, value in state.items() if isinstance(value, torch.Tensor)}
+    bad = first_non_finite(momentum)
+    if bad is not None:
+        raise UserError(f'{path} has non-finite values (NaN or infinity) in its optimizer state ({bad}): it was '
+                        f'written by a run that diverged, or is damaged. Resume from an earlier checkpoint.')
+    try:
+        optimizer.load_state_dict(checkpoint['optimizer'])
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise UserError(f'the optimizer state in {path} does not fit this run ({e}); it was trained with other '
+                        f'options (e.g. --freeze_bn). Resume with the same flags.') from None
+    engine.keep_fused(optimizer)
+    if checkpoint.get('scaler') and scaler.is_enabled():
+        scaler.load_state_dict(checkpoint['scaler'])
