@@ -101,18 +101,38 @@ def load(path: str, what: str = 'checkpoint') -> dict:
 def first_non_finite(state_dict: dict[str, torch.Tensor]) -> str | None:
     """The name of the first floating-point tensor holding a NaN or an infinity, or None."""
     for name, tensor in state_dict.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
             return name
     return None
 
 
-def check_finite(state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """Refuse weights with NaN or infinite values, naming the file and the first such tensor: a model built
-    from them predicts nothing useful, and an evaluation would print a near-zero mean IoU without a word."""
+def check_weights(state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse weights that cannot be a trained model's, naming the file and the first such tensor: NaN or
+    infinite values (a model built from them predicts nothing useful, and an evaluation would print a near-zero
+    mean IoU without a word), parameters and statistics that are not floating point (an integer or complex
+    tensor would be cast without a word), negative BatchNorm variances (NaN logits), and counters
+    (`num_batches_tracked`) that are not whole non-negative numbers."""
     bad = first_non_finite(state_dict)
     if bad is not None:
         raise UserError(f'{source} has non-finite values (NaN or infinity) in {bad}: it was written by a run that '
                         f'diverged, or is damaged. Use an earlier checkpoint, or download or copy it again.')
+    for name, tensor in state_dict.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise UserError(f'{source} holds {type(tensor).__name__} at {name}, not a tensor: it is not a state '
+                            f'dict of weights, or is damaged. Use another file.')
+        if name.endswith('num_batches_tracked'):
+            if tensor.is_complex() or tensor.dtype == torch.bool or (tensor < 0).any() or (
+                    tensor.is_floating_point() and (tensor != tensor.round()).any()):
+                raise UserError(f'{source} has {name} = {tensor.flatten()[:3].tolist()}, not a count of batches (a '
+                                f'whole number, 0 or more): the file is damaged or was not written by PyTorch. '
+                                f'Use another copy of it.')
+        elif not tensor.is_floating_point():
+            raise UserError(f'{source} stores {name} as {str(tensor.dtype).removeprefix("torch.")}, where weights and '
+                            f'statistics are floating point: the file is damaged or not a model\'s weights. Use '
+                            f'another copy of it.')
+        elif name.endswith('running_var') and (tensor < 0).any():
+            raise UserError(f'{source} has negative variances in {name} (smallest {tensor.min().item():.4g}): '
+                            f'BatchNorm would turn them into NaN. The file is damaged; use another copy of it.')
 
 
 def save(checkpoint: dict, path: str) -> None:

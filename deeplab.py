@@ -362,7 +362,7 @@ def load_weights(model: DeepLabV3, state_dict: dict[str, torch.Tensor], source: 
                         f'{describe(model.backbone_name, model.num_classes)}. '
                         f'Pass --backbone {backbone or "..."} and --num_classes {classes}, or pick the matching '
                         f'checkpoint.')
-    checkpoints.check_finite(state_dict, source)
+    checkpoints.check_weights(state_dict, source)
     try:
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
     except RuntimeError as e:  # shape mismatches

@@ -11,6 +11,7 @@ Sources, in order of preference:
 - ResNet-50/101, DenseNet-161/201: torchvision's ImageNet weights, the original's, through torch's hub cache.
 - `--pretrained_path FILE`: a file in any of these formats (told apart by its keys) that fits the backbone.
 """
+import contextlib
 import inspect
 import logging
 import os
@@ -22,9 +23,9 @@ import torchvision
 from torch import nn
 
 import vovnet
-from checkpoints import check_finite, strip_prefixes
+from checkpoints import check_weights, strip_prefixes
 from checkpoints import load as load_checkpoint
-from errors import UserError, few, require
+from errors import UserError, few, first_line, require, short_error
 from files import sha256_file
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,21 @@ def describe(record: dict | None) -> str:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Files
+
+
+@contextlib.contextmanager
+def damaged_cache(what: str, path: str):
+    """A library's cached file that cannot be read, or does not fit, is named as damaged (not as a network
+    problem), with what to do: delete it so that the library downloads it again, or give a file."""
+    try:
+        yield
+    except UserError as e:
+        raise UserError(f'{what} in the cache, {path}, are damaged: {e.for_user()} Delete that file so that it is '
+                        f'downloaded again, or pass --pretrained_path FILE.') from None
+    except (RuntimeError, ValueError, KeyError, OSError) as e:
+        cause = short_error(e) if 'loading state_dict' in first_line(e) else first_line(e)
+        raise UserError(f'{what} in the cache, {path}, are damaged ({cause}). Delete that file so that it is '
+                        f'downloaded again, or pass --pretrained_path FILE.') from None
 
 
 def read_weights(path: str, what: str = 'ImageNet weights') -> dict[str, torch.Tensor]:
@@ -164,7 +180,7 @@ def _load_strict(model: nn.Module, state_dict: dict, source: str) -> None:
     if missing or unexpected:
         raise UserError(f'{source} does not fit {model.backbone_name}: {len(missing)} backbone tensors missing '
                         f'{few(missing)}, {len(unexpected)} unexpected {few(unexpected)}.')
-    check_finite(state_dict, source)
+    check_weights(state_dict, source)
     model.load_state_dict(state_dict, strict=False)
     log.info('loaded %d ImageNet tensors from %s', len(state_dict), source)
 
@@ -183,7 +199,7 @@ def _load_lenient(model: nn.Module, state_dict: dict, path: str) -> None:
     if not loaded:
         raise UserError(f'{path} holds none of the weights of {model.backbone_name} (e.g. it has '
                         f'{next(iter(state_dict), "(nothing)")}); give the ImageNet weights of this backbone.')
-    check_finite(loaded, path)
+    check_weights(loaded, path)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     missing = [k for k in missing if not k.startswith('aspp.')]
     log.info('loaded ImageNet weights from %s (%d tensors)', path, len(loaded))
@@ -225,15 +241,22 @@ def load_vovnet(model: nn.Module) -> dict:
     url = f'{model_store.imgclsmob_repo_url}/releases/download/{tag}/{file_name}.zip'
     log.info('%s does not exist: using pytorchcv\'s %s ImageNet weights (%s)', original, name,
              os.path.join(root, file_name))
+    cached = os.path.join(root, file_name)
+    was_cached = os.path.isfile(cached)
     try:
         path = model_store.get_model_file(name, root)
     except (OSError, RuntimeError, ValueError, UserWarning, zipfile.BadZipFile) as e:
         cause = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        if was_cached:  # pytorchcv found it, its sha1 did not match, and downloading it again failed
+            raise UserError(f'pytorchcv\'s {name} ImageNet weights in the cache, {cached}, are damaged (their sha1 '
+                            f'is not {sha1}), and downloading them again from {url} failed ({cause}). Delete '
+                            f'that file and unzip a fresh copy of {url} into {root}/; or {alternatives}.') from None
         raise UserError(f'ImageNet weights for {name} are needed: {original} does not exist, and pytorchcv\'s '
                         f'could not be fetched from {url} ({cause}). On a machine without internet, unzip that '
                         f'file into {root}/ (pytorchcv checks its sha1 {sha1}); or {alternatives}.') from None
-    state = read_weights(path, what=f'pytorchcv\'s {name} ImageNet weights')
-    _load_strict(model, from_pytorchcv(state, name, model.state_dict(), path), path)
+    with damaged_cache(f'pytorchcv\'s {name} ImageNet weights', path):
+        state = read_weights(path, what='the file')
+        _load_strict(model, from_pytorchcv(state, name, model.state_dict(), path), path)
     return {'source': 'pytorchcv', 'model': name, 'file': path, 'sha1': sha1}
 
 
@@ -252,14 +275,27 @@ def load_timm(model: nn.Module) -> dict:
     model_name, repo = f'{cfg["architecture"]}.{cfg["tag"]}', cfg['hf_hub_id']
     page = f'https://huggingface.co/{repo}'
     cached = _hub_cached(repo)
-    try:
-        if cached:
-            state = read_weights(cached, what=f'timm\'s cached {model_name} ImageNet weights')
+    if cached:
+        with damaged_cache(f'timm\'s {model_name} ImageNet weights', cached):
+            state = read_weights(cached, what='the file')
+            check_weights(state, 'the file')  # load_pretrained would cast an integer tensor without a word
             timm.models.load_pretrained(net, pretrained_cfg={**cfg, 'state_dict': state})
-        else:
-            log.info('downloading timm\'s %s ImageNet weights from %s', model_name, page)
-            timm.models.load_pretrained(net)
-            cached = _hub_cached(repo)
+    else:
+        _download_timm(timm, net, model_name, page, name)
+        cached = _hub_cached(repo)
+    _load_strict(model, _backbone_only(net.state_dict()), cached or page)
+    record = {'source': 'timm', 'model': model_name, 'file': cached}
+    blob = os.path.realpath(cached) if cached else ''
+    if os.path.basename(os.path.dirname(blob)) == 'blobs' and re.fullmatch(r'[0-9a-f]{64}', os.path.basename(blob)):
+        record['sha256'] = os.path.basename(blob)  # the hub names a large file's blob by its sha256
+    return record
+
+
+def _download_timm(timm, net: nn.Module, model_name: str, page: str, name: str) -> None:
+    """timm's own download of its weights into the Hugging Face cache, and loading into `net`."""
+    try:
+        log.info('downloading timm\'s %s ImageNet weights from %s', model_name, page)
+        timm.models.load_pretrained(net)
     except (OSError, RuntimeError, ValueError) as e:
         from huggingface_hub import constants
         cause = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
@@ -268,12 +304,6 @@ def load_timm(model: nn.Module) -> dict:
                         f'({constants.HF_HUB_CACHE}); on a machine without it, download model.safetensors from '
                         f'that page and pass it with --pretrained_path FILE, or add --scratch to train from random '
                         f'initialisation.') from None
-    _load_strict(model, _backbone_only(net.state_dict()), cached or page)
-    record = {'source': 'timm', 'model': model_name, 'file': cached}
-    blob = os.path.realpath(cached) if cached else ''
-    if os.path.basename(os.path.dirname(blob)) == 'blobs' and re.fullmatch(r'[0-9a-f]{64}', os.path.basename(blob)):
-        record['sha256'] = os.path.basename(blob)  # the hub names a large file's blob by its sha256
-    return record
 
 
 def _hub_cached(repo: str) -> str | None:
@@ -295,13 +325,25 @@ def load_torchvision(model: nn.Module) -> dict:
     it, loaded into a ResNet's or DenseNet's backbone; returns the record."""
     name = model.backbone_name
     weights, cached = _torchvision_file(name)
+    if os.path.isfile(cached):  # torch.hub reads a cached file as it is (the hash is checked on download only)
+        with damaged_cache(f'torchvision\'s {name} ImageNet weights', cached):
+            state = read_weights(cached, what='the file')
+    else:
+        state = _download_torchvision(weights, name, cached)
+    return _load_torchvision_state(model, state, weights, name, cached)
+
+
+def _download_torchvision(weights, name: str, cached: str) -> dict:
     try:
-        state = weights.get_state_dict(progress=False, check_hash=True)
-    except Exception as e:  # no network, a refused download, a corrupt cached file
+        return weights.get_state_dict(progress=False, check_hash=True)
+    except Exception as e:  # no network, a refused download
         raise UserError(
             f'the ImageNet weights of {name} are needed but could not be read or downloaded ({e}). '
             f'Download {weights.url} to {cached} (or set TORCH_HOME), or add --scratch to train without them.'
         ) from None
+
+
+def _load_torchvision_state(model: nn.Module, state: dict, weights, name: str, cached: str) -> dict:
     state = {k: v for k, v in _rename_legacy_densenet_keys(state).items() if not k.startswith(('fc.', 'classifier.'))}
     own_only = ('aspp.',)
     if model.model_args['beta']:  # three 3x3 convs where the file has the 7x7 conv1
@@ -319,7 +361,8 @@ def load_torchvision(model: nn.Module) -> dict:
                                f'{few(unexpected)}')
         raise UserError(f'the ImageNet weights in {cached} do not fit torchvision\'s {name} ({cause}); delete '
                         f'the file so that it is downloaded again, or copy {weights.url} there.')
-    check_finite(state, cached)
+    with damaged_cache(f'torchvision\'s {name} ImageNet weights', cached):
+        check_weights(state, 'the file')
     model.load_state_dict(state, strict=False)
     return {'source': 'torchvision', 'weights': f'{type(weights).__name__}.{weights.name}', 'file': cached}
 

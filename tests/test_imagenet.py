@@ -280,3 +280,77 @@ def test_ese_vovnet_trains_evaluates_predicts_and_exports(ese_run, synthetic_roo
                                '--width', '65', module='export')
     assert status == 0, err
     assert 'argmax agreement 100.0000%' in out or 'argmax agreement 99.9' in out
+
+
+# --- damaged files in a library's cache are named, not blamed on the network
+
+
+def test_a_pytorchcv_cache_file_that_fails_its_checksum_offline_is_named_as_damaged(pytorchcv_serves, monkeypatch):
+    import requests
+    from pytorchcv.models.common import model_store
+    sha1, urls = pytorchcv_serves(pytorchcv_model('vovnet39').state_dict())
+    deeplab.vovnet39(pretrained=True)  # downloads it into pytorchcv's cache
+    cached = deeplab.vovnet39(pretrained=True).initial_weights['file']
+    with open(cached, 'r+b') as f:  # a bit flipped on disk
+        f.seek(1000)
+        byte = f.read(1)
+        f.seek(1000)
+        f.write(bytes([byte[0] ^ 1]))
+
+    def offline(url, *args, **kwargs):
+        raise requests.exceptions.ConnectionError('Max retries exceeded')
+    monkeypatch.setattr(model_store, '_download', offline)
+    with pytest.raises(errors.UserError) as e:
+        deeplab.vovnet39(pretrained=True)
+    message = str(e.value)
+    for needle in (cached, 'damaged', sha1, 'Delete that file', '--pretrained_path', '--scratch'):
+        assert needle in message, (needle, message)
+
+
+@pytest.mark.parametrize('damage', ['wrong_shape', 'int64', 'truncated'])
+def test_a_damaged_timm_file_in_the_hub_cache_is_named(timm_hub_serves, damage):
+    from safetensors.torch import load_file, save_file
+    theirs = timm_model('ese_vovnet39b')
+    timm_hub_serves('timm/ese_vovnet39b.ra_in1k', theirs.state_dict())
+    cached = deeplab.ese_vovnet39b(pretrained=True).initial_weights['file']
+    blob = os.path.realpath(cached)
+    if damage == 'truncated':
+        data = open(blob, 'rb').read()
+        open(blob, 'wb').write(data[:len(data) // 2])
+    else:
+        tensors = load_file(blob)
+        key = 'stages.1.blocks.0.conv_mid.0.conv.weight'
+        tensors[key] = tensors[key][:, :2].contiguous() if damage == 'wrong_shape' else tensors[key].long()
+        save_file(tensors, blob)
+    with pytest.raises(errors.UserError) as e:
+        deeplab.ese_vovnet39b(pretrained=True)
+    message = str(e.value)
+    for needle in (cached, 'damaged', 'Delete that file', '--pretrained_path'):
+        assert needle in message, (needle, message)
+    assert 'could not be loaded from https' not in message
+    if damage != 'truncated':
+        assert 'stages.1.blocks.0.conv_mid.0.conv.weight' in message
+
+
+@pytest.mark.parametrize('damage', ['truncated', 'int64', 'negative_variance'])
+def test_a_damaged_torchvision_file_in_the_hub_cache_is_named(offline, damage):
+    import torchvision
+    weights = torchvision.models.get_model_weights('resnet50').IMAGENET1K_V1
+    cached = os.path.join(str(offline), 'torch', 'hub', 'checkpoints', os.path.basename(weights.url))
+    os.makedirs(os.path.dirname(cached))
+    state = torchvision.models.resnet50().state_dict()
+    if damage == 'int64':
+        state['layer1.0.conv1.weight'] = state['layer1.0.conv1.weight'].long()
+    elif damage == 'negative_variance':
+        state['layer1.0.bn1.running_var'] = -torch.ones_like(state['layer1.0.bn1.running_var'])
+    torch.save(state, cached)
+    if damage == 'truncated':
+        data = open(cached, 'rb').read()
+        open(cached, 'wb').write(data[:len(data) // 2])
+    with pytest.raises(errors.UserError) as e:
+        deeplab.resnet50(pretrained=True)
+    message = str(e.value)
+    for needle in (cached, 'damaged', 'Delete that file', '--pretrained_path'):
+        assert needle in message, (needle, message)
+    if damage != 'truncated':
+        assert 'layer1.0.' in message
