@@ -102,11 +102,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='comma-separated configurations (default: fp32,fp32+cl,bf16+cl on CPU; '
                         'fp32,fp32+cl,fp16+cl,bf16+cl on CUDA)')
     p.add_argument('--device', default=None, help='cpu or cuda (default: CUDA when available)')
-    p.add_argument('--size', type=errors.number(int, 32), default=513,
+    p.add_argument('--size', type=errors.number(int, 32), default=None,
                    help='inference input height and width (default 513)')
     p.add_argument('--batch', type=errors.number(int, 1), default=None,
                    help='batch size (default: 1 for inference, 4 for train)')
-    p.add_argument('--crop', type=errors.number(int, 64), default=321, help='training crop (default 321)')
+    p.add_argument('--crop', type=errors.number(int, 64), default=None, help='training crop (default 321)')
     p.add_argument('--warmup', type=errors.number(int, 0), default=3, help='untimed runs first (default 3)')
     p.add_argument('--iters', type=errors.number(int, 1), default=10,
                    help='timed runs; the median is reported (default 10)')
@@ -420,6 +420,11 @@ def check_args(args) -> tuple[torch.device, list[str], list[Config]]:
             raise UserError(f'unknown backbone {b!r} in --backbones; choose from {", ".join(deeplab.BACKBONES)}.')
         if b in deeplab.TIMM_BACKBONES:
             errors.require('timm', f'the {b} backbone')
+    unused = '--crop' if args.mode == 'inference' and args.crop else '--size' if args.mode == 'train' and args.size \
+        else None
+    if unused:
+        raise UserError(f'{unused} does not apply to --mode {args.mode} (--size sets the input of inference, --crop '
+                        f'the crop of a training step): drop it, or use the other flag.')
     if args.mode == 'train' and args.batch < 2:
         raise UserError('a training step needs --batch 2 or more: BatchNorm normalises the ASPP\'s image-pooling '
                         'branch over the images of the batch.')
@@ -442,6 +447,7 @@ def run(args) -> list[dict]:
     args.device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     args.batch = args.batch or (1 if args.mode == 'inference' else 4)
     device, backbones, configs = check_args(args)
+    args.size, args.crop = args.size or 513, args.crop or 321
     cuda = device.type == 'cuda'
     if args.min_time is None:
         args.min_time = 1.0 if cuda else 0.0
@@ -507,7 +513,7 @@ def _row(r, mode) -> str:
 
 
 def cli(argv=None) -> int:
-    return errors.run_command(get_args_parser(), run, argv)
+    return errors.run_command(get_args_parser(), run, argv, 'lower --size, --batch or --crop')
 
 
 if __name__ == '__main__':

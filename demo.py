@@ -69,6 +69,11 @@ def demo(args) -> float:
     if found != (args.train_images, args.val_images):
         print(f'using the dataset already in {args.root}: {found[0]} + {found[1]} images (to generate '
               f'{args.train_images} + {args.val_images}, delete it or give another --root)', flush=True)
+    if found[0] < args.batch_size:  # main.py would say the training set is too small, not which flag sets it
+        fix = (f'raise --train_images to {args.batch_size} or more' if found[0] == args.train_images else
+               f'delete {args.root} or give another --root, so that --train_images {args.train_images} are generated')
+        raise UserError(f'the demo\'s training set ({args.root}) has {found[0]} images, fewer than one batch of '
+                        f'--batch_size {args.batch_size}: {fix}, or lower --batch_size (2 at least).')
     common = ['--exp', 'demo', '--backbone', 'vovnet39', '--epochs', str(args.epochs), '--crop_size',
               str(args.crop_size), '--data_root', args.root, '--output_dir', args.output_dir, '--workers',
               str(args.workers), '--channels_last'] + (['--device', args.device] if args.device else [])
@@ -85,7 +90,7 @@ def demo(args) -> float:
 
 def cli(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
-    return exit_status(lambda: demo(args))
+    return exit_status(lambda: demo(args), 'lower --crop_size or --batch_size')
 
 
 if __name__ == '__main__':

@@ -41,11 +41,17 @@ class Interrupted(Exception):
 # Exit statuses and command lines
 
 
-def exit_status(run: Callable[[], object]) -> int:
+def exit_status(run: Callable[[], object], out_of_memory_advice: str | None = None) -> int:
     """Call `run()` and return the process's exit status: 0, or after a failure the user can fix or an interruption,
-    one message on stderr (from rank 0) and 1 or 128 + the signal, instead of a traceback."""
+    one message on stderr (from rank 0) and 1 or 128 + the signal, instead of a traceback. Memory that ran out
+    where no closer handler named the work is a message too, with `out_of_memory_advice` (the flags to lower)."""
     try:
-        run()
+        try:
+            run()
+        except (RuntimeError, MemoryError) as e:
+            if out_of_memory_advice is None or not out_of_memory(e):
+                raise
+            raise UserError(f'out of memory ({first_line(e)}): {out_of_memory_advice}.') from None
     except UserError as e:
         if _reports():
             print(f'error: {e.for_user()}', file=sys.stderr)
@@ -69,12 +75,13 @@ def _reports() -> bool:
         return True
 
 
-def run_command(parser: argparse.ArgumentParser, run: Callable, argv=None) -> int:
+def run_command(parser: argparse.ArgumentParser, run: Callable, argv=None,
+                out_of_memory_advice: str | None = None) -> int:
     """A script's command line: parse, log to stdout, run; its exit status as `exit_status` gives it."""
     import utils
     args = parser.parse_args(argv)
     utils.setup_logging()
-    return exit_status(lambda: run(args))
+    return exit_status(lambda: run(args), out_of_memory_advice)
 
 
 def number(kind: type, minimum, inclusive: bool = True, maximum=None) -> Callable:

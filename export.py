@@ -117,7 +117,10 @@ def run(args) -> None:
     files.refuse_overwrite({output: '--output'}, {args.checkpoint: 'the checkpoint (--checkpoint)'})
     model = deeplab.model_from_checkpoint(args.checkpoint, args.backbone, args.output_stride).eval()
     try:
-        export(model, output, args.height, args.width, args.opset, args.exporter)
+        with errors.out_of_memory_is(lambda e: f'out of memory exporting with a {args.width}x{args.height} example '
+                                               f'({errors.first_line(e)}): lower --height and --width; the ONNX '
+                                               f'model takes any size whatever the example\'s.'):
+            export(model, output, args.height, args.width, args.opset, args.exporter)
     except (torch.onnx.errors.OnnxExporterError, RuntimeError) as e:
         if 'opset' not in str(e):
             raise
@@ -130,7 +133,10 @@ def run(args) -> None:
         return
     # Another size than the traced one, odd on one side, exercises the dynamic axes.
     height, width = args.height + 32, args.width + 31
-    result = check(model, output, height, width)
+    with errors.out_of_memory_is(lambda e: f'out of memory checking the ONNX file on a {width}x{height} input '
+                                           f'({errors.first_line(e)}): lower --height and --width, or pass '
+                                           f'--no_check; {output} is written.'):
+        result = check(model, output, height, width)
     if result is None:
         log.info('ONNX Runtime is not installed, so the export was not checked (pip install onnxruntime).')
         return
@@ -139,7 +145,7 @@ def run(args) -> None:
 
 
 def cli(argv=None) -> int:
-    return errors.run_command(get_args_parser(), run, argv)
+    return errors.run_command(get_args_parser(), run, argv, 'lower --height and --width')
 
 
 if __name__ == '__main__':

@@ -206,6 +206,17 @@ def check_args(args, info: utils.DistInfo) -> None:
         for path in (epoch_path(args, args.epochs), run_file(args, 'interrupted'),
                      os.path.join(log_folder(args), 'metrics.jsonl')):
             files.check_name_fits(path, '--exp or --output_dir')
+    contradictions = [('--scratch', args.scratch, '--pretrained_path', args.pretrained_path,
+                       'one trains from random weights, the other starts from a file'),
+                      ('--train', args.train, '--checkpoint', args.checkpoint,
+                       '--checkpoint names a file to evaluate; to continue training from it use --resume'),
+                      ('--train', args.train, '--eval_scales', args.eval_scales,
+                       'multi-scale evaluation is for evaluation runs; validation during training uses the protocol'),
+                      ('--train', args.train, '--flip', args.flip,
+                       'flipped evaluation is for evaluation runs; validation during training uses the protocol')]
+    for first, a, second, b, why in contradictions:
+        if a and b:
+            raise UserError(f'{first} and {second} contradict each other ({why}): drop one of them.')
     if args.resume and not args.train:
         raise UserError('--resume continues a training run: add --train, or use --checkpoint to evaluate a file.')
 
@@ -285,8 +296,8 @@ def run_evaluation(args, rt: Runtime) -> float:
     folders = {False: os.path.join(args.output_dir, 'val')}
     if multi_scale:
         folders[True] = os.path.join(args.output_dir, 'val_ms')
-    outputs = {os.path.join(folder, f'{dataset.name(i)}.png'): '--output_dir'
-               for folder in (folders.values() if args.save_predictions else []) for i in range(len(dataset))}
+    names = dataset.output_names() if args.save_predictions else []
+    outputs = {os.path.join(folder, f'{name}.png'): '--output_dir' for folder in folders.values() for name in names}
     outputs[chart_path(args, path)] = '--output_dir'
     files.refuse_overwrite(outputs, {**dataset_inputs(dataset), path: 'the checkpoint evaluated',
                                      args.class_names: '--class_names'})
@@ -315,7 +326,7 @@ def run_evaluation(args, rt: Runtime) -> float:
         palette = utils.voc_palette()
 
         def save(index, pred, ms):
-            files.save_mask(pred, os.path.join(staged[ms], f'{dataset.name(index)}.png'), palette, '--output_dir')
+            files.save_mask(pred, os.path.join(staged[ms], f'{names[index]}.png'), palette, '--output_dir')
 
         stop = stack.enter_context(errors.GracefulStop(repeat_raises=True))
         batches = stack.enter_context(contextlib.closing(pascal.Batches(
@@ -555,7 +566,7 @@ def main(args) -> float | None:
 
 def cli(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
-    return errors.exit_status(lambda: main(args))
+    return errors.exit_status(lambda: main(args), 'lower --batch_size or --crop_size')
 
 
 if __name__ == '__main__':

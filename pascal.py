@@ -245,6 +245,29 @@ class SegmentationDataset(Dataset):
         """The sample's id: its mask's file name without extension (e.g. 2007_000033)."""
         return os.path.splitext(os.path.basename(self.samples[index][1]))[0]
 
+    def output_names(self) -> list[str]:
+        """A name per sample for the files made from it (predictions): its id; or, where two samples share an id
+        (masks of one name in different folders), each sample's mask path below the masks' common folder, without
+        extension, its folders joined by `__` (e.g. `a__x`), so that no prediction overwrites another."""
+        names = [self.name(i) for i in range(len(self))]
+        if len(set(names)) == len(names):
+            return names
+        masks = [os.path.abspath(mask) for _, mask in self.samples]
+        base = os.path.commonpath(masks) if len(masks) > 1 else os.path.dirname(masks[0])
+        names = [os.path.splitext(os.path.relpath(mask, base))[0].replace(os.sep, '__') for mask in masks]
+        first = {}
+        for i, name in enumerate(names):
+            if name in first:
+                j = first[name]
+                (image_a, mask_a), (image_b, mask_b) = self.samples[j], self.samples[i]
+                raise UserError(f'two samples would write their predictions to one file {name}.png: {image_a} '
+                                f'(mask {mask_a}) and {image_b} (mask {mask_b}). Rename one of them in the '
+                                f'list, or evaluate with --no-save_predictions.')
+            first[name] = i
+        log.warning('masks of the same name are in several folders: predictions are named by their path below %s, '
+                    'folders joined by "__" (e.g. %s.png)', base, names[0])
+        return names
+
     def __getitem__(self, index: int):
         image_path, mask_path = self.samples[index]
         image = load_image(image_path)

@@ -193,7 +193,7 @@ def run(args) -> int:
 
 
 def cli(argv=None) -> int:
-    return errors.run_command(get_args_parser(), run, argv)
+    return errors.run_command(get_args_parser(), run, argv, 'lower --batch_size, --crop_size or --window_above')
 
 
 if __name__ == '__main__':

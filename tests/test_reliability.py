@@ -322,3 +322,116 @@ def test_a_dataloader_worker_that_dies_is_reported_with_its_cause(workdir, synth
     assert_clean_failure(run_cli(*TRAIN, '--data_root', synthetic_root, '--workers', '1'),
                          'a data-loading worker died', 'Killed', '--workers 0')
     assert outputs(workdir) == []
+
+
+# --- third pass: impossible weights, contradictory flags, outputs that collide, huge allocations
+
+
+@pytest.mark.parametrize('damage,needles', [
+    ('negative_variance', ['negative variances in ', 'running_var']),
+    ('int64_conv', ['stores stem.stem_1/conv.weight as int64']),
+    ('complex_conv', ['stores stem.stem_1/conv.weight as complex64']),
+    ('fractional_counter', ['num_batches_tracked = [2.5]', 'not a count of batches']),
+])
+def test_finite_but_impossible_weights_are_refused_naming_the_file_and_tensor(workdir, synthetic_root, run_cli,
+                                                                               damage, needles):
+    model = deeplab.vovnet39()
+    state = model.state_dict()
+    bn = next(k for k in state if k.endswith('running_var'))
+    if damage == 'negative_variance':
+        state[bn] = state[bn] - 2
+    elif damage == 'int64_conv':
+        state['stem.stem_1/conv.weight'] = state['stem.stem_1/conv.weight'].long()
+    elif damage == 'complex_conv':
+        state['stem.stem_1/conv.weight'] = state['stem.stem_1/conv.weight'].to(torch.complex64)
+    else:
+        state[bn.replace('running_var', 'num_batches_tracked')] = torch.tensor(2.5)
+    os.makedirs('data')
+    path = 'data/deeplab_vovnet39_pascal_v3_r_epoch1.pth'
+    torch.save({'epoch': 1, 'state_dict': state}, path)
+    result = run_cli(*EVAL, '--data_root', synthetic_root)
+    assert_clean_failure(result, path, *needles)
+    assert 'Mean IoU' not in result[1] and not os.path.exists('data/val')
+    # The same check guards ImageNet files given to training.
+    backbone = {k: v for k, v in state.items() if not k.startswith('aspp.')}
+    torch.save(backbone, 'imagenet.pth')
+    result = run_cli(*TRAIN[:TRAIN.index('--scratch')], *TRAIN[TRAIN.index('--scratch') + 1:], '--data_root',
+                     synthetic_root, '--pretrained_path', 'imagenet.pth', '--workers', '0')
+    assert_clean_failure(result, 'imagenet.pth', *needles)
+    assert outputs('data') == [path]
+
+
+@pytest.mark.parametrize('flags,first,second', [
+    (['--pretrained_path', 'imagenet.pth'], '--scratch', '--pretrained_path'),
+    (['--checkpoint', 'some.pth'], '--train', '--checkpoint'),
+    (['--eval_scales', '0.5,1'], '--train', '--eval_scales'),
+    (['--flip'], '--train', '--flip'),
+])
+def test_flags_that_contradict_each_other_are_refused_naming_both(workdir, synthetic_root, run_cli, flags, first,
+                                                                  second):
+    torch.save(deeplab.vovnet39().state_dict(), 'imagenet.pth')  # a file that would fit: still refused
+    result = run_cli(*TRAIN, '--data_root', synthetic_root, *flags)
+    assert_clean_failure(result, f'{first} and {second} contradict each other')
+    assert outputs('data') == []
+
+
+@pytest.mark.parametrize('mode,flag', [('inference', '--crop'), ('train', '--size')])
+def test_benchmark_refuses_a_size_flag_of_the_other_mode(workdir, run_cli, mode, flag):
+    result = run_cli('--mode', mode, flag, '65', '--backbones', 'vovnet39', '--device', 'cpu', module='benchmark')
+    assert_clean_failure(result, f'{flag} does not apply to --mode {mode}')
+
+
+def dataset_with_one_name_in_two_folders(synthetic_root, root, third=False):
+    """A dataset in the VOC list layout whose validation masks a/x.png and b/x.png share a name (and, with
+    `third`, a mask a__x.png whose flattened name is a/x's)."""
+    src = os.path.join(synthetic_root, 'VOC2012')
+    first = open(os.path.join(src, 'list', 'val.txt')).readline().split()
+    lines = []
+    for sub, name in [('a', 'x'), ('b', 'x')] + ([('', 'a__x')] if third else []):
+        for kind, rel, ext in (('JPEGImages', first[0], '.jpg'), ('SegmentationClassAug', first[1], '.png')):
+            os.makedirs(os.path.join(root, 'VOC2012', kind, sub), exist_ok=True)
+            with open(os.path.join(src, rel.lstrip('/')), 'rb') as f:
+                data = f.read()
+            with open(os.path.join(root, 'VOC2012', kind, sub, name + ext), 'wb') as f:
+                f.write(data)
+        prefix = f'/{sub}' if sub else ''
+        lines.append(f'/JPEGImages{prefix}/{name}.jpg /SegmentationClassAug{prefix}/{name}.png\n')
+    os.makedirs(os.path.join(root, 'VOC2012', 'list'))
+    with open(os.path.join(root, 'VOC2012', 'list', 'val.txt'), 'w') as f:
+        f.writelines(lines)
+    return root
+
+
+def test_masks_of_one_name_in_two_folders_give_two_predictions(workdir, synthetic_root, run_cli):
+    root = dataset_with_one_name_in_two_folders(synthetic_root, workdir / 'mine')
+    path = saved_checkpoint()
+    status, out, err = run_cli(*EVAL, '--data_root', root, '--checkpoint', path)
+    assert status == 0, err
+    assert sorted(os.listdir('data/val')) == ['a__x.png', 'b__x.png']
+    assert 'predictions are named by their path' in out + err
+
+
+def test_masks_whose_flattened_names_still_collide_are_refused_naming_both(workdir, synthetic_root, run_cli):
+    root = dataset_with_one_name_in_two_folders(synthetic_root, workdir / 'mine', third=True)
+    path = saved_checkpoint()
+    result = run_cli(*EVAL, '--data_root', root, '--checkpoint', path)
+    assert_clean_failure(result, 'two samples would write their predictions to one file a__x.png',
+                         os.path.join('a', 'x.jpg'), 'a__x.jpg', '--no-save_predictions')
+    assert not os.path.exists('data/val')
+    status, _, err = run_cli(*EVAL, '--data_root', root, '--checkpoint', path, '--no-save_predictions')
+    assert status == 0, err
+
+
+def test_export_of_an_example_too_large_for_memory_names_the_flags(workdir, run_cli):
+    path = saved_checkpoint()
+    result = run_cli('--checkpoint', path, '--output', 'm.onnx', '--height', '100000', '--width', '100000',
+                     module='export')
+    assert_clean_failure(result, 'out of memory', '--height', '--width')
+    assert not os.path.exists('m.onnx')
+
+
+def test_the_demo_names_the_flag_that_makes_its_training_set_too_small(workdir, run_cli):
+    result = run_cli('--root', 'syn', '--output_dir', 'out', '--train_images', '1', '--val_images', '1',
+                     module='demo')
+    assert_clean_failure(result, '--train_images', '--batch_size 8')
+    assert outputs(workdir / 'out') == []
