@@ -45,6 +45,9 @@ def run(argv) -> float | None:
     print('$ python main.py ' + shlex.join(argv), flush=True)
     try:
         return deeplab_main.main(deeplab_main.get_args_parser().parse_args(argv))
+    except deeplab_main.TooFewImages as e:  # main.py names no demo flag
+        raise UserError(f'{e} In the demo, the training set is --train_images (an existing dataset in --root is '
+                        f'kept: delete it or give another --root to generate another).') from None
     except Interrupted as e:  # its "same command" is main.py's, not the demo's
         raise Interrupted(e.signum, f'{e} (the command printed above); python demo.py starts the demo over') \
             from None
@@ -69,11 +72,6 @@ def demo(args) -> float:
     if found != (args.train_images, args.val_images):
         print(f'using the dataset already in {args.root}: {found[0]} + {found[1]} images (to generate '
               f'{args.train_images} + {args.val_images}, delete it or give another --root)', flush=True)
-    if found[0] < args.batch_size:  # main.py would say the training set is too small, not which flag sets it
-        fix = (f'raise --train_images to {args.batch_size} or more' if found[0] == args.train_images else
-               f'delete {args.root} or give another --root, so that --train_images {args.train_images} are generated')
-        raise UserError(f'the demo\'s training set ({args.root}) has {found[0]} images, fewer than one batch of '
-                        f'--batch_size {args.batch_size}: {fix}, or lower --batch_size (2 at least).')
     common = ['--exp', 'demo', '--backbone', 'vovnet39', '--epochs', str(args.epochs), '--crop_size',
               str(args.crop_size), '--data_root', args.root, '--output_dir', args.output_dir, '--workers',
               str(args.workers), '--channels_last'] + (['--device', args.device] if args.device else [])

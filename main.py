@@ -150,6 +150,10 @@ def dataset_inputs(*datasets) -> dict[str, str]:
             for pair in dataset.samples for path in pair}
 
 
+class TooFewImages(UserError):
+    """The training set cannot fill one batch."""
+
+
 def sync_batchnorm(args, info: utils.DistInfo, cuda: bool) -> bool:
     """SyncBatchNorm: on by default for BatchNorm models trained by several processes on GPUs."""
     return (info.distributed and cuda and args.sync_bn is not False
@@ -404,7 +408,7 @@ def train(args, rt: Runtime) -> None:
     iterations = state.batches_per_epoch = sampler.batches_per_epoch  # this process's batches per epoch
     if iterations == 0:
         smallest = 'two' if sampler.drop_single else 'one'
-        raise UserError(f'the training set has {utils.plural(len(dataset), "image")}, too few for a batch of '
+        raise TooFewImages(f'the training set has {utils.plural(len(dataset), "image")}, too few for a batch of '
                         f'{smallest} in each of {utils.plural(info.world_size, "process", "processes")}; add '
                         f'images or use fewer processes.')
     val_set = None

@@ -433,5 +433,5 @@ def test_export_of_an_example_too_large_for_memory_names_the_flags(workdir, run_
 def test_the_demo_names_the_flag_that_makes_its_training_set_too_small(workdir, run_cli):
     result = run_cli('--root', 'syn', '--output_dir', 'out', '--train_images', '1', '--val_images', '1',
                      module='demo')
-    assert_clean_failure(result, '--train_images', '--batch_size 8')
+    assert_clean_failure(result, 'the training set has 1 image', '--train_images', '--root')
     assert outputs(workdir / 'out') == []
