@@ -9,7 +9,6 @@ Several GPUs or machines: torchrun --nproc_per_node=N main.py --train ... (READM
 """
 import argparse
 import contextlib
-import glob
 import itertools
 import logging
 import math
@@ -18,7 +17,6 @@ import random
 import signal
 import sys
 import time
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -27,14 +25,17 @@ import checkpoints
 import deeplab
 import engine
 import errors
+import evaluation
 import files
 import imagenet
 import inference
 import pascal
 import plots
+import runs
 import utils
 from checkpoints import epoch_path, log_folder, run_file, run_name
 from errors import Interrupted, UserError
+from runs import dataset_inputs, dataset_of, eval_loader, loader_of, model_for, unwrap
 
 log = logging.getLogger('main')
 
@@ -145,11 +146,6 @@ def training_outputs(args, first_epoch: int) -> dict[str, str]:
     return {path: '--output_dir or --exp' for path in paths}
 
 
-def dataset_inputs(*datasets) -> dict[str, str]:
-    return {path: 'a file of the dataset' for dataset in datasets if dataset is not None
-            for pair in dataset.samples for path in pair}
-
-
 class TooFewImages(UserError):
     """The training set cannot fill one batch."""
 
@@ -226,173 +222,10 @@ def check_args(args, info: utils.DistInfo) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Data and model
-
-
-def dataset_of(args, split: str, transforms, **kwargs) -> pascal.SegmentationDataset:
-    """The `split` of the dataset the flags name, with its class names file, if any."""
-    names = pascal.read_class_names(args.class_names) if args.class_names else None
-    return pascal.build_dataset(args.dataset, args.data_root, split, transforms, args.num_classes, names,
-                                names_source=args.class_names and f'{args.class_names} (--class_names)', **kwargs)
-
-
-def loader_of(dataset, batch_size: int, sampler, args, device: torch.device):
-    return pascal.make_loader(dataset, batch_size, sampler, args.workers, pin_memory=device.type == 'cuda')
-
-
-def eval_loader(dataset, args, info: utils.DistInfo, device: torch.device):
-    """One image per batch: the protocol pads each image on its own canvas; each process takes its share."""
-    return loader_of(dataset, 1, pascal.ShardSampler(len(dataset), info.rank, info.world_size), args, device)
-
-
-def model_for(args, num_classes: int, checkpoint: dict | None = None, resume: bool = False) -> deeplab.DeepLabV3:
-    """The model of this run, with random weights: the flags' backbone and options, the dataset's classes,
-    --output_stride. From a checkpoint, what it recorded, with the flags' options over it when resuming (a
-    mismatch is then load_weights' message) and under it when evaluating."""
-    flags = dict(backbone=args.backbone, num_groups=args.groups, weight_std=args.weight_std, beta=args.beta)
-    fixed = {'num_classes': num_classes, **({'output_stride': args.output_stride} if args.output_stride else {})}
-    if checkpoint is None:
-        return deeplab.build_model(**flags, **fixed)
-    recorded = deeplab.recorded_args(checkpoint)
-    if resume:
-        return deeplab.build_model(**{**recorded, **flags, **fixed})
-    return deeplab.build_model(**{**flags, **recorded, 'backbone': args.backbone, **fixed})
-
-
-def unwrap(model: nn.Module) -> deeplab.DeepLabV3:
-    """The DeepLabV3 inside DistributedDataParallel and/or torch.compile wrappers."""
-    while not isinstance(model, deeplab.DeepLabV3):
-        model = getattr(model, 'module', None) or model._orig_mod
-    return model
-
-
-@dataclass
-class Runtime:
-    """This process: its place among torchrun's processes, and how models run on its device."""
-    dist: utils.DistInfo
-    execution: inference.Execution
-
-
-def make_runtime(args, info: utils.DistInfo, device: torch.device) -> Runtime:
-    """--amp and --channels_last, turned into the run's execution once."""
-    if device.type == 'cuda':
-        torch.backends.cudnn.benchmark = True
-    return Runtime(info, inference.Execution(device, inference.amp_dtype(args.amp, device), args.channels_last))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Evaluation
-
-
-def run_evaluation(args, rt: Runtime) -> float:
-    info, execution = rt.dist, rt.execution
-    path = args.checkpoint or epoch_path(args, args.epochs)
-    if not os.path.exists(path):
-        found = sorted(glob.glob(os.path.join(args.output_dir, f'deeplab_{args.backbone}_*.pth')))
-        listing = ('checkpoints there for this backbone: ' + ', '.join(os.path.basename(f) for f in found)
-                   if found else f'no checkpoint for {args.backbone} is in {args.output_dir}/')
-        raise UserError(f'the checkpoint {path} does not exist ({listing}). Check --exp, --epochs, --backbone and '
-                        f'--dataset, download a released checkpoint into {args.output_dir}/ (README), or pass '
-                        f'--checkpoint PATH.')
-    checkpoint = checkpoints.load(path)
-    dataset = dataset_of(args, 'val', pascal.eval_transforms(args.crop_size))
-    multi_scale = engine.MultiScale(args.eval_scales or [1.0], args.flip) if args.eval_scales or args.flip else None
-    folders = {False: os.path.join(args.output_dir, 'val')}
-    if multi_scale:
-        folders[True] = os.path.join(args.output_dir, 'val_ms')
-    names = dataset.output_names() if args.save_predictions else []
-    outputs = {os.path.join(folder, f'{name}.png'): '--output_dir' for folder in folders.values() for name in names}
-    outputs[chart_path(args, path)] = '--output_dir'
-    files.refuse_overwrite(outputs, {**dataset_inputs(dataset), path: 'the checkpoint evaluated',
-                                     args.class_names: '--class_names'})
-    model = model_for(args, dataset.num_classes, checkpoint)
-    deeplab.load_weights(model, checkpoint['state_dict'], path)
-    model = execution.prepare(model)
-    runner = inference.Runner(torch.compile(model) if args.compile else model, execution, args.crop_size)
-
-    log.info('evaluating %s on %s of %s (%s, output stride %d)', path, utils.plural(len(dataset), 'image'),
-             args.dataset, execution.device, model.output_stride)
-    log.info('initial weights of its training: %s', imagenet.describe(checkpoint.get('initial_weights')))
-    hint = inference.speed_hint(execution.device)
-    if hint and execution.amp is None:
-        log.info('%s', hint)
-    start = time.time()
-    with contextlib.ExitStack() as stack:
-        if args.compile:
-            # Weights as constants (BN folded into the convolutions, weights prepacked), for this evaluation only:
-            # Inductor reads the flag when it compiles, at the first call, and a flag left set would freeze the
-            # weights of any model compiled later in this process.
-            from torch._inductor import config as inductor_config
-            stack.enter_context(inductor_config.patch(freezing=True))
-        # Predictions go to staging folders that become <output_dir>/val (val_ms) only when the evaluation succeeds.
-        staged = {ms: stack.enter_context(files.staged_folder(folder, '--output_dir'))
-                  for ms, folder in folders.items()} if args.save_predictions else {}
-        palette = utils.voc_palette()
-
-        def save(index, pred, ms):
-            files.save_mask(pred, os.path.join(staged[ms], f'{names[index]}.png'), palette, '--output_dir')
-
-        stop = stack.enter_context(errors.GracefulStop(repeat_raises=True))
-        batches = stack.enter_context(contextlib.closing(pascal.Batches(
-            eval_loader(dataset, args, info, execution.device), stop,
-            f'use a --crop_size that fits in memory (513 for VOC; the canvas is {args.crop_size}x{args.crop_size})')))
-
-        def out_of_memory(e):
-            image, _, meta = batches.current
-            h, w = int(meta['size'][0]), int(meta['size'][1])
-            return (f'out of memory evaluating {dataset.name(int(meta["index"]))} ({w}x{h} on a {image.shape[-1]}x'
-                    f'{image.shape[-2]} canvas) on {execution.device} ({errors.first_line(e)}): evaluate on a device '
-                    f'with more memory, or with --amp (bf16 on a CPU).')
-        try:
-            with errors.stops_on(stop), errors.out_of_memory_is(out_of_memory):
-                confusion, confusion_ms = engine.evaluate(runner, batches, dataset.num_classes,
-                                                          save if staged else None, multi_scale, stop)
-        except errors.Stopped:
-            raise Interrupted(stop.signal, f'evaluation stopped by signal {stop.signal} after {batches.done} of '
-                                           f'{len(batches)} images; nothing was published') from None
-    if info.is_main:
-        report(confusion, confusion_ms, dataset.class_names, args, path, time.time() - start, len(dataset))
-    return confusion.mean_iou()
-
-
-def report(confusion, confusion_ms, class_names, args, path, seconds, count) -> None:
-    """Print the per-class table, the original's `IoU {class}: x` and `Mean IoU: x` lines, and save a chart."""
-    iou = confusion.iou()
-    label = ''
-    if confusion_ms is not None:
-        label = 'scales ' + ','.join(f'{s:g}' for s in (args.eval_scales or [1.0])) + (' + flip' if args.flip else '')
-        log.info('per-class IoU (%%): single scale | %s\n%s', label,
-                 _side_by_side(class_names, iou, confusion_ms.iou()))
-    else:
-        log.info('per-class IoU (%%):\n%s', confusion.table(class_names))
-    for name, value in zip(class_names, iou):
-        log.info('IoU %s: %.2f', name, value * 100)
-    log.info('Mean IoU: %.2f', iou.mean() * 100)
-    if confusion_ms is not None:
-        log.info('Mean IoU (%s): %.2f', label, confusion_ms.mean_iou())
-    chart = chart_path(args, path)
-    plots.iou_bar_chart(class_names, iou * 100, chart, f'{os.path.basename(path)}: mIoU {iou.mean() * 100:.2f}',
-                        extra=None if confusion_ms is None else confusion_ms.iou() * 100, extra_label=label)
-    where = f'predictions in {os.path.join(args.output_dir, "val")}/, ' if args.save_predictions else ''
-    log.info('%s in %.1f s; %sIoU chart %s', utils.plural(count, 'image'), seconds, where, chart)
-
-
-def chart_path(args, checkpoint: str) -> str:
-    return os.path.join(args.output_dir, os.path.splitext(os.path.basename(checkpoint))[0] + '_iou.png')
-
-
-def _side_by_side(class_names, iou, iou_ms) -> str:
-    width = max(len(n) for n in class_names)
-    rows = [f'{name:<{width}}  {a * 100:6.2f}  {b * 100:6.2f}' for name, a, b in zip(class_names, iou, iou_ms)]
-    rows.append(f'{"mean":<{width}}  {iou.mean() * 100:6.2f}  {iou_ms.mean() * 100:6.2f}')
-    return '\n'.join(rows)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Training
 
 
-def train(args, rt: Runtime) -> None:
+def train(args, rt: runs.Runtime) -> None:
     """Data, model, optimizer, resume, loop."""
     info, execution, device = rt.dist, rt.execution, rt.execution.device
     resume = checkpoints.load(args.resume, what='the checkpoint to resume') if args.resume else None
@@ -559,11 +392,11 @@ def main(args) -> float | None:
     files.make_output_folder(args.output_dir, '--output_dir')
     info, device = utils.init_distributed(args.device, args.gpu)
     try:
-        rt = make_runtime(args, info, device)
+        rt = runs.make_runtime(args, info, device)
         if args.train:
             train(args, rt)
             return None
-        return run_evaluation(args, rt)
+        return evaluation.run(args, rt)
     finally:
         utils.cleanup_distributed()
 
