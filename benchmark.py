@@ -361,6 +361,10 @@ def _measure_here(fn, backbone, config, args) -> dict:
     try:
         return fn(backbone, config, args)
     except Exception as e:  # reported in the table, the other measurements go on
+        if errors.out_of_memory(e):
+            sizes = '--size or --batch' if args.mode == 'inference' else '--crop or --batch'
+            return dict(backbone=backbone, config=config.name,
+                        error=f'out of memory ({errors.first_line(e)}): lower {sizes}')
         return dict(backbone=backbone, config=config.name, error=f'{type(e).__name__}: {e}')
 
 
@@ -420,14 +424,21 @@ def check_args(args) -> tuple[torch.device, list[str], list[Config]]:
             raise UserError(f'unknown backbone {b!r} in --backbones; choose from {", ".join(deeplab.BACKBONES)}.')
         if b in deeplab.TIMM_BACKBONES:
             errors.require('timm', f'the {b} backbone')
+    if args.mode == 'train' and args.batch < 2:
+        raise UserError('a training step needs --batch 2 or more: BatchNorm normalises the ASPP\'s image-pooling '
+                        'branch over the images of the batch.')
     unused = '--crop' if args.mode == 'inference' and args.crop else '--size' if args.mode == 'train' and args.size \
         else None
     if unused:
         raise UserError(f'{unused} does not apply to --mode {args.mode} (--size sets the input of inference, --crop '
                         f'the crop of a training step): drop it, or use the other flag.')
-    if args.mode == 'train' and args.batch < 2:
-        raise UserError('a training step needs --batch 2 or more: BatchNorm normalises the ASPP\'s image-pooling '
-                        'branch over the images of the batch.')
+    size, crop = args.size or 513, args.crop or 321
+    if args.mode == 'inference':
+        errors.refuse_if_huge(inference.BYTES_PER_PIXEL * args.batch * size ** 2, device,
+                              f'inference on batches of {args.batch} at {size}x{size}', '--size or --batch')
+    else:
+        errors.refuse_if_huge(engine.BYTES_PER_PIXEL * args.batch * crop ** 2, device,
+                              f'a training step on {args.batch} crops of {crop}x{crop}', '--crop or --batch')
     if device.type != 'cuda' and any(c.amp == 'fp16' for c in configs):
         raise UserError('fp16 configurations need CUDA; use bf16 on the CPU.')
     if args.checkpoint:
@@ -485,6 +496,8 @@ def run(args) -> list[dict]:
             print(_row(row, args.mode), flush=True)
     for row in results:
         row.pop('pred', None)
+    if all('error' in row for row in results):
+        raise UserError(f'no measurement succeeded; the first failed with {results[0]["error"]}.')
     notes = {r.get('energy_note') for r in results if r.get('energy_note')}
     for note in notes:
         print(f'# energy: {note}')

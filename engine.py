@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 MOMENTUM = 0.9
 WEIGHT_DECAY = 1e-4
 POLY_POWER = 0.9
+# Rough memory of a training step per pixel of its crops (docs/benchmarks.md: 2-4 KB for VoVNet-39 in fp32,
+# DenseNets more), for refusing flags far beyond the machine's memory.
+BYTES_PER_PIXEL = 2000
 
 
 class BatchCrossEntropy(nn.Module):

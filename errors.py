@@ -147,6 +147,32 @@ def short_error(e: Exception) -> str:
 # Translations, used where a script runs its loops
 
 
+def available_memory(device: torch.device) -> int | None:
+    """Bytes this process could still allocate in the CPU's memory: the kernel's MemAvailable, within the
+    container's limit; None on other devices (CUDA's allocator fails with an exception, never a kill) or where it
+    cannot be told."""
+    if device.type != 'cpu':
+        return None
+    values = []
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open('/proc/meminfo') as f:
+            values.append(int(next(line for line in f if line.startswith('MemAvailable:')).split()[1]) * 1024)
+    with contextlib.suppress(OSError, ValueError):
+        with open('/sys/fs/cgroup/memory.max') as f, open('/sys/fs/cgroup/memory.current') as g:
+            values.append(int(f.read()) - int(g.read()))  # "max" (no limit) is a ValueError
+    return min(values) if values else None
+
+
+def refuse_if_huge(needed: float, device: torch.device, what: str, flags: str) -> None:
+    """Refuse work whose memory, estimated from the flags, is beyond twice what `device` has free: on Linux such
+    allocations are granted and the process is killed when it uses them, without a word. The margin keeps rough
+    estimates from refusing what would fit."""
+    available = available_memory(device)
+    if available is not None and needed > 2 * available:
+        raise UserError(f'{what} would need about {needed / 2 ** 30:,.0f} GB of memory, and this machine has '
+                        f'{available / 2 ** 30:,.1f} GB free: lower {flags}.')
+
+
 @contextlib.contextmanager
 def out_of_memory_is(message: Callable[[BaseException], str]):
     """An allocation that fails inside the block becomes a UserError with `message(e)`; the rest passes."""

@@ -22,6 +22,7 @@ import checkpoints
 import deeplab
 import errors
 import files
+import inference
 from errors import UserError
 
 log = logging.getLogger('export')
@@ -115,6 +116,10 @@ def run(args) -> None:
     output = args.output or os.path.splitext(args.checkpoint)[0] + '.onnx'
     files.check_name_fits(output, '--output')
     files.refuse_overwrite({output: '--output'}, {args.checkpoint: 'the checkpoint (--checkpoint)'})
+    example = 3 * 4 * args.height * args.width  # traced on the example; checked on a slightly larger input
+    checked = 0 if args.no_check else inference.BYTES_PER_PIXEL * (args.height + 32) * (args.width + 31)
+    errors.refuse_if_huge(example + checked, torch.device('cpu'), f'exporting with a {args.width}x{args.height} '
+                          f'example' + ('' if args.no_check else ' and checking it'), '--height and --width')
     model = deeplab.model_from_checkpoint(args.checkpoint, args.backbone, args.output_stride).eval()
     try:
         with errors.out_of_memory_is(lambda e: f'out of memory exporting with a {args.width}x{args.height} example '

@@ -18,6 +18,9 @@ from errors import UserError
 from utils import class_map
 
 AMP_DTYPES = {'off': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}  # --amp
+# Rough memory of inference per pixel of its canvas (about 0.5 GB per megapixel, VoVNet-39 in fp32), for refusing
+# flags far beyond the machine's memory.
+BYTES_PER_PIXEL = 400
 
 
 def cpu_has_bf16() -> bool:

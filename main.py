@@ -221,6 +221,21 @@ def check_args(args, info: utils.DistInfo) -> None:
         raise UserError('--resume continues a training run: add --train, or use --checkpoint to evaluate a file.')
 
 
+def check_memory(args, info: utils.DistInfo) -> None:
+    """A --crop_size or --batch_size far beyond the CPU's memory, refused before any work (on GPUs, running out is
+    an exception that is turned into a message)."""
+    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    pixels = args.crop_size ** 2 * (2 if args.output_stride == 8 else 1)  # stride 8: about twice the memory
+    size = f'{args.crop_size}x{args.crop_size}'
+    if args.train:
+        per_process = args.batch_size // info.world_size
+        errors.refuse_if_huge(engine.BYTES_PER_PIXEL * pixels * per_process * info.local_world_size, device,
+                              f'training on {per_process} crops of {size} per process', '--batch_size or --crop_size')
+    else:
+        errors.refuse_if_huge(inference.BYTES_PER_PIXEL * pixels * info.local_world_size, device,
+                              f'evaluating on a {size} canvas', '--crop_size')
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Training
 
@@ -389,6 +404,7 @@ def main(args) -> float | None:
     check_args(args, info)  # before joining a process group, so that a bad flag cannot leave the others waiting
     if args.workers is None:
         args.workers = default_workers(info)
+    check_memory(args, info)
     files.make_output_folder(args.output_dir, '--output_dir')
     info, device = utils.init_distributed(args.device, args.gpu)
     try:

@@ -250,20 +250,20 @@ class SegmentationDataset(Dataset):
         (masks of one name in different folders), each sample's mask path below the masks' common folder, without
         extension, its folders joined by `__` (e.g. `a__x`), so that no prediction overwrites another."""
         names = [self.name(i) for i in range(len(self))]
-        if len(set(names)) == len(names):
-            return names
+        if len({name for name, _ in set(zip(names, self.samples))}) == len(set(self.samples)):
+            return names  # one name per sample (a sample listed twice gives the same prediction twice)
         masks = [os.path.abspath(mask) for _, mask in self.samples]
-        base = os.path.commonpath(masks) if len(masks) > 1 else os.path.dirname(masks[0])
+        base = os.path.commonpath([os.path.dirname(mask) for mask in masks])
         names = [os.path.splitext(os.path.relpath(mask, base))[0].replace(os.sep, '__') for mask in masks]
         first = {}
         for i, name in enumerate(names):
-            if name in first:
+            if name in first and self.samples[first[name]] != self.samples[i]:
                 j = first[name]
                 (image_a, mask_a), (image_b, mask_b) = self.samples[j], self.samples[i]
                 raise UserError(f'two samples would write their predictions to one file {name}.png: {image_a} '
                                 f'(mask {mask_a}) and {image_b} (mask {mask_b}). Rename one of them in the '
                                 f'list, or evaluate with --no-save_predictions.')
-            first[name] = i
+            first.setdefault(name, i)
         log.warning('masks of the same name are in several folders: predictions are named by their path below %s, '
                     'folders joined by "__" (e.g. %s.png)', base, names[0])
         return names

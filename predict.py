@@ -125,6 +125,13 @@ def advice(how: str, device) -> str:
 def run(args) -> int:
     """Predict every readable input; returns the number of files skipped."""
     _, device = utils.init_distributed(args.device)
+    canvas = f'{args.crop_size}x{args.crop_size}'
+    errors.refuse_if_huge(inference.BYTES_PER_PIXEL * args.batch_size * args.crop_size ** 2, device,
+                          f'predicting batches of {args.batch_size} images on {canvas} canvases',
+                          '--batch_size or --crop_size')
+    if not args.slide and not args.whole:
+        errors.refuse_if_huge(inference.BYTES_PER_PIXEL * args.window_above * 1e6, device,
+                              f'predicting images up to {args.window_above:g} megapixels whole', '--window_above')
     inputs = collect_inputs(args.input)
     files.make_output_folder(args.output, '--output')
     amp = inference.amp_dtype(args.amp, device)

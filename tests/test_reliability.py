@@ -398,7 +398,7 @@ def dataset_with_one_name_in_two_folders(synthetic_root, root, third=False):
         lines.append(f'/JPEGImages{prefix}/{name}.jpg /SegmentationClassAug{prefix}/{name}.png\n')
     os.makedirs(os.path.join(root, 'VOC2012', 'list'))
     with open(os.path.join(root, 'VOC2012', 'list', 'val.txt'), 'w') as f:
-        f.writelines(lines)
+        f.writelines(lines + lines[:1])  # a sample listed twice is one sample, not a collision
     return root
 
 
@@ -422,11 +422,36 @@ def test_masks_whose_flattened_names_still_collide_are_refused_naming_both(workd
     assert status == 0, err
 
 
-def test_export_of_an_example_too_large_for_memory_names_the_flags(workdir, run_cli):
+@pytest.mark.parametrize('module,flags,needle', [
+    ('main', TRAIN + ['--crop_size', '30000'], 'lower --batch_size or --crop_size'),
+    ('main', EVAL + ['--checkpoint', 'ck.pth', '--crop_size', '20000'], 'lower --crop_size'),
+    ('predict', ['--checkpoint', 'ck.pth', '--input', 'in', '--crop_size', '20000'],
+     'lower --batch_size or --crop_size'),
+    ('predict', ['--checkpoint', 'ck.pth', '--input', 'in', '--window_above', '100000'], 'lower --window_above'),
+    ('export', ['--checkpoint', 'ck.pth', '--height', '40000', '--width', '40000'], 'lower --height and --width'),
+    ('benchmark', ['--backbones', 'vovnet39', '--device', 'cpu', '--size', '30000'], 'lower --size or --batch'),
+    ('benchmark', ['--backbones', 'vovnet39', '--device', 'cpu', '--mode', 'train', '--crop', '30000'],
+     'lower --crop or --batch'),
+])
+def test_flags_that_would_need_far_more_memory_than_the_machine_has_are_refused_before_any_work(
+        workdir, synthetic_root, run_cli, module, flags, needle):
+    # Linux grants such allocations and kills the process when it uses them, without a word: refused up front.
+    torch.save({'state_dict': deeplab.vovnet39().state_dict()}, 'ck.pth')
+    os.makedirs('in')
+    Image.new('RGB', (40, 30)).save('in/a.png')
+    result = run_cli(*flags, '--data_root', synthetic_root, module=module) if module == 'main' else \
+        run_cli(*flags, module=module)
+    assert_clean_failure(result, 'GB of memory', 'GB free', needle)
+    assert sorted(os.listdir(workdir)) == ['ck.pth', 'in']
+
+
+def test_export_of_an_example_too_large_for_memory_names_the_flags(workdir, run_cli, monkeypatch):
     path = saved_checkpoint()
-    result = run_cli('--checkpoint', path, '--output', 'm.onnx', '--height', '100000', '--width', '100000',
-                     module='export')
-    assert_clean_failure(result, 'out of memory', '--height', '--width')
+    argv = ['--checkpoint', path, '--output', 'm.onnx', '--height', '100000', '--width', '100000']
+    assert_clean_failure(run_cli(*argv, module='export'), 'GB of memory', 'lower --height and --width')
+    # Where the free memory cannot be told, the allocation itself fails (120 GB here): a message too.
+    monkeypatch.setattr(errors, 'available_memory', lambda device: None)
+    assert_clean_failure(run_cli(*argv, module='export'), 'out of memory exporting', 'lower --height and --width')
     assert not os.path.exists('m.onnx')
 
 
