@@ -224,7 +224,9 @@ def check_args(args, info: utils.DistInfo) -> None:
 def check_memory(args, info: utils.DistInfo) -> None:
     """A --crop_size or --batch_size far beyond the CPU's memory, refused before any work (on GPUs, running out is
     an exception that is turned into a message)."""
-    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    if not (args.device or ('cuda' if torch.cuda.is_available() else 'cpu')).startswith('cpu'):
+        return  # an unknown --device is init_distributed's message
+    device = torch.device('cpu')
     pixels = args.crop_size ** 2 * (2 if args.output_stride == 8 else 1)  # stride 8: about twice the memory
     size = f'{args.crop_size}x{args.crop_size}'
     if args.train:
