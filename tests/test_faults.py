@@ -11,6 +11,8 @@ from conftest import train_in
 
 import main
 
+pytestmark = pytest.mark.slow  # faults produced for real: processes, signals, mounts
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = 'deeplab_vovnet39_pascal_v3_f'
 ARGS = ['--train', '--exp', 'f', '--backbone', 'vovnet39', '--scratch', '--epochs', '3', '--crop_size', '65',

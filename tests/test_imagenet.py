@@ -31,6 +31,7 @@ def timm_model(name, seed=0):
 
 
 @pytest.mark.parametrize('name', ['vovnet39', 'vovnet57'])
+@pytest.mark.slow
 def test_pytorchcv_weights_give_its_features_bit_for_bit_at_stride_32_and_its_tensors_at_16_and_8(name, tmp_path):
     theirs = pytorchcv_model(name)
     state = theirs.state_dict()
@@ -53,6 +54,7 @@ def test_pytorchcv_weights_give_its_features_bit_for_bit_at_stride_32_and_its_te
 
 
 @pytest.mark.parametrize('damage', ['missing', 'shape', 'depth'])
+@pytest.mark.slow
 def test_a_pytorchcv_file_with_a_missing_or_misshapen_tensor_is_refused(damage, tmp_path):
     state = pytorchcv_model('vovnet39').state_dict()
     if damage == 'missing':
@@ -70,6 +72,7 @@ def test_a_pytorchcv_file_with_a_missing_or_misshapen_tensor_is_refused(damage, 
     assert message in str(e.value) and str(tmp_path / 'cv.pth') in str(e.value)
 
 
+@pytest.mark.slow
 def test_without_the_originals_file_vovnet_starts_from_pytorchcvs_weights_and_records_them(
         pytorchcv_serves, synthetic_root, tmp_path, monkeypatch, run_cli):
     state = pytorchcv_model('vovnet39', seed=3).state_dict()
@@ -101,6 +104,7 @@ def test_without_the_originals_file_vovnet_starts_from_pytorchcvs_weights_and_re
     assert len(urls) == 1
 
 
+@pytest.mark.slow
 def test_the_originals_file_wins_over_pytorchcv(pytorchcv_serves, tmp_path, monkeypatch):
     from pytorchcv.models.common import model_store
 
@@ -142,6 +146,7 @@ def test_offline_or_without_pytorchcv_the_message_says_what_was_tried_and_what_t
 
 
 @pytest.mark.parametrize('name', ['ese_vovnet39b', 'ese_vovnet57b'])
+@pytest.mark.slow
 def test_ese_vovnet_is_timms_network_bit_for_bit_at_stride_32_and_dilated_at_16_and_8(name, tmp_path):
     theirs = timm_model(name)
     state = theirs.state_dict()
@@ -163,6 +168,7 @@ def test_ese_vovnet_is_timms_network_bit_for_bit_at_stride_32_and_dilated_at_16_
         assert dilations == ({1, 2} if output_stride == 16 else {1, 2, 4})
 
 
+@pytest.mark.slow
 def test_ese_vovnet_starts_from_timms_hub_weights_and_then_from_the_hub_cache(timm_hub_serves, tmp_path):
     theirs = timm_model('ese_vovnet39b', seed=5)
     downloads = timm_hub_serves('timm/ese_vovnet39b.ra_in1k', theirs.state_dict())
@@ -179,6 +185,7 @@ def test_ese_vovnet_starts_from_timms_hub_weights_and_then_from_the_hub_cache(ti
         deeplab.ese_vovnet39b(pretrained=True, num_groups=32)
 
 
+@pytest.mark.slow
 def test_ese_vovnet_offline_or_without_timm_is_a_clear_message(offline, tmp_path, monkeypatch, run_cli):
     with pytest.raises(errors.UserError) as e:
         deeplab.ese_vovnet57b(pretrained=True)
@@ -195,6 +202,7 @@ def test_ese_vovnet_offline_or_without_timm_is_a_clear_message(offline, tmp_path
         deeplab.build_model(name)
 
 
+@pytest.mark.slow
 def test_imagenet_files_for_another_family_or_with_non_finite_values_are_refused(tmp_path):
     torch.save(timm_model('ese_vovnet39b').state_dict(), tmp_path / 'timm.pth')
     with pytest.raises(errors.UserError, match='holds timm ImageNet weights, which fit --backbone ese_vovnet39b'):
@@ -211,6 +219,7 @@ def test_imagenet_files_for_another_family_or_with_non_finite_values_are_refused
             build(pretrained=True, pretrained_path=str(tmp_path / path))
 
 
+@pytest.mark.slow
 def test_a_timm_model_safetensors_file_is_accepted_by_pretrained_path(tmp_path):
     from safetensors.torch import save_file
     theirs = timm_model('ese_vovnet57b', seed=2)
@@ -221,6 +230,7 @@ def test_a_timm_model_safetensors_file_is_accepted_by_pretrained_path(tmp_path):
     assert model.initial_weights['format'] == 'timm'
 
 
+@pytest.mark.slow
 def test_ese_vovnet_options_group_norm_freeze_bn_and_sync_batchnorm():
     import engine
     import main
@@ -260,6 +270,7 @@ def ese_run(synthetic_root, tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_ese_vovnet_trains_evaluates_predicts_and_exports(ese_run, synthetic_root, tmp_path, monkeypatch, run_cli):
     checkpoint = ese_run / 'data' / 'deeplab_ese_vovnet39b_pascal_v3_e_epoch1.pth'
     saved = torch.load(checkpoint, weights_only=True)
@@ -285,6 +296,7 @@ def test_ese_vovnet_trains_evaluates_predicts_and_exports(ese_run, synthetic_roo
 # --- damaged files in a library's cache are named, not blamed on the network
 
 
+@pytest.mark.slow
 def test_a_pytorchcv_cache_file_that_fails_its_checksum_offline_is_named_as_damaged(pytorchcv_serves, monkeypatch):
     import requests
     from pytorchcv.models.common import model_store
@@ -308,6 +320,7 @@ def test_a_pytorchcv_cache_file_that_fails_its_checksum_offline_is_named_as_dama
 
 
 @pytest.mark.parametrize('damage', ['wrong_shape', 'int64', 'truncated'])
+@pytest.mark.slow
 def test_a_damaged_timm_file_in_the_hub_cache_is_named(timm_hub_serves, damage):
     from safetensors.torch import load_file, save_file
     theirs = timm_model('ese_vovnet39b')
@@ -333,6 +346,7 @@ def test_a_damaged_timm_file_in_the_hub_cache_is_named(timm_hub_serves, damage):
 
 
 @pytest.mark.parametrize('damage', ['truncated', 'int64', 'negative_variance'])
+@pytest.mark.slow
 def test_a_damaged_torchvision_file_in_the_hub_cache_is_named(offline, damage):
     import torchvision
     weights = torchvision.models.get_model_weights('resnet50').IMAGENET1K_V1

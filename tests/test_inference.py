@@ -94,6 +94,7 @@ EXECUTIONS = [(None, False), (None, True), (torch.bfloat16, True)]
 
 
 @pytest.mark.parametrize('amp,channels_last', EXECUTIONS)
+@pytest.mark.slow
 def test_evaluation_and_multi_scale_logits_are_the_previous_code_s(model, amp, channels_last):
     execution = inference.Execution(torch.device('cpu'), amp, channels_last)
     net = execution.prepare(model)
@@ -125,6 +126,7 @@ class Context(torch.nn.Module):
 
 @pytest.mark.parametrize('amp', [None, torch.bfloat16])
 @pytest.mark.parametrize('which', ['deeplab', 'context'])
+@pytest.mark.slow
 def test_prediction_of_small_batches_whole_images_and_windows_is_the_previous_code_s(model, amp, which):
     model = model if which == 'deeplab' else Context().eval()
     cpu = torch.device('cpu')
@@ -189,6 +191,7 @@ def test_the_pace_prints_the_first_item_then_every_interval_and_the_last(monkeyp
     assert pace.rate() == '2.0 img/s' and pace.eta() == '0:48'
 
 
+@pytest.mark.slow
 def test_evaluation_and_prediction_print_progress_with_speed_and_time_left(synthetic_root, tmp_path, monkeypatch,
                                                                            run_cli):
     monkeypatch.chdir(tmp_path)
@@ -207,6 +210,7 @@ def test_evaluation_and_prediction_print_progress_with_speed_and_time_left(synth
     assert lines[0] == '1' and lines[-1] == '12'
 
 
+@pytest.mark.slow
 def test_distributed_evaluation_prints_progress_once_from_rank_0(synthetic_root, tmp_path):
     path = tmp_path / 'ckpt.pth'
     torch.save({'state_dict': randomize(deeplab.vovnet39(), seed=3).state_dict()}, path)
@@ -224,6 +228,7 @@ def test_distributed_evaluation_prints_progress_once_from_rank_0(synthetic_root,
 
 
 @pytest.mark.parametrize('bf16_units', [True, False])
+@pytest.mark.slow
 def test_auto_precision_is_bf16_channels_last_where_the_cpu_has_bf16_units(bf16_units, tmp_path, monkeypatch,
                                                                           run_cli, synthetic_root):
     monkeypatch.setattr(inference, 'cpu_has_bf16', lambda: bf16_units)
@@ -247,6 +252,7 @@ def test_auto_precision_is_bf16_channels_last_where_the_cpu_has_bf16_units(bf16_
     assert (hint in out) == bf16_units
 
 
+@pytest.mark.slow
 def test_export_falls_back_to_the_torchscript_exporter_for_older_opsets(tmp_path, run_cli):
     ort = pytest.importorskip('onnxruntime')
     path = tmp_path / 'ckpt.pth'

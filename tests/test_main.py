@@ -29,6 +29,7 @@ def trained(synthetic_root, tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_training_writes_the_checkpoint_under_the_original_name_at_the_last_epoch(trained):
     path = trained / CKPT
     checkpoint = torch.load(path, weights_only=True)
@@ -42,6 +43,7 @@ def test_training_writes_the_checkpoint_under_the_original_name_at_the_last_epoc
     assert sorted(os.listdir(trained / 'data')) == ['deeplab_vovnet39_pascal_v3_t_epoch1.pth', 'logs']
 
 
+@pytest.mark.slow
 def test_training_progress_shows_epoch_iteration_lr_loss_speed_and_eta(synthetic_root, tmp_path, monkeypatch,
                                                                          run_cli):
     monkeypatch.chdir(tmp_path)
@@ -54,6 +56,7 @@ def test_training_progress_shows_epoch_iteration_lr_loss_speed_and_eta(synthetic
     assert 'lr 0.005359' in lines[1]  # poly: 0.01 * (1 - 1/2) ** 0.9
 
 
+@pytest.mark.slow
 def test_evaluation_prints_the_original_lines_and_writes_predictions_at_each_images_size(trained, synthetic_root,
                                                                                         monkeypatch, run_cli):
     monkeypatch.chdir(trained)
@@ -84,6 +87,7 @@ def seed_folder(tmp_path, synthetic_root, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
 
+@pytest.mark.slow
 def test_seed_evaluation_command_on_a_released_checkpoint_follows_the_original_protocol(
         synthetic_root, tmp_path, monkeypatch, run_cli, released_checkpoint):
     seed_folder(tmp_path, synthetic_root, monkeypatch)

@@ -25,6 +25,7 @@ def released_keys(backbone):
 
 
 @pytest.mark.parametrize('backbone', deeplab.ORIGINAL_BACKBONES)
+@pytest.mark.slow
 def test_keys_shapes_and_parameter_count_match_the_released_checkpoints(backbone):
     model = getattr(deeplab, backbone)(pretrained=False, num_classes=21)
     have = {f'module.{k}': tuple(v.shape) for k, v in model.state_dict().items()}
@@ -34,6 +35,7 @@ def test_keys_shapes_and_parameter_count_match_the_released_checkpoints(backbone
 
 
 @pytest.mark.parametrize('backbone', deeplab.ORIGINAL_BACKBONES)
+@pytest.mark.slow
 def test_logits_equal_an_independent_functional_forward_of_the_original(backbone):
     torch.manual_seed(0)
     model = randomize(deeplab.build_model(backbone)).eval()
@@ -59,6 +61,7 @@ def test_the_aspp_bn_quirk_changes_the_logits_so_the_reference_check_can_see_it(
 
 @pytest.mark.parametrize('backbone,eps,momentum', [('vovnet39', 3e-4, 0.1), ('resnet50', 1e-5, 3e-4),
                                                    ('densenet201', 3e-4, 0.1)])
+@pytest.mark.slow
 def test_aspp_batchnorm_eps_and_momentum_follow_the_original(backbone, eps, momentum):
     model = deeplab.build_model(backbone)
     norms = [m for m in model.aspp.modules() if isinstance(m, nn.BatchNorm2d)]
@@ -132,6 +135,7 @@ def test_vovnet_stage_sizes_at_513():
     assert x.shape[1] == deeplab.vovnet.SPECS['vovnet39']['stage_out_chs'][-1] == 1024
 
 
+@pytest.mark.slow
 def test_vovnet_output_stride_8_at_513():
     # 513 -> 257 -> 129 -> 64 with the ceil-mode pool of stage3; stage4 and stage5 keep 64 (dilated).
     model = deeplab.vovnet39(output_stride=8).eval()
@@ -140,6 +144,7 @@ def test_vovnet_output_stride_8_at_513():
 
 
 @pytest.mark.parametrize('backbone,os16,os8', [('vovnet39', 16, 32), ('resnet50', 17, 33), ('densenet201', 16, 32)])
+@pytest.mark.slow
 def test_feature_size_at_257_for_both_output_strides(backbone, os16, os8):
     # 257 -> 129 -> 65 is common; then VoVNet's 3x3/2 ceil-mode pools give 32, 16, ResNet's stride-2 convs
     # 33, 17 and DenseNet's 2x2 average pools 32, 16.
@@ -152,6 +157,7 @@ def test_feature_size_at_257_for_both_output_strides(backbone, os16, os8):
 
 @pytest.mark.parametrize('backbone', deeplab.BACKBONES)
 @pytest.mark.parametrize('size', [(64, 64), (65, 97), (81, 70)])
+@pytest.mark.slow
 def test_logits_have_the_input_size_for_odd_and_even_inputs(backbone, size):
     model = deeplab.build_model(backbone, num_classes=5).eval()
     with torch.no_grad():
@@ -159,6 +165,7 @@ def test_logits_have_the_input_size_for_odd_and_even_inputs(backbone, size):
     assert y.shape == (2, 5, *size)
 
 
+@pytest.mark.slow
 def test_group_norm_variants():
     vov = deeplab.vovnet39(num_groups=16)
     assert not any(isinstance(m, nn.BatchNorm2d) for n, m in vov.named_modules() if not n.startswith('aspp'))
@@ -182,6 +189,7 @@ def test_weight_std_standardises_every_resnet_conv_but_the_classifier():
     assert torch.allclose(conv(x), nn.functional.conv2d(x, w, None, 2, 3), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_beta_stem_is_three_3x3_convs():
     model = deeplab.resnet101(beta=True).eval()
     keys = [k for k in model.state_dict() if k.startswith('conv1.')]
@@ -211,6 +219,7 @@ def test_unknown_backbone_and_bad_output_stride_are_clear_errors():
 
 
 @pytest.mark.parametrize('backbone', deeplab.BACKBONES)
+@pytest.mark.slow
 def test_released_checkpoint_loads_and_gives_the_same_logits(backbone, released_checkpoint):
     source = randomize(deeplab.build_model(backbone), seed=1).eval()
     path = released_checkpoint(source)
@@ -233,6 +242,7 @@ def test_a_bare_state_dict_loads_too(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), source.state_dict().values()))
 
 
+@pytest.mark.slow
 def test_a_checkpoint_is_rebuilt_at_the_output_stride_it_was_trained_with(tmp_path, released_checkpoint):
     x = torch.randn(1, 3, 65, 65)
     source = randomize(deeplab.vovnet39(output_stride=8), seed=4).eval()
@@ -253,6 +263,7 @@ def released_state(model):
 
 @pytest.mark.parametrize('held,wanted', [('resnet50', 'vovnet39'), ('vovnet57', 'vovnet39'),
                                          ('densenet161', 'densenet201'), ('resnet101', 'resnet50')])
+@pytest.mark.slow
 def test_a_checkpoint_of_another_backbone_is_refused_with_what_it_holds(held, wanted):
     model = deeplab.build_model(wanted)
     with pytest.raises(errors.UserError) as e:
@@ -291,6 +302,7 @@ def imagenet_vovnet_state(seed=3, prefix='', classifier=True):
 @pytest.mark.parametrize('prefix', ['', 'module.'])
 @pytest.mark.parametrize('classifier', [True, False])
 @pytest.mark.parametrize('wrapped', [True, False])
+@pytest.mark.slow
 def test_vovnet_imagenet_weights_load_with_or_without_prefix_and_classifier(tmp_path, prefix, classifier, wrapped,
                                                                             caplog):
     source, state = imagenet_vovnet_state(prefix=prefix, classifier=classifier)
@@ -303,6 +315,7 @@ def test_vovnet_imagenet_weights_load_with_or_without_prefix_and_classifier(tmp_
     assert 'match nothing' not in caplog.text and 'keep their initialisation' not in caplog.text
 
 
+@pytest.mark.slow
 def test_imagenet_weights_default_path_and_missing_file_message(tmp_path, monkeypatch, offline):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(errors.UserError) as e:
@@ -315,6 +328,7 @@ def test_imagenet_weights_default_path_and_missing_file_message(tmp_path, monkey
     deeplab.vovnet39(pretrained=True)
 
 
+@pytest.mark.slow
 def test_imagenet_weights_that_do_not_fit_are_reported_not_merged_silently(tmp_path, caplog):
     _, state = imagenet_vovnet_state(classifier=False)
     del state['stem.stem_1/conv.weight']
@@ -328,6 +342,7 @@ def test_imagenet_weights_that_do_not_fit_are_reported_not_merged_silently(tmp_p
         deeplab.vovnet39(pretrained=True, pretrained_path=str(tmp_path / 'r.pth'))
 
 
+@pytest.mark.slow
 def test_torchvision_imagenet_weights_come_from_the_hub_cache_or_a_clear_error(tmp_path, monkeypatch):
     import torchvision
     monkeypatch.setenv('TORCH_HOME', str(tmp_path))
@@ -349,6 +364,7 @@ def test_torchvision_imagenet_weights_come_from_the_hub_cache_or_a_clear_error(t
     assert torch.equal(model.bn1.running_var, imagenet.bn1.running_var)
 
 
+@pytest.mark.slow
 def test_densenet_imagenet_weights_in_torchvisions_legacy_key_format_load(tmp_path, monkeypatch):
     import re
 

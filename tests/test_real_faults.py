@@ -26,6 +26,8 @@ import checkpoints
 import deeplab
 import engine
 
+pytestmark = pytest.mark.slow  # faults produced for real: processes, signals, mounts
+
 TRAIN = ['--train', '--exp', 'f', '--epochs', '1', '--backbone', 'vovnet39', '--scratch', '--crop_size', '65',
          '--batch_size', '4', '--seed', '0', '--workers', '0']
 EVAL = ['--exp', 'f', '--epochs', '1', '--backbone', 'vovnet39', '--crop_size', '65', '--workers', '0']

@@ -78,6 +78,7 @@ def test_files_named_in_a_list_that_do_not_exist(workdir, voc_copy, run_cli):
 
 @pytest.mark.parametrize('workers', ['0', '1'])
 @pytest.mark.parametrize('damage', ['truncated', 'not_an_image'])
+@pytest.mark.slow
 def test_an_image_that_cannot_be_decoded_is_named(workdir, voc_copy, run_cli, workers, damage):
     path = os.path.join(voc(voc_copy), 'JPEGImages', 'synthetic_train_00003.jpg')
     if damage == 'truncated':
@@ -90,6 +91,7 @@ def test_an_image_that_cannot_be_decoded_is_named(workdir, voc_copy, run_cli, wo
     assert outputs(workdir) == []
 
 
+@pytest.mark.slow
 def test_a_mask_with_values_outside_the_classes_is_named_with_the_values(workdir, voc_copy, run_cli):
     path = os.path.join(voc(voc_copy), 'SegmentationClassAug', 'synthetic_train_00002.png')
     mask = np.asarray(Image.open(path)).copy()
@@ -117,6 +119,7 @@ def test_a_colour_mask_is_refused_with_advice(workdir, voc_copy, run_cli):
                          f'the mask {path} is a RGB image')
 
 
+@pytest.mark.slow
 def test_images_in_unusual_modes_are_converted_and_used(workdir, voc_copy, run_cli):
     folder = os.path.join(voc(voc_copy), 'JPEGImages')
     rgb = [Image.open(os.path.join(folder, f'synthetic_train_{i:05d}.jpg')) for i in range(8)]
@@ -196,6 +199,7 @@ def test_a_file_that_is_not_a_checkpoint(workdir, synthetic_root, run_cli):
 
 @pytest.mark.parametrize('other,needle', [(lambda: deeplab.resnet50(), 'holds a DeepLabV3-resnet50 with 21 classes'),
                                           (lambda: deeplab.vovnet39(num_classes=5), 'with 5 classes')])
+@pytest.mark.slow
 def test_a_checkpoint_of_another_backbone_or_class_count(workdir, synthetic_root, run_cli, other, needle):
     path = saved_checkpoint(other())
     assert_clean_failure(run_cli(*EVAL, '--data_root', synthetic_root), path, needle)
@@ -289,6 +293,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkeyp
     assert os.listdir(tmp_path) == ['ckpt.pth']
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(workdir, synthetic_root, run_cli,
                                                                             monkeypatch):
     calls = []
@@ -333,6 +338,7 @@ def test_a_dataloader_worker_that_dies_is_reported_with_its_cause(workdir, synth
     ('complex_conv', ['stores stem.stem_1/conv.weight as complex64']),
     ('fractional_counter', ['num_batches_tracked = [2.5]', 'not a count of batches']),
 ])
+@pytest.mark.slow
 def test_finite_but_impossible_weights_are_refused_naming_the_file_and_tensor(workdir, synthetic_root, run_cli,
                                                                                damage, needles):
     model = deeplab.vovnet39()
@@ -367,6 +373,7 @@ def test_finite_but_impossible_weights_are_refused_naming_the_file_and_tensor(wo
     (['--eval_scales', '0.5,1'], '--train', '--eval_scales'),
     (['--flip'], '--train', '--flip'),
 ])
+@pytest.mark.slow
 def test_flags_that_contradict_each_other_are_refused_naming_both(workdir, synthetic_root, run_cli, flags, first,
                                                                   second):
     torch.save(deeplab.vovnet39().state_dict(), 'imagenet.pth')  # a file that would fit: still refused
@@ -402,6 +409,7 @@ def dataset_with_one_name_in_two_folders(synthetic_root, root, third=False):
     return root
 
 
+@pytest.mark.slow
 def test_masks_of_one_name_in_two_folders_give_two_predictions(workdir, synthetic_root, run_cli):
     root = dataset_with_one_name_in_two_folders(synthetic_root, workdir / 'mine')
     path = saved_checkpoint()
@@ -411,6 +419,7 @@ def test_masks_of_one_name_in_two_folders_give_two_predictions(workdir, syntheti
     assert 'predictions are named by their path' in out + err
 
 
+@pytest.mark.slow
 def test_masks_whose_flattened_names_still_collide_are_refused_naming_both(workdir, synthetic_root, run_cli):
     root = dataset_with_one_name_in_two_folders(synthetic_root, workdir / 'mine', third=True)
     path = saved_checkpoint()

@@ -27,6 +27,7 @@ def torchrun(nproc, args, cwd, script=MAIN):
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_train_and_evaluate_like_one(synthetic_root, tmp_path, monkeypatch, run_cli):
     train = torchrun(2, ['--train', '--scratch', '--batch_size', '4', '--seed', '0', '--data_root', synthetic_root]
                      + COMMON, tmp_path)
@@ -52,6 +53,7 @@ def test_torchrun_two_processes_train_and_evaluate_like_one(synthetic_root, tmp_
     assert per_class == re.findall(r'^IoU .*$', evaluation.stdout, re.M)
 
 
+@pytest.mark.slow
 def test_two_processes_compute_the_loss_and_update_of_one_over_the_whole_batch(synthetic_root, tmp_path):
     # GroupNorm everywhere (ResNet --groups), so that nothing but the loss depends on how the batch is split:
     # then 2 processes x 2 images must train as 1 x 4. Averaging each process's own mean loss instead weighs
@@ -78,6 +80,7 @@ def test_two_processes_compute_the_loss_and_update_of_one_over_the_whole_batch(s
     assert difference / sum((one[k].double() ** 2).sum() for k in one) ** 0.5 < 2e-5
 
 
+@pytest.mark.slow
 def test_without_seed_every_process_shards_the_same_random_permutation(tmp_path):
     # Each process drawing its own seed would shuffle the training set its own way: their shards would overlap
     # and miss images. The seed main.py draws is rank 0's on every process, and so is the permutation.
@@ -125,6 +128,7 @@ def test_training_sampler_shards_a_global_batch_and_resumes_mid_epoch():
 @pytest.mark.parametrize('backbone, flags, iterations', [('vovnet39', [], '1 iteration'),
                                                          ('vovnet39', ['--freeze_bn'], '2 iterations'),
                                                          ('resnet50', ['--groups', '32'], '2 iterations')])
+@pytest.mark.slow
 def test_a_last_batch_of_one_image_is_kept_unless_batchnorm_trains_on_it(synthetic_root, tmp_path, monkeypatch,
                                                                           run_cli, backbone, flags, iterations):
     monkeypatch.chdir(tmp_path)
@@ -136,6 +140,7 @@ def test_a_last_batch_of_one_image_is_kept_unless_batchnorm_trains_on_it(synthet
 
 
 @pytest.mark.parametrize('flags', [['--amp', 'bf16'], ['--channels_last'], ['--amp', 'bf16', '--channels_last']])
+@pytest.mark.slow
 def test_bf16_and_channels_last_train_and_evaluate_on_cpu(synthetic_root, tmp_path, monkeypatch, run_cli, flags):
     monkeypatch.chdir(tmp_path)
     status, out, err = run_cli('--train', '--scratch', '--batch_size', '4', '--seed', '0', '--data_root',
@@ -227,6 +232,7 @@ def test_main_fuses_sgd_except_under_the_fp16_gradient_scaler():
         assert [g['fused'] for g in optimizer.param_groups] == [fused, fused]
 
 
+@pytest.mark.slow
 def test_compile_trains_and_evaluates_as_eager(synthetic_root, tmp_path, monkeypatch, run_cli):
     # Inductor's code generation takes a minute and a half on two cores; aot_eager traces the same graphs
     # (dynamo, and AOT autograd for the backward pass) and runs them without generating code.
@@ -282,6 +288,7 @@ def test_channels_last_and_bf16_logits_agree_with_fp32():
     assert (bf.argmax(1) == ref.argmax(1)).float().mean() > 0.9
 
 
+@pytest.mark.slow
 def test_benchmark_smoke(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmark.py'), '--backbones', 'vovnet39',
                              '--device', 'cpu', '--size', '65', '--warmup', '1', '--iters', '2', '--configs',
@@ -311,6 +318,7 @@ def test_benchmark_smoke(tmp_path):
     (['--json', 'a_file/out.json'], 'cannot write to the output folder'),
     (['--mode', 'train', '--batch', '1'], 'a training step needs --batch 2 or more'),
 ])
+@pytest.mark.slow
 def test_benchmark_refuses_what_would_fail_before_measuring_anything(flags, message, tmp_path, monkeypatch, run_cli):
     monkeypatch.chdir(tmp_path)
     (tmp_path / 'a_file').write_text('')

@@ -35,6 +35,7 @@ def assert_same_weights(a, b):
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.slow
 def test_checkpoints_every_save_every_epochs_and_the_best_one(run3):
     names = sorted(os.listdir(run3 / 'data'))
     assert names == ['deeplab_vovnet39_pascal_v3_x_best.pth', 'deeplab_vovnet39_pascal_v3_x_epoch1.pth',
@@ -43,6 +44,7 @@ def test_checkpoints_every_save_every_epochs_and_the_best_one(run3):
     assert best['epoch'] in (2, 3) and best['best_miou'] is not None
 
 
+@pytest.mark.slow
 def test_resuming_from_an_intermediate_epoch_gives_the_uninterrupted_weights(run3, synthetic_root, tmp_path,
                                                                              monkeypatch, run_cli):
     monkeypatch.chdir(tmp_path)
@@ -56,6 +58,7 @@ def test_resuming_from_an_intermediate_epoch_gives_the_uninterrupted_weights(run
     assert resumed['iteration'] == 6 and resumed['epoch'] == 3
 
 
+@pytest.mark.slow
 def test_an_epoch_checkpoint_resumes_with_another_batch_size_on_the_new_schedule(run3, synthetic_root, tmp_path,
                                                                                   monkeypatch, run_cli):
     monkeypatch.chdir(tmp_path)
@@ -70,6 +73,7 @@ def test_an_epoch_checkpoint_resumes_with_another_batch_size_on_the_new_schedule
 
 
 @pytest.mark.parametrize('recorded', [True, False])
+@pytest.mark.slow
 def test_a_mid_epoch_checkpoint_refuses_another_number_of_batches_per_epoch(run3, synthetic_root, tmp_path,
                                                                             monkeypatch, run_cli, recorded):
     monkeypatch.chdir(tmp_path)
@@ -90,6 +94,7 @@ def test_a_mid_epoch_checkpoint_refuses_another_number_of_batches_per_epoch(run3
     assert status == 0 and 'at epoch 2, iteration 3' in out, err
 
 
+@pytest.mark.slow
 def test_a_run_stopped_after_the_last_batch_of_an_epoch_resumes_at_the_next_one(run3, synthetic_root, tmp_path,
                                                                                monkeypatch, run_cli):
     monkeypatch.chdir(tmp_path)
@@ -136,6 +141,7 @@ def test_tensorboard_absent_degrades_to_a_message(tmp_path, monkeypatch, caplog)
     assert os.listdir(tmp_path) == ['metrics.jsonl']
 
 
+@pytest.mark.slow
 def test_multi_scale_and_flip_evaluation_is_reported_beside_single_scale(run3, synthetic_root, monkeypatch,
                                                                           run_cli):
     monkeypatch.chdir(run3)
@@ -151,6 +157,7 @@ def test_multi_scale_and_flip_evaluation_is_reported_beside_single_scale(run3, s
     assert os.path.isfile('data/deeplab_vovnet39_pascal_v3_x_epoch3_iou.png')
 
 
+@pytest.mark.slow
 def test_output_stride_8_trains_and_evaluates(synthetic_root, tmp_path, monkeypatch, run_cli):
     monkeypatch.chdir(tmp_path)
     status, _, err = run_cli(*TRAIN, '--epochs', '1', '--output_stride', '8', '--data_root', synthetic_root)
@@ -175,6 +182,7 @@ def test_output_stride_8_trains_and_evaluates(synthetic_root, tmp_path, monkeypa
     assert checkpoint['model_args']['output_stride'] == 8
 
 
+@pytest.mark.slow
 def test_a_custom_dataset_with_its_own_classes(voc_copy, tmp_path, monkeypatch, run_cli):
     masks = voc_copy / 'VOC2012' / 'SegmentationClassAug'
     for name in os.listdir(masks):
@@ -222,6 +230,7 @@ def small_checkpoint(tmp_path_factory):
 
 
 @pytest.mark.parametrize('slide', [False, True])
+@pytest.mark.slow
 def test_predict_on_a_folder_of_mixed_images(small_checkpoint, tmp_path, run_cli, slide):
     expected = write_inputs(tmp_path / 'in')
     args = ['--checkpoint', small_checkpoint, '--input', tmp_path / 'in', '--output', tmp_path / 'out',
@@ -296,6 +305,7 @@ def test_predict_refuses_a_backbone_that_contradicts_the_checkpoint(small_checkp
 # --- export.py
 
 
+@pytest.mark.slow
 def test_onnx_export_matches_pytorch_argmax_on_every_pixel(small_checkpoint, tmp_path, run_cli):
     ort = pytest.importorskip('onnxruntime')
     output = tmp_path / 'model.onnx'
@@ -315,6 +325,7 @@ def test_onnx_export_matches_pytorch_argmax_on_every_pixel(small_checkpoint, tmp
     assert sorted(os.listdir(tmp_path)) == ['model.onnx']
 
 
+@pytest.mark.slow
 def test_export_refuses_sizes_and_opsets_it_cannot_trace_with_a_message(small_checkpoint, tmp_path, run_cli):
     output = tmp_path / 'm.onnx'
     for flags, status_wanted, message in ((['--height', '8'], 2, '--height: must be at least 32, not 8'),
@@ -326,6 +337,7 @@ def test_export_refuses_sizes_and_opsets_it_cannot_trace_with_a_message(small_ch
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_export_without_onnxruntime_says_it_did_not_check(small_checkpoint, tmp_path, run_cli, monkeypatch):
     import builtins
     real_import = builtins.__import__
@@ -344,6 +356,7 @@ def test_export_without_onnxruntime_says_it_did_not_check(small_checkpoint, tmp_
 # --- demo.py
 
 
+@pytest.mark.slow
 def test_the_demo_generates_trains_evaluates_and_reports_the_evaluations_mean_iou(tmp_path, run_cli):
     flags = ['--root', tmp_path / 'synthetic', '--output_dir', tmp_path / 'demo', '--train_images', '8',
              '--val_images', '4', '--epochs', '1', '--batch_size', '4', '--crop_size', '65', '--workers', '0']
