@@ -145,8 +145,7 @@ def test_offline_or_without_pytorchcv_the_message_says_what_was_tried_and_what_t
 # --- eSE-VoVNet from timm
 
 
-@pytest.mark.parametrize('name', ['ese_vovnet39b', 'ese_vovnet57b'])
-@pytest.mark.slow
+@pytest.mark.parametrize('name', [pytest.param(n, marks=pytest.mark.slow) for n in ('ese_vovnet39b', 'ese_vovnet57b')])
 def test_ese_vovnet_is_timms_network_bit_for_bit_at_stride_32_and_dilated_at_16_and_8(name, tmp_path):
     theirs = timm_model(name)
     state = theirs.state_dict()
