@@ -149,9 +149,13 @@ def short_error(e: Exception) -> str:
 
 def available_memory(device: torch.device) -> int | None:
     """Bytes this process could still allocate in the CPU's memory: the kernel's MemAvailable, within the
-    container's limit; None on other devices (CUDA's allocator fails with an exception, never a kill) or where it
+    container's limit. None where an allocation too large fails with an exception instead of a kill, which the
+    scripts turn into their own messages: on CUDA, and under an address-space limit (RLIMIT_AS); and where it
     cannot be told."""
     if device.type != 'cpu':
+        return None
+    import resource
+    if resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY:
         return None
     values = []
     with contextlib.suppress(OSError, ValueError, StopIteration):
