@@ -88,6 +88,7 @@ def load(path: str, what: str = 'checkpoint') -> dict:
         raise UserError(f'{what} {path} is truncated or not a PyTorch checkpoint ({first_line(e)}); '
                         f'download or copy it again.') from None
     if isinstance(obj, dict) and isinstance(obj.get('state_dict'), dict):
+        _check_model_args(obj.get('model_args'), f'{what} {path}')
         return obj
     if isinstance(obj, dict) and isinstance(obj.get('model'), dict):
         return {**obj, 'state_dict': obj['model']}
@@ -96,6 +97,25 @@ def load(path: str, what: str = 'checkpoint') -> dict:
     kind = f'a dict with keys {sorted(obj)[:5]}' if isinstance(obj, dict) else f'a {type(obj).__name__}'
     raise UserError(f'{what} {path} holds {kind}, not model weights; give a checkpoint written by main.py '
                     f'--train, a released checkpoint, or a saved state dict.')
+
+
+MODEL_ARGS = dict(backbone=(str,), num_classes=(int,), output_stride=(int,), num_groups=(int, type(None)),
+                  weight_std=(bool,), beta=(bool,))  # what deeplab.build_model is rebuilt from, and their types
+
+
+def _check_model_args(model_args, source: str) -> None:
+    """The recorded model arguments, when there are any, must be ones build_model takes, of their types."""
+    if model_args is None:
+        return
+    if not isinstance(model_args, dict):
+        bad, value = 'model_args', model_args
+    else:
+        bad = next((k for k, v in model_args.items() if k not in MODEL_ARGS or not isinstance(v, MODEL_ARGS[k])
+                    or (isinstance(v, bool) and bool not in MODEL_ARGS[k])), None)
+        value = model_args.get(bad)
+    if bad is not None:
+        raise UserError(f'{source} records a model argument this project cannot build from ({bad}={value!r}): '
+                        f'it is damaged or was written by another program. Use another copy of it.')
 
 
 def first_non_finite(state_dict: dict[str, torch.Tensor]) -> str | None:

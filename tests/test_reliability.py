@@ -367,6 +367,19 @@ def test_finite_but_impossible_weights_are_refused_naming_the_file_and_tensor(wo
     assert outputs('data') == [path]
 
 
+@pytest.mark.parametrize('model_args,needle', [({'backbone': 'vovnet39', 'decoder': 'x'}, "decoder='x'"),
+                                             ({'num_classes': '21'}, "num_classes='21'"),
+                                             ({'output_stride': True}, 'output_stride=True'),
+                                             (['vovnet39'], "model_args=['vovnet39']")])
+def test_recorded_model_arguments_that_cannot_build_a_model_are_refused(workdir, synthetic_root, run_cli,
+                                                                        model_args, needle):
+    os.makedirs('data')
+    path = 'data/deeplab_vovnet39_pascal_v3_r_epoch1.pth'
+    torch.save({'epoch': 1, 'state_dict': deeplab.vovnet39().state_dict(), 'model_args': model_args}, path)
+    assert_clean_failure(run_cli(*EVAL, '--data_root', synthetic_root), path, needle, 'damaged')
+    assert_clean_failure(run_cli('--checkpoint', path, '--output', 'm.onnx', module='export'), path, needle)
+
+
 @pytest.mark.parametrize('flags,first,second', [
     (['--pretrained_path', 'imagenet.pth'], '--scratch', '--pretrained_path'),
     (['--checkpoint', 'some.pth'], '--train', '--checkpoint'),
