@@ -23,11 +23,15 @@ VERSION = 1
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Names: the original's, data/deeplab_{backbone}_{dataset}_v3_{exp}_epoch{N}.pth
+# Names: the original's, data/deeplab_{backbone}_{dataset}_v3_{exp}_epoch{N}.pth, with `v3plus` for DeepLabV3+
+
+
+FILE_TAGS = {'deeplabv3': 'v3', 'deeplabv3plus': 'v3plus'}  # a model's part of the name (deeplab.MODELS)
 
 
 def run_name(args) -> str:
-    return f'deeplab_{args.backbone}_{args.dataset}_v3_{args.exp}'
+    tag = FILE_TAGS[getattr(args, 'model', None) or 'deeplabv3']
+    return f'deeplab_{args.backbone}_{args.dataset}_{tag}_{args.exp}'
 
 
 def epoch_path(args, epoch: int) -> str:
@@ -50,6 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser, backbones, output_strides) ->
                         help='only needed when the checkpoint does not tell (it usually does)')
     parser.add_argument('--output_stride', type=int, default=None, choices=output_strides,
                         help='default: the one the checkpoint was trained with (16 for the released ones)')
+    parser.add_argument('--model', default=None, choices=tuple(FILE_TAGS),
+                        help='default: the checkpoint\'s (DeepLabV3 for the released ones); when given, it must '
+                             'agree with it')
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -99,7 +106,7 @@ def load(path: str, what: str = 'checkpoint') -> dict:
                     f'--train, a released checkpoint, or a saved state dict.')
 
 
-MODEL_ARGS = dict(backbone=(str,), num_classes=(int,), output_stride=(int,), num_groups=(int, type(None)),
+MODEL_ARGS = dict(model=(str,), backbone=(str,), num_classes=(int,), output_stride=(int,), num_groups=(int, type(None)),
                   weight_std=(bool,), beta=(bool,))  # what deeplab.build_model is rebuilt from, and their types
 
 
@@ -111,7 +118,8 @@ def _check_model_args(model_args, source: str) -> None:
         bad, value = 'model_args', model_args
     else:
         bad = next((k for k, v in model_args.items() if k not in MODEL_ARGS or not isinstance(v, MODEL_ARGS[k])
-                    or (isinstance(v, bool) and bool not in MODEL_ARGS[k])), None)
+                    or (isinstance(v, bool) and bool not in MODEL_ARGS[k])
+                    or (k == 'model' and v not in FILE_TAGS)), None)
         value = model_args.get(bad)
     if bad is not None:
         raise UserError(f'{source} records a model argument this project cannot build from ({bad}={value!r}): '

@@ -1,17 +1,22 @@
-"""DeepLabV3 with VoVNet, ResNet and DenseNet backbones, faithful to the released checkpoints.
+"""DeepLabV3 with VoVNet, ResNet and DenseNet backbones, faithful to the released checkpoints, and DeepLabV3+.
 
 Chen, Papandreou, Schroff, Adam, "Rethinking Atrous Convolution for Semantic Image Segmentation"
-(arXiv:1706.05587). Reimplements the models of github.com/stigma0617/VoVNet-DeepLabV3 (itself built on
-github.com/chenxi116/DeepLabv3.pytorch): the same module names, so `state_dict` keys equal those of the released
-`.pth` files once their `module.` prefix is removed, and the same arithmetic, so they give the same logits.
+(arXiv:1706.05587); the V3+ decoder is that of Chen, Zhu, Papandreou, Schroff, Adam, "Encoder-Decoder with Atrous
+Separable Convolution for Semantic Image Segmentation" (arXiv:1802.02611). Reimplements the models of
+github.com/stigma0617/VoVNet-DeepLabV3 (itself built on github.com/chenxi116/DeepLabv3.pytorch): the same module
+names, so `state_dict` keys equal those of the released `.pth` files once their `module.` prefix is removed, and
+the same arithmetic, so they give the same logits.
 
 `SPECS` is the table of backbones (how each body is built, its ASPP's norm, its options, where its ImageNet
 weights come from); `build_model(name, ...)` builds any of them, `initialize` loads ImageNet weights, and
-`model_from_checkpoint` rebuilds what a checkpoint holds. The original's builders (`vovnet39`, ..., `densenet201`)
-and `ese_vovnet39b`/`ese_vovnet57b` (timm's VoVNetV2, dilated like VoVNet) are thin wrappers.
+`model_from_checkpoint` rebuilds what a checkpoint holds. `MODELS` names the two models: `deeplabv3` (the
+original's) and `deeplabv3plus` (the same encoder, its ASPP without a classifier, and `Decoder`). The original's
+builders (`vovnet39`, ..., `densenet201`) and `ese_vovnet39b`/`ese_vovnet57b` (timm's VoVNetV2, dilated like VoVNet)
+are thin wrappers.
 """
 import functools
 import logging
+import math
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +36,8 @@ log = logging.getLogger(__name__)
 OUTPUT_STRIDES = (8, 16)
 ASPP_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
 ASPP_DEPTH = 256
+DECODER_DEPTH = 256  # the V3+ decoder's 3x3 convs
+LOW_LEVEL_DEPTH = 48  # the stride-4 features, projected (the paper's Table 1 best)
 RESNET_BN_MOMENTUM = 0.05
 # The original ASPP calls `norm(channels, 0.0003)`. For ResNet `norm` is a lambda whose second parameter is the
 # momentum; for VoVNet and DenseNet it is BatchNorm2d itself, whose second parameter is eps. The released
@@ -48,13 +55,14 @@ class ASPP(nn.Module):
 
     Args:
         in_channels: channels of the backbone features.
-        num_classes: output channels of the final 1x1 conv (the only conv with a bias).
+        num_classes: output channels of the final 1x1 conv (the only conv with a bias); None: no classifier, the
+            ASPP returns its `depth` features (DeepLabV3+, whose decoder classifies).
         rates: dilations of the three 3x3 branches.
         norm_layer: builds the norm after each conv from a channel count.
         depth: channels of each branch and of the projection.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, rates: tuple[int, int, int], norm_layer: NormLayer,
+    def __init__(self, in_channels: int, num_classes: int | None, rates: tuple[int, int, int], norm_layer: NormLayer,
                  depth: int = ASPP_DEPTH):
         super().__init__()
         self.aspp1 = nn.Conv2d(in_channels, depth, 1, bias=False)
@@ -65,7 +73,8 @@ class ASPP(nn.Module):
             self.add_module(f'aspp{i}_bn', norm_layer(depth))
         self.conv2 = nn.Conv2d(5 * depth, depth, 1, bias=False)
         self.bn2 = norm_layer(depth)
-        self.conv3 = nn.Conv2d(depth, num_classes, 1)
+        if num_classes is not None:
+            self.conv3 = nn.Conv2d(depth, num_classes, 1)
         self.relu = nn.ReLU(inplace=True)
         vovnet.init_weights(self)
 
@@ -78,7 +87,37 @@ class ASPP(nn.Module):
         # The original upsamples the 1x1 map bilinearly with align_corners=True, which copies it exactly.
         branches.append(pooled.expand(-1, -1, x.shape[2], x.shape[3]))
         x = self.relu(self.bn2(self.conv2(torch.cat(branches, dim=1))))
-        return self.conv3(x)
+        return self.conv3(x) if hasattr(self, 'conv3') else x
+
+
+class Decoder(nn.Module):
+    """The DeepLabV3+ decoder (arXiv:1802.02611, section 3.2, the best decoder of its Table 3): the backbone's
+    stride-4 features projected to 48 channels (1x1 conv, norm, ReLU), the ASPP's features upsampled bilinearly to
+    their size and concatenated, two 3x3 convs (norm, ReLU), a 1x1 classifier. Plain convolutions.
+
+    Args:
+        low_channels: channels of the backbone's stride-4 features.
+        num_classes: output channels of the classifier (with a bias, as the ASPP's).
+        norm_layer: builds the norm after each conv from a channel count.
+        in_channels: channels of the ASPP's features.
+    """
+
+    def __init__(self, low_channels: int, num_classes: int, norm_layer: NormLayer, in_channels: int = ASPP_DEPTH,
+                 depth: int = DECODER_DEPTH, low_depth: int = LOW_LEVEL_DEPTH):
+        super().__init__()
+        self.project = nn.Sequential(nn.Conv2d(low_channels, low_depth, 1, bias=False), norm_layer(low_depth),
+                                     nn.ReLU(inplace=True))
+        self.fuse = nn.Sequential(
+            nn.Conv2d(in_channels + low_depth, depth, 3, padding=1, bias=False), norm_layer(depth),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(depth, depth, 3, padding=1, bias=False), norm_layer(depth), nn.ReLU(inplace=True))
+        self.classifier = nn.Conv2d(depth, num_classes, 1)
+        vovnet.init_weights(self)
+
+    def forward(self, features: torch.Tensor, low_level: torch.Tensor) -> torch.Tensor:
+        low_level = self.project(low_level)  # (N, 48, H/4, W/4)
+        features = F.interpolate(features, size=low_level.shape[-2:], mode='bilinear', align_corners=True)
+        return self.classifier(self.fuse(torch.cat([features, low_level], dim=1)))
 
 
 class WSConv2d(nn.Conv2d):
@@ -102,6 +141,9 @@ def convert_weight_std(module: nn.Module, skip: tuple[nn.Module, ...] = ()) -> n
     return module
 
 
+HEADS = ('aspp', 'decoder')  # the top-level modules that are not the backbone's
+
+
 class DeepLabV3(nn.Sequential):
     """DeepLabV3 on a named backbone: the backbone's stages, then `aspp`, then bilinear upsampling of the logits to
     the input size (align_corners), as the original.
@@ -119,30 +161,47 @@ class DeepLabV3(nn.Sequential):
         weight_std: weight standardisation in every conv but the classifier (ResNet).
         beta: a stem of three 3x3 convs in place of the 7x7 one (ResNet).
     """
+    name = 'deeplabv3'
+    title = 'DeepLabV3'
 
     def __init__(self, backbone: str, num_classes: int = 21, output_stride: int = 16, num_groups: int | None = None,
                  weight_std: bool = False, beta: bool = False):
         spec = check_options(backbone, num_classes, output_stride, num_groups, weight_std, beta)
         body = spec.body(backbone, output_stride, num_groups, beta)
         layers = OrderedDict(body.named_children())
-        layers['aspp'] = ASPP(body.out_channels, num_classes, ASPP_RATES[output_stride], spec.aspp_norm(num_groups))
+        layers.update(self.make_head(body, spec, num_classes, output_stride, num_groups))
         super().__init__(layers)
         if weight_std:
-            convert_weight_std(self, skip=(self.aspp.conv3,))
+            convert_weight_std(self, skip=(self.classifier,))
         self.backbone_name, self.num_classes, self.output_stride = backbone, num_classes, output_stride
+        self.low_level = body.low_level  # (path of the stride-4 stage, its channels)
         self.model_args = dict(backbone=backbone, num_classes=num_classes, output_stride=output_stride,
                                num_groups=num_groups, weight_std=weight_std, beta=beta)
+        if self.name != DeepLabV3.name:  # a DeepLabV3 records none, as every checkpoint before DeepLabV3+ did
+            self.model_args = dict(model=self.name, **self.model_args)
         self.initial_weights: dict | None = None
+
+    @staticmethod
+    def make_head(body: nn.Sequential, spec: 'BackboneSpec', num_classes: int, output_stride: int,
+                  num_groups: int | None) -> dict[str, nn.Module]:
+        return dict(aspp=ASPP(body.out_channels, num_classes, ASPP_RATES[output_stride], spec.aspp_norm(num_groups)))
+
+    @property
+    def classifier(self) -> nn.Conv2d:
+        """The last 1x1 conv, which gives the logits."""
+        return self.aspp.conv3
 
     def head(self) -> tuple[nn.Module, ...]:
         """The modules trained at lr x last_mult: the ASPP and its classifier."""
         return (self.aspp,)
 
+    def backbone_stages(self) -> list[tuple[str, nn.Module]]:
+        return [(name, module) for name, module in self.named_children() if name not in HEADS]
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Backbone features, (N, C, H/os, W/os)."""
-        for name, module in self.named_children():
-            if name != 'aspp':
-                x = module(x)
+        for _name, module in self.backbone_stages():
+            x = module(x)
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -150,8 +209,66 @@ class DeepLabV3(nn.Sequential):
         return F.interpolate(logits, size=x.shape[-2:], mode='bilinear', align_corners=True)
 
 
+class DeepLabV3Plus(DeepLabV3):
+    """DeepLabV3+: DeepLabV3's backbone and ASPP (without its classifier), then `decoder` (`Decoder`) on the ASPP's
+    features and the backbone's stride-4 features (`low_level`: VoVNet `stage2`, eSE-VoVNet `stages.0`, ResNet
+    `layer1`, DenseNet `features.denseblock1`), then bilinear upsampling of its logits to the input size.
+
+    The decoder's norm is the ASPP's kind (GroupNorm with --groups where the ASPP has it, i.e. ResNet; else
+    BatchNorm with PyTorch's defaults: the original's eps quirk stays in the original's modules). The keys are
+    DeepLabV3's but `aspp.conv3.*`, plus `decoder.*`. Arguments as DeepLabV3.
+    """
+    name = 'deeplabv3plus'
+    title = 'DeepLabV3+'
+
+    @staticmethod
+    def make_head(body: nn.Sequential, spec: 'BackboneSpec', num_classes: int, output_stride: int,
+                  num_groups: int | None) -> dict[str, nn.Module]:
+        return dict(aspp=ASPP(body.out_channels, None, ASPP_RATES[output_stride], spec.aspp_norm(num_groups)),
+                    decoder=Decoder(body.low_level[1], num_classes, spec.decoder_norm(num_groups)))
+
+    @property
+    def classifier(self) -> nn.Conv2d:
+        return self.decoder.classifier
+
+    def head(self) -> tuple[nn.Module, ...]:
+        """The modules trained at lr x last_mult: the ASPP and the decoder."""
+        return (self.aspp, self.decoder)
+
+    def forward_levels(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The backbone's features (N, C, H/os, W/os) and its stride-4 features (N, C4, ~H/4, ~W/4)."""
+        return _forward_tapped(self.backbone_stages(), x, self.low_level[0])
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_levels(x)[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features, low_level = self.forward_levels(x)
+        logits = self.decoder(self.aspp(features), low_level)  # (N, classes, ~H/4, ~W/4)
+        return F.interpolate(logits, size=x.shape[-2:], mode='bilinear', align_corners=True)
+
+
+def _forward_tapped(modules, x: torch.Tensor, tap: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run the (name, module) pairs in turn; return the output and the output of the module at the dotted path
+    `tap`, going down into the Sequential that holds it (DenseNet's `features.denseblock1`)."""
+    head, _, rest = tap.partition('.')
+    tapped = None
+    for name, module in modules:
+        if name == head and rest:
+            x, tapped = _forward_tapped(module.named_children(), x, rest)
+        else:
+            x = module(x)
+            if name == head:
+                tapped = x
+    return x, tapped
+
+
+MODELS = {cls.name: cls for cls in (DeepLabV3, DeepLabV3Plus)}  # checkpoints.FILE_TAGS names their files
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# Backbones: each body is a Sequential of named stages with `out_channels`
+# Backbones: each body is a Sequential of named stages with `out_channels`, and `low_level`: the path of the
+# module giving its stride-4 features and their channels (the DeepLabV3+ decoder's input)
 
 
 def _group_norm(num_groups: int, channels: int) -> nn.GroupNorm:
@@ -170,12 +287,18 @@ def _timm_group_norm(num_channels: int, num_groups: int, **kwargs) -> nn.Module:
 
 def _vovnet_body(name: str, output_stride: int, num_groups: int | None, beta: bool) -> nn.Sequential:
     norm = nn.BatchNorm2d if num_groups is None else functools.partial(_group_norm, num_groups)
-    return vovnet.VoVNet(name, norm_layer=norm, output_stride=output_stride)
+    body = vovnet.VoVNet(name, norm_layer=norm, output_stride=output_stride)
+    body.low_level = ('stage2', vovnet.SPECS[name]['stage_out_chs'][0])
+    return body
 
 
 def _ese_vovnet_body(name: str, output_stride: int, num_groups: int | None, beta: bool) -> nn.Sequential:
     norm = None if num_groups is None else functools.partial(_timm_group_norm, num_groups=num_groups)
-    return vovnet.dilate_timm_vovnet(vovnet.timm_vovnet(name, norm), output_stride)
+    net = vovnet.timm_vovnet(name, norm)
+    stride4 = next(f for f in net.feature_info if f['reduction'] == 4)  # its first stage
+    body = vovnet.dilate_timm_vovnet(net, output_stride)
+    body.low_level = (stride4['module'], stride4['num_chs'])
+    return body
 
 
 def _resnet_body(name: str, output_stride: int, num_groups: int | None, beta: bool) -> nn.Sequential:
@@ -191,6 +314,7 @@ def _resnet_body(name: str, output_stride: int, num_groups: int | None, beta: bo
         vovnet.init_weights(net.conv1)
     body = nn.Sequential(OrderedDict((n, m) for n, m in net.named_children() if n not in ('avgpool', 'fc')))
     body.out_channels = net.fc.in_features
+    body.low_level = ('layer1', net.layer1[-1].conv3.out_channels)
     return body
 
 
@@ -207,6 +331,7 @@ def _densenet_body(name: str, output_stride: int, num_groups: int | None, beta: 
             layer.conv2.padding = (dilation, dilation)
     body = nn.Sequential(OrderedDict(features=features, relu=nn.ReLU(inplace=True)))
     body.out_channels = features.norm5.num_features
+    body.low_level = ('features.denseblock1', features.transition1.norm.num_features)
     return body
 
 
@@ -226,6 +351,14 @@ class BackboneSpec:
         if num_groups is not None and self.groupnorm_head:
             return functools.partial(_group_norm, num_groups)
         return functools.partial(nn.BatchNorm2d, **self.aspp_bn)
+
+    def decoder_norm(self, num_groups: int | None) -> NormLayer:
+        """The V3+ decoder's: GroupNorm where the ASPP has it, else BatchNorm with PyTorch's defaults. The 48
+        channels of the projection take the largest group count dividing them that is not above --groups (16 for
+        --groups 32)."""
+        if num_groups is not None and self.groupnorm_head:
+            return lambda channels: _group_norm(math.gcd(num_groups, channels), channels)
+        return nn.BatchNorm2d
 
 
 _VOVNET = BackboneSpec('vovnet', _vovnet_body, OTHER_ASPP_BN, ('num_groups',), imagenet.load_vovnet, 'pytorchcv')
@@ -273,10 +406,13 @@ def uses_batchnorm(backbone: str, num_groups: int | None) -> bool:
 
 
 def build_model(backbone: str, num_classes: int = 21, output_stride: int = 16, pretrained: bool = False,
-                pretrained_path: str | None = None, **options) -> DeepLabV3:
-    """The DeepLabV3 of `backbone` (`options`: num_groups, weight_std, beta), with random weights, or with
-    `pretrained` its backbone's ImageNet weights (`initialize`)."""
-    model = DeepLabV3(backbone, num_classes, output_stride, **options)
+                pretrained_path: str | None = None, model: str = 'deeplabv3', **options) -> DeepLabV3:
+    """The DeepLabV3 (`model='deeplabv3plus'`: DeepLabV3+) of `backbone` (`options`: num_groups, weight_std,
+    beta), with random weights, or with `pretrained` its backbone's ImageNet weights (`initialize`; a decoder
+    starts random, as the ASPP)."""
+    if model not in MODELS:
+        raise UserError(f'unknown model {model!r}; choose one of {", ".join(MODELS)}.')
+    model = MODELS[model](backbone, num_classes, output_stride, **options)
     if pretrained:
         initialize(model, pretrained_path)
     return model
@@ -338,16 +474,36 @@ _SIGNATURES = (
 )
 
 
+_CLASSIFIERS = {'deeplabv3': 'aspp.conv3.weight', 'deeplabv3plus': 'decoder.classifier.weight'}
+
+
+def identify_model(state_dict: dict[str, torch.Tensor]) -> str | None:
+    """The model of a state dict without prefix: 'deeplabv3plus' when it has a decoder, 'deeplabv3' when its ASPP
+    has the classifier, None when it has neither (e.g. backbone weights)."""
+    if any(k.startswith('decoder.') for k in state_dict):
+        return 'deeplabv3plus'
+    return 'deeplabv3' if any(k.startswith('aspp.') for k in state_dict) else None
+
+
 def identify(state_dict: dict[str, torch.Tensor]) -> tuple[str | None, int | None]:
-    """(backbone, number of classes) of a DeepLabV3 state dict without prefix, None where unknown."""
+    """(backbone, number of classes) of a DeepLabV3 or DeepLabV3+ state dict without prefix, None where unknown."""
     backbone = next((name for name, key in _SIGNATURES if key in state_dict), None)
-    classifier = state_dict.get('aspp.conv3.weight')
+    classifier = next((state_dict[k] for k in _CLASSIFIERS.values() if k in state_dict), None)
     return backbone, (int(classifier.shape[0]) if classifier is not None else None)
 
 
-def describe(backbone: str | None, num_classes: int | None) -> str:
-    return (f'a DeepLabV3-{backbone or "(unknown backbone)"}'
+def describe(backbone: str | None, num_classes: int | None, model: str | None = 'deeplabv3') -> str:
+    title = MODELS[model].title if model in MODELS else 'DeepLabV3'
+    return (f'a {title}-{backbone or "(unknown backbone)"}'
             + (f' with {num_classes} classes' if num_classes is not None else ' without a classifier'))
+
+
+def model_mismatch(held: str, wanted: str, source: str) -> str:
+    """The message for weights of one model asked to load as the other."""
+    has = 'has the DeepLabV3+ decoder (decoder.* tensors)' if held == 'deeplabv3plus' else 'has no decoder'
+    return (f'{source} holds a {MODELS[held].title} model (it {has}), but a {MODELS[wanted].title} was asked for: '
+            f'pass --model {held}, or drop --model (evaluation with --checkpoint, predict.py, export.py and '
+            f'benchmark.py --checkpoint take the model from the checkpoint), or pick the matching checkpoint.')
 
 
 def load_weights(model: DeepLabV3, state_dict: dict[str, torch.Tensor], source: str) -> None:
@@ -357,9 +513,12 @@ def load_weights(model: DeepLabV3, state_dict: dict[str, torch.Tensor], source: 
     if backbone is None and classes is None:
         raise UserError(f'{source} holds no DeepLabV3 weights (e.g. {next(iter(state_dict), "(nothing)")}); '
                         f'give a checkpoint written by main.py --train or a released one.')
+    held = identify_model(state_dict)
+    if held is not None and held != model.name:
+        raise UserError(model_mismatch(held, model.name, source))
     if (backbone, classes) != (model.backbone_name, model.num_classes):
-        raise UserError(f'{source} holds {describe(backbone, classes)}, but the model is '
-                        f'{describe(model.backbone_name, model.num_classes)}. '
+        raise UserError(f'{source} holds {describe(backbone, classes, held)}, but the model is '
+                        f'{describe(model.backbone_name, model.num_classes, model.name)}. '
                         f'Pass --backbone {backbone or "..."} and --num_classes {classes}, or pick the matching '
                         f'checkpoint.')
     checkpoints.check_weights(state_dict, source)
@@ -378,22 +537,30 @@ def load_weights(model: DeepLabV3, state_dict: dict[str, torch.Tensor], source: 
 
 def recorded_args(checkpoint: dict) -> dict:
     """The `build_model` arguments a checkpoint gives: those it recorded (this project's checkpoints), over what its
-    keys tell (a released checkpoint: backbone and classes; the rest are the original's defaults)."""
-    backbone, classes = identify(checkpoints.strip_prefixes(checkpoint['state_dict']))
-    told = {k: v for k, v in dict(backbone=backbone, num_classes=classes).items() if v is not None}
+    keys tell (a released checkpoint: a DeepLabV3, its backbone and classes; the rest are the original's
+    defaults)."""
+    state_dict = checkpoints.strip_prefixes(checkpoint['state_dict'])
+    backbone, classes = identify(state_dict)
+    told = {k: v for k, v in dict(model=identify_model(state_dict), backbone=backbone, num_classes=classes).items()
+            if v is not None}
     return {**told, **(checkpoint.get('model_args') or {})}
 
 
-def model_from_checkpoint(path: str, backbone: str | None = None, output_stride: int | None = None) -> DeepLabV3:
+def model_from_checkpoint(path: str, backbone: str | None = None, output_stride: int | None = None,
+                          model: str | None = None) -> DeepLabV3:
     """Rebuild and load the model a checkpoint holds: `build_model(**recorded_args)`, at `output_stride` when given
-    (the weights fit either). `backbone` is needed only when nothing tells, and must agree with it when given."""
+    (the weights fit either). `backbone` is needed only when nothing tells, and must agree with it when given;
+    `model` (deeplabv3 or deeplabv3plus), when given, must agree with it."""
     checkpoint = checkpoints.load(path)
     args = recorded_args(checkpoint)
+    if model and args.get('model', 'deeplabv3') != model:
+        raise UserError(model_mismatch(args.get('model', 'deeplabv3'), model, path))
     held = args.get('backbone')
     if held is None and backbone is None:
         raise UserError(f'cannot tell which backbone {path} was trained with; pass --backbone.')
     if backbone and held and backbone != held:
-        raise UserError(f'{path} holds {describe(held, args.get("num_classes"))}, not a {backbone}; ask for {held} '
+        raise UserError(f'{path} holds {describe(held, args.get("num_classes"), args.get("model"))}, not a '
+                        f'{backbone}; ask for {held} '
                         f'(predict.py and export.py need no --backbone) or pick the matching checkpoint.')
     args['backbone'] = held or backbone
     if output_stride:

@@ -33,8 +33,10 @@ log = logging.getLogger(__name__)
 ORIGINAL_FILE = 'data/pretrained/{name}_statedict_norm.pth'
 SCRATCH = {'source': 'scratch'}
 # Tensors of an ImageNet file that are not the backbone's: classifiers (original, torchvision, pytorchcv, timm)
-# and, in a DeepLabV3 state dict offered as ImageNet weights, the ASPP, which keeps its own initialisation.
-NOT_BACKBONE = ('classifier.', 'fc.', 'output.', 'head.', 'aspp.')
+# and, in a DeepLabV3 state dict offered as ImageNet weights, the ASPP (and a DeepLabV3+'s decoder), which keep
+# their own initialisation.
+HEAD = ('aspp.', 'decoder.')
+NOT_BACKBONE = ('classifier.', 'fc.', 'output.', 'head.') + HEAD
 # The file formats each backbone family starts from, as `weights_format` names them.
 FORMATS = {'vovnet': ('original', 'pytorchcv'), 'ese_vovnet': ('timm',), 'resnet': ('torchvision',),
            'densenet': ('torchvision',)}
@@ -169,7 +171,7 @@ def _backbone_only(state_dict: dict) -> dict:
 def _load_strict(model: nn.Module, state_dict: dict, source: str) -> None:
     """Load backbone weights that must cover every backbone tensor, with the same shapes."""
     own = model.state_dict()
-    backbone = {k for k in own if not k.startswith('aspp.')}
+    backbone = {k for k in own if not k.startswith(HEAD)}
     missing = sorted(k for k in backbone - set(state_dict) if not k.endswith('num_batches_tracked'))
     unexpected = sorted(set(state_dict) - backbone)
     wrong = [k for k in state_dict if k in own and own[k].shape != state_dict[k].shape]
@@ -201,7 +203,7 @@ def _load_lenient(model: nn.Module, state_dict: dict, path: str) -> None:
                         f'{next(iter(state_dict), "(nothing)")}); give the ImageNet weights of this backbone.')
     check_weights(loaded, path)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    missing = [k for k in missing if not k.startswith('aspp.')]
+    missing = [k for k in missing if not k.startswith(HEAD)]
     log.info('loaded ImageNet weights from %s (%d tensors)', path, len(loaded))
     if missing:
         log.warning('%d backbone tensors are not in %s and keep their initialisation: %s',
@@ -345,9 +347,9 @@ def _download_torchvision(weights, name: str, cached: str) -> dict:
 
 def _load_torchvision_state(model: nn.Module, state: dict, weights, name: str, cached: str) -> dict:
     state = {k: v for k, v in _rename_legacy_densenet_keys(state).items() if not k.startswith(('fc.', 'classifier.'))}
-    own_only = ('aspp.',)
+    own_only = HEAD
     if model.model_args['beta']:  # three 3x3 convs where the file has the 7x7 conv1
-        own_only = ('aspp.', 'conv1.')
+        own_only = HEAD + ('conv1.',)
         state = {k: v for k, v in state.items() if not k.startswith('conv1.')}
         log.warning('the --beta stem starts from random weights: the ImageNet weights have a 7x7 conv1')
     own = model.state_dict()
