@@ -4,6 +4,7 @@ backbones and the two eSE-VoVNets.
     python benchmark.py                                   # inference, all backbones, 513x513, batch 1
     python benchmark.py --backbones vovnet39 --configs fp32+cl,bf16+cl,bf16+cl+compile
     python benchmark.py --mode train --crop 321 --batch 4 --backbones vovnet39
+    python benchmark.py --backbones vovnet39,resnet50 --model deeplabv3,deeplabv3plus   # with and without decoder
 
 Every backbone is first measured as the original ran it (`original`: eager fp32, NCHW, and in inference mode
 with the autograd graph built, as its evaluation did), then in each configuration of `--configs`, under
@@ -26,6 +27,7 @@ measurements each run in a fresh process, since the resident-set peak cannot be 
 import argparse
 import gc
 import importlib.util
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -39,6 +41,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+import checkpoints
 import deeplab
 import engine
 import errors
@@ -98,6 +101,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--mode', choices=('inference', 'train'), default='inference')
     p.add_argument('--backbones', default=None,
                    help='comma-separated (default: all eight; the original six where timm is not installed)')
+    p.add_argument('--model', default='deeplabv3',
+                   help='deeplabv3 (default), deeplabv3plus, or both comma-separated: each backbone is measured '
+                        'with each, in one run')
     p.add_argument('--configs', default=None,
                    help='comma-separated configurations (default: fp32,fp32+cl,bf16+cl on CPU; '
                         'fp32,fp32+cl,fp16+cl,bf16+cl on CUDA)')
@@ -135,19 +141,19 @@ def sample_batch(size: int, batch: int) -> torch.Tensor:
     return torch.stack(images)
 
 
-def build(backbone: str, args, x: torch.Tensor) -> deeplab.DeepLabV3:
+def build(backbone: str, model_name: str, args, x: torch.Tensor) -> deeplab.DeepLabV3:
     """The model on x's device: loaded from --checkpoint, or random weights with BatchNorm statistics of x."""
     if args.checkpoint:
-        return deeplab.model_from_checkpoint(args.checkpoint, backbone).to(x.device).eval()
+        return deeplab.model_from_checkpoint(args.checkpoint, backbone, model=model_name).to(x.device).eval()
     torch.manual_seed(0)
-    model = deeplab.build_model(backbone).to(x.device)
+    model = deeplab.build_model(backbone, model=model_name).to(x.device)
     with torch.no_grad():  # realistic activation scales: BN statistics of the sample image
         for m in model.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.momentum = None
         model.train()
         model(torch.cat([x, x.flip(-1)]))
-        model.aspp.conv3.bias.copy_(torch.linspace(-0.5, 0.5, model.num_classes))
+        model.classifier.bias.copy_(torch.linspace(-0.5, 0.5, model.num_classes))
     return model.eval()
 
 
@@ -299,10 +305,15 @@ def time_runs(fn, device, args):
     return warmup_s, times, memory, energy
 
 
-def measure_inference(backbone: str, config: Config, args) -> dict:
+def label(backbone: str, model_name: str) -> str:
+    """The first column: the backbone, with `/v3plus` for DeepLabV3+."""
+    return backbone if model_name == 'deeplabv3' else f'{backbone}/{checkpoints.FILE_TAGS[model_name]}'
+
+
+def measure_inference(backbone: str, model_name: str, config: Config, args) -> dict:
     device = torch.device(args.device)
     x = sample_batch(args.size, args.batch).to(device)
-    model = build(backbone, args, x)
+    model = build(backbone, model_name, args, x)
     params = deeplab.count_parameters(model)
     gflops = flops(model, x) / args.batch if config.name == ORIGINAL.name else None
     runner = inference.Runner(prepare(model, config, device, args.size),
@@ -318,18 +329,18 @@ def measure_inference(backbone: str, config: Config, args) -> dict:
     warmup_s, times, memory, energy = time_runs(forward, device, args)
     out = forward()
     pred = utils.class_map(out.float()).to(torch.uint8).cpu().numpy()
-    return dict(backbone=backbone, config=config.name, latency_ms=statistics.median(times),
+    return dict(backbone=backbone, model=model_name, config=config.name, latency_ms=statistics.median(times),
                 peak_mb=memory.mb, joules_per_frame=None if energy.joules is None else
                 energy.joules / (len(times) * args.batch), energy_note=energy.why, params=params, gflops=gflops,
                 warmup_s=warmup_s, pred=pred)
 
 
-def measure_training(backbone: str, config: Config, args) -> dict:
+def measure_training(backbone: str, model_name: str, config: Config, args) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(0)
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = config.name != ORIGINAL.name
-    model = deeplab.build_model(backbone).to(device).train()
+    model = deeplab.build_model(backbone, model=model_name).to(device).train()
     fmt = torch.channels_last if config.channels_last else torch.contiguous_format
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -351,38 +362,39 @@ def measure_training(backbone: str, config: Config, args) -> dict:
 
     warmup_s, times, memory, _ = time_runs(step, device, args)
     ms = statistics.median(times)
-    return dict(backbone=backbone, config=config.name, step_ms=ms, images_per_s=args.batch / ms * 1000,
+    return dict(backbone=backbone, model=model_name, config=config.name, step_ms=ms,
+                images_per_s=args.batch / ms * 1000,
                 peak_mb=memory.mb, warmup_s=warmup_s)
 
 
-def _measure_here(fn, backbone, config, args) -> dict:
+def _measure_here(fn, backbone, model_name, config, args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        return fn(backbone, config, args)
+        return fn(backbone, model_name, config, args)
     except Exception as e:  # reported in the table, the other measurements go on
         if errors.out_of_memory(e):
             sizes = '--size or --batch' if args.mode == 'inference' else '--crop or --batch'
-            return dict(backbone=backbone, config=config.name,
+            return dict(backbone=backbone, model=model_name, config=config.name,
                         error=f'out of memory ({errors.first_line(e)}): lower {sizes}')
-        return dict(backbone=backbone, config=config.name, error=f'{type(e).__name__}: {e}')
+        return dict(backbone=backbone, model=model_name, config=config.name, error=f'{type(e).__name__}: {e}')
 
 
-def _child(queue, fn, backbone, config, args):
-    queue.put(_measure_here(fn, backbone, config, args))
+def _child(queue, fn, backbone, model_name, config, args):
+    queue.put(_measure_here(fn, backbone, model_name, config, args))
 
 
-def measure(fn, backbone, config, args) -> dict:
+def measure(fn, backbone, model_name, config, args) -> dict:
     if args.no_isolate or args.device.startswith('cuda'):
         gc.collect()  # the last measurement's model and activations
         if args.device.startswith('cuda'):
             torch.cuda.empty_cache()
         if config.compile:
             torch._dynamo.reset()  # a fresh compilation per model, not a recompilation of the last one's
-        return _measure_here(fn, backbone, config, args)
+        return _measure_here(fn, backbone, model_name, config, args)
     ctx = mp.get_context('spawn')
     queue = ctx.Queue()
-    process = ctx.Process(target=_child, args=(queue, fn, backbone, config, args))
+    process = ctx.Process(target=_child, args=(queue, fn, backbone, model_name, config, args))
     process.start()
     result = queue.get()
     process.join()
@@ -404,10 +416,10 @@ def default_backbones() -> tuple[str, ...]:
     return deeplab.BACKBONES
 
 
-def check_args(args) -> tuple[torch.device, list[str], list[Config]]:
+def check_args(args) -> tuple[torch.device, list[str], list[str], list[Config]]:
     """Check before measuring what can be checked (a bad flag found, or a results file that cannot be written,
-    after an hour of measurements would waste them); each failure a message. Returns the device, the backbones
-    and the configurations to measure."""
+    after an hour of measurements would waste them); each failure a message. Returns the device, the backbones,
+    the models and the configurations to measure."""
     _, device = utils.init_distributed(args.device)  # main.py's checks of --device
     default = 'fp32,fp32+cl,fp16+cl,bf16+cl' if device.type == 'cuda' else 'fp32,fp32+cl,bf16+cl'
     try:
@@ -424,6 +436,9 @@ def check_args(args) -> tuple[torch.device, list[str], list[Config]]:
             raise UserError(f'unknown backbone {b!r} in --backbones; choose from {", ".join(deeplab.BACKBONES)}.')
         if b in deeplab.TIMM_BACKBONES:
             errors.require('timm', f'the {b} backbone')
+    models = [m.strip() for m in args.model.split(',') if m.strip()]
+    if not models or any(m not in deeplab.MODELS for m in models) or len(set(models)) != len(models):
+        raise UserError(f'--model {args.model!r}: give deeplabv3, deeplabv3plus, or both comma-separated.')
     if args.mode == 'train' and args.batch < 2:
         raise UserError('a training step needs --batch 2 or more: BatchNorm normalises the ASPP\'s image-pooling '
                         'branch over the images of the batch.')
@@ -442,22 +457,23 @@ def check_args(args) -> tuple[torch.device, list[str], list[Config]]:
     if device.type != 'cuda' and any(c.amp == 'fp16' for c in configs):
         raise UserError('fp16 configurations need CUDA; use bf16 on the CPU.')
     if args.checkpoint:
-        if len(backbones) != 1:
-            raise UserError('--checkpoint needs exactly one backbone in --backbones.')
-        deeplab.model_from_checkpoint(args.checkpoint, backbones[0])  # a message now, not one per row later
+        if len(backbones) != 1 or len(models) != 1:
+            raise UserError('--checkpoint needs exactly one backbone in --backbones and one --model.')
+        deeplab.model_from_checkpoint(args.checkpoint, backbones[0], model=models[0])  # a message now, not one
+        # per row later
     if args.json:
         files.make_output_folder(os.path.dirname(os.path.abspath(args.json)), '--json')
         files.check_name_fits(args.json, '--json')
         files.refuse_overwrite({args.json: '--json'}, {args.checkpoint: 'the checkpoint (--checkpoint)'})
         if os.path.isdir(args.json):
             raise UserError(f'--json {args.json} is a folder; give a file name, e.g. {args.json}/results.json.')
-    return device, backbones, configs
+    return device, backbones, models, configs
 
 
 def run(args) -> list[dict]:
     args.device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     args.batch = args.batch or (1 if args.mode == 'inference' else 4)
-    device, backbones, configs = check_args(args)
+    device, backbones, models, configs = check_args(args)
     args.size, args.crop = args.size or 513, args.crop or 321
     cuda = device.type == 'cuda'
     if args.min_time is None:
@@ -475,13 +491,13 @@ def run(args) -> list[dict]:
         warm_up_gpu(device)
     results = []
     key = 'latency_ms' if args.mode == 'inference' else 'step_ms'
-    for backbone in backbones:
+    for backbone, model_name in itertools.product(backbones, models):
         base = {}  # the original's row, the reference of the ratios and of argmax agreement
         for config in [ORIGINAL] + configs:
-            row = measure(fn, backbone, config, args)
+            row = measure(fn, backbone, model_name, config, args)
             results.append(row)
             if 'error' in row:
-                print(f'{backbone:<12} {row["config"]:<22} failed: {row["error"]}', flush=True)
+                print(f'{label(backbone, model_name):<12} {row["config"]:<22} failed: {row["error"]}', flush=True)
                 continue
             if config is ORIGINAL:
                 base = row
@@ -515,12 +531,13 @@ def run(args) -> list[dict]:
 
 def _row(r, mode) -> str:
     if mode == 'inference':
-        return (f'{r["backbone"]:<12} {r["config"]:<22} {_fmt(r.get("latency_ms"), "9.1f")} ms '
+        return (f'{label(r["backbone"], r["model"]):<12} {r["config"]:<22} {_fmt(r.get("latency_ms"), "9.1f")} ms '
                 f'(x{_fmt(r.get("time_ratio"), ".2f")})  peak {_fmt(r.get("peak_mb"), "7.0f")} MB '
                 f'(x{_fmt(r.get("memory_ratio"), ".2f")})  {_fmt(r.get("joules_per_frame"), "6.2f")} J/frame  '
                 f'{r["params"] / 1e6:5.1f} M params  {_fmt(r.get("gflops"), "6.1f")} GFLOPs  '
                 f'argmax agreement {_fmt(r.get("argmax_agreement"), "6.2f")}%  (warm-up {r["warmup_s"]:.1f} s)')
-    return (f'{r["backbone"]:<12} {r["config"]:<22} {r["step_ms"]:9.1f} ms/step (x{_fmt(r.get("time_ratio"), ".2f")})'
+    return (f'{label(r["backbone"], r["model"]):<12} {r["config"]:<22} {r["step_ms"]:9.1f} ms/step '
+            f'(x{_fmt(r.get("time_ratio"), ".2f")})'
             f'  {r["images_per_s"]:7.2f} img/s  peak {_fmt(r.get("peak_mb"), "7.0f")} MB '
             f'(x{_fmt(r.get("memory_ratio"), ".2f")})  (warm-up {r["warmup_s"]:.1f} s)')
 

@@ -2,6 +2,7 @@
 DeepLabV3 from scratch on it, evaluate it, and print the mean IoU and where the predictions are.
 
     python demo.py
+    python demo.py --model deeplabv3plus      # the same with the DeepLabV3+ decoder
 
 It runs main.py's own training and evaluation, with the flags it prints, so what works here works on VOC.
 """
@@ -11,6 +12,7 @@ import shlex
 import sys
 import time
 
+import deeplab
 import inference
 import main as deeplab_main
 import pascal
@@ -34,6 +36,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--batch_size', type=number(int, 2), default=DEFAULTS['batch_size'])
     p.add_argument('--crop_size', type=number(int, 64), default=DEFAULTS['crop_size'])
     p.add_argument('--workers', type=number(int, 0), default=DEFAULTS['workers'])
+    p.add_argument('--model', default='deeplabv3', choices=tuple(deeplab.MODELS),
+                   help='deeplabv3 (default) or deeplabv3plus: DeepLabV3+, with the decoder')
     p.add_argument('--device', default=None, help='default: CUDA when available, else CPU')
     p.add_argument('--amp', default='auto', choices=('auto', 'off', 'bf16', 'fp16'),
                    help='mixed precision of the training; auto (default): bf16 on a CPU with bf16 units (AVX-512 BF16, '
@@ -72,7 +76,8 @@ def demo(args) -> float:
     if found != (args.train_images, args.val_images):
         print(f'using the dataset already in {args.root}: {found[0]} + {found[1]} images (to generate '
               f'{args.train_images} + {args.val_images}, delete it or give another --root)', flush=True)
-    common = ['--exp', 'demo', '--backbone', 'vovnet39', '--epochs', str(args.epochs), '--crop_size',
+    common = ['--exp', 'demo', '--backbone', 'vovnet39'] + (
+        ['--model', args.model] if args.model != 'deeplabv3' else []) + ['--epochs', str(args.epochs), '--crop_size',
               str(args.crop_size), '--data_root', args.root, '--output_dir', args.output_dir, '--workers',
               str(args.workers), '--channels_last'] + (['--device', args.device] if args.device else [])
     amp = args.amp

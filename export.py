@@ -120,7 +120,7 @@ def run(args) -> None:
     checked = 0 if args.no_check else inference.BYTES_PER_PIXEL * (args.height + 32) * (args.width + 31)
     errors.refuse_if_huge(example + checked, torch.device('cpu'), f'exporting with a {args.width}x{args.height} '
                           f'example' + ('' if args.no_check else ' and checking it'), '--height and --width')
-    model = deeplab.model_from_checkpoint(args.checkpoint, args.backbone, args.output_stride).eval()
+    model = deeplab.model_from_checkpoint(args.checkpoint, args.backbone, args.output_stride, args.model).eval()
     try:
         with errors.out_of_memory_is(lambda e: f'out of memory exporting with a {args.width}x{args.height} example '
                                                f'({errors.first_line(e)}): lower --height and --width; the ONNX '
@@ -132,8 +132,8 @@ def run(args) -> None:
         raise UserError(f'PyTorch {torch.__version__} cannot export opset {args.opset}: '
                         f'{str(e).splitlines()[0]}. Use an opset from {MIN_OPSET} up to the newest it '
                         f'supports (default {DYNAMO_MIN_OPSET}).') from None
-    log.info('wrote %s (%s, %d classes, dynamic batch/height/width, opset %d, %s exporter)', output,
-             model.backbone_name, model.num_classes, args.opset, args.exporter)
+    log.info('wrote %s (%s-%s, %d classes, dynamic batch/height/width, opset %d, %s exporter)', output,
+             model.title, model.backbone_name, model.num_classes, args.opset, args.exporter)
     if args.no_check:
         return
     # Another size than the traced one, odd on one side, exercises the dynamic axes.

@@ -3,8 +3,9 @@
     python main.py --train --exp bn_lr7e-3 --epochs 50 --base_lr 0.007 --backbone vovnet39   # train
     python main.py --exp bn_lr7e-3 --epochs 50 --base_lr 0.007 --backbone vovnet39           # evaluate
 
-Checkpoints are data/deeplab_{backbone}_{dataset}_v3_{exp}_epoch{N}.pth, as in the original; evaluation loads
-the one of --epochs, prints per-class and mean IoU and writes the predictions to data/val/.
+Checkpoints are data/deeplab_{backbone}_{dataset}_v3_{exp}_epoch{N}.pth, as in the original (`v3plus` with
+--model deeplabv3plus); evaluation loads the one of --epochs, prints per-class and mean IoU and writes the
+predictions to data/val/.
 Several GPUs or machines: torchrun --nproc_per_node=N main.py --train ... (README, "Distributed training").
 """
 import argparse
@@ -98,6 +99,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='seed of shuffling, augmentation and initialisation (default: random, logged and saved)')
 
     m = p.add_argument_group('model')
+    m.add_argument('--model', default=None, choices=tuple(deeplab.MODELS),
+                   help='deeplabv3 (the original) or deeplabv3plus: DeepLabV3+, whose decoder adds the backbone\'s '
+                        'stride-4 features; its checkpoints are named deeplab_..._v3plus_... (default: deeplabv3 for '
+                        'training, the checkpoint\'s for evaluation)')
     m.add_argument('--output_stride', type=int, choices=deeplab.OUTPUT_STRIDES, default=None,
                    help='16 (the original) or 8: finer features, ASPP rates 12/24/36, about 3x the compute '
                         '(default: 16 for training, the checkpoint\'s for evaluation)')

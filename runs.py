@@ -30,15 +30,19 @@ def eval_loader(dataset, args, info: utils.DistInfo, device: torch.device):
 def model_for(args, num_classes: int, checkpoint: dict | None = None, resume: bool = False) -> deeplab.DeepLabV3:
     """The model of this run, with random weights: the flags' backbone and options, the dataset's classes,
     --output_stride. From a checkpoint, what it recorded, with the flags' options over it when resuming (a
-    mismatch is then load_weights' message) and under it when evaluating."""
-    flags = dict(backbone=args.backbone, num_groups=args.groups, weight_std=args.weight_std, beta=args.beta)
+    mismatch is then load_weights' message) and under it when evaluating, but for a --backbone and a --model given,
+    which it must then hold."""
+    chosen = getattr(args, 'model', None)
+    flags = dict(model=chosen or 'deeplabv3', backbone=args.backbone, num_groups=args.groups,
+                 weight_std=args.weight_std, beta=args.beta)
     fixed = {'num_classes': num_classes, **({'output_stride': args.output_stride} if args.output_stride else {})}
     if checkpoint is None:
         return deeplab.build_model(**flags, **fixed)
     recorded = deeplab.recorded_args(checkpoint)
     if resume:
         return deeplab.build_model(**{**recorded, **flags, **fixed})
-    return deeplab.build_model(**{**flags, **recorded, 'backbone': args.backbone, **fixed})
+    return deeplab.build_model(**{**flags, **recorded, 'backbone': args.backbone,
+                                  **({'model': chosen} if chosen else {}), **fixed})
 
 
 def unwrap(model: nn.Module) -> deeplab.DeepLabV3:
