@@ -133,6 +133,7 @@ def run(args) -> int:
         errors.refuse_if_huge(inference.BYTES_PER_PIXEL * args.window_above * 1e6, device,
                               f'predicting images up to {args.window_above:g} megapixels whole', '--window_above')
     inputs = collect_inputs(args.input)
+    files.make_output_folder(args.output, '--output')
     amp = inference.amp_dtype(args.amp, device)
     execution = inference.Execution(device, amp, amp is not None if args.channels_last is None else args.channels_last)
     work, skipped = plan(inputs, args)
@@ -144,8 +145,7 @@ def run(args) -> int:
                for stem in stems.values() for name in (f'{stem}.png', f'{stem}_overlay.jpg')}
     files.refuse_overwrite(outputs, {**{path: 'an input image' for path in inputs},
                                      args.checkpoint: 'the checkpoint (--checkpoint)'})
-    model = deeplab.model_from_checkpoint(args.checkpoint, args.backbone, args.output_stride, args.model)
-    files.make_output_folder(args.output, '--output')  # once the model is read: a refused one leaves no folder
+    model = deeplab.model_from_checkpoint(args.checkpoint, args.backbone, args.output_stride)
     runner = inference.Runner(execution.prepare(model).eval(), execution, args.crop_size)
     log.info('predicting %s with %s (%s, %s%s)', utils.plural(len(stems), 'image'), args.checkpoint, device,
              {None: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16'}[amp],
