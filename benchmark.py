@@ -101,9 +101,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--mode', choices=('inference', 'train'), default='inference')
     p.add_argument('--backbones', default=None,
                    help='comma-separated (default: all eight; the original six where timm is not installed)')
-    p.add_argument('--model', default='deeplabv3',
-                   help='deeplabv3 (default), deeplabv3plus, or both comma-separated: each backbone is measured '
-                        'with each, in one run')
+    p.add_argument('--model', default=None,
+                   help='deeplabv3, deeplabv3plus, or both comma-separated: each backbone is measured with each, in '
+                        'one run (default: deeplabv3, or the model of --checkpoint)')
     p.add_argument('--configs', default=None,
                    help='comma-separated configurations (default: fp32,fp32+cl,bf16+cl on CPU; '
                         'fp32,fp32+cl,fp16+cl,bf16+cl on CUDA)')
@@ -436,7 +436,7 @@ def check_args(args) -> tuple[torch.device, list[str], list[str], list[Config]]:
             raise UserError(f'unknown backbone {b!r} in --backbones; choose from {", ".join(deeplab.BACKBONES)}.')
         if b in deeplab.TIMM_BACKBONES:
             errors.require('timm', f'the {b} backbone')
-    models = [m.strip() for m in args.model.split(',') if m.strip()]
+    models = [m.strip() for m in (args.model or 'deeplabv3').split(',') if m.strip()]
     if not models or any(m not in deeplab.MODELS for m in models) or len(set(models)) != len(models):
         raise UserError(f'--model {args.model!r}: give deeplabv3, deeplabv3plus, or both comma-separated.')
     if args.mode == 'train' and args.batch < 2:
@@ -459,8 +459,9 @@ def check_args(args) -> tuple[torch.device, list[str], list[str], list[Config]]:
     if args.checkpoint:
         if len(backbones) != 1 or len(models) != 1:
             raise UserError('--checkpoint needs exactly one backbone in --backbones and one --model.')
-        deeplab.model_from_checkpoint(args.checkpoint, backbones[0], model=models[0])  # a message now, not one
-        # per row later
+        # A message now, not one per row later; without --model, the model the checkpoint holds.
+        model = deeplab.model_from_checkpoint(args.checkpoint, backbones[0], model=args.model and models[0])
+        models = [model.name]
     if args.json:
         files.make_output_folder(os.path.dirname(os.path.abspath(args.json)), '--json')
         files.check_name_fits(args.json, '--json')

@@ -9,6 +9,8 @@
 #   5. DDP + SyncBatchNorm + NCCL on this GPU at world size 1 (a several-GPU machine is needed for more)
 #   6. where the host CPU has bf16 units (AVX-512 BF16 or AMX), VoVNet-39's CPU rows: inference 513
 #      (cpu-inference) and the training step at crop 321, batch 4 (cpu-train), fp32 against bf16
+#   7. (v3plus) DeepLabV3 against DeepLabV3+ for VoVNet-39 and ResNet-50: inference 513 and the training step
+#      at batch 16, crop 513, in fp16 + channels-last (written without a GPU lease: not yet run on one)
 # The output goes to OUT/gpu_check.log (and the benchmarks' JSON beside it); a step that fails or runs past its
 # time limit is reported and the next one runs. On one H200 the steps took about 2, 8 (1.2 per VoVNet or ResNet,
 # 1.5 per DenseNet), 2.5, 1, 0.2 and 4 minutes (3 of them cpu-train, whose compiled step takes 2): on a lease of
@@ -17,7 +19,7 @@
 #
 #     scripts/gpu_check.sh [OUT]                        # OUT defaults to gpu_check/
 #     STEPS="inference demo" scripts/gpu_check.sh       # some steps only: inference train demo torchrun ddp
-#                                                       # cpu-inference cpu-train (cpu: both)
+#                                                       # cpu-inference cpu-train (cpu: both) v3plus
 #     BACKBONES=densenet161,densenet201 STEPS=train ... # the GPU tables for some backbones only
 #     QUICK=1 scripts/gpu_check.sh                      # tiny sizes on the CPU, to try the script itself
 set -u
@@ -39,7 +41,7 @@ else
     TCONFIGS=fp32+cl,fp16+cl,bf16+cl; CCONF=fp32+cl,fp16+cl,bf16+cl,fp16+cl+compile
 fi
 
-STEPS=${STEPS:-inference train demo torchrun ddp cpu}
+STEPS=${STEPS:-inference train demo torchrun ddp cpu v3plus}
 STEPS=${STEPS//cpu-/cpu_}; [[ " $STEPS " == *" cpu "* ]] && STEPS="$STEPS cpu_inference cpu_train"
 LOG=$OUT/gpu_check.log
 want() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -71,6 +73,15 @@ if want train; then
 step "benchmark: training"
 run bench_train 420 $PY benchmark.py --mode train --device $DEVICE --backbones $BACKBONES --crop $CROP \
     --batch $BATCH --configs $TCONFIGS --warmup 2 --iters 8 --min_time 0 --json "$OUT/bench_train.json"
+fi
+
+if want v3plus; then
+step "DeepLabV3 and DeepLabV3+: inference 513 and the training step at batch 16, crop 513 (VoVNet-39, ResNet-50)"
+run v3plus_inference 120 $PY benchmark.py --device $DEVICE --backbones vovnet39,resnet50 --model deeplabv3,deeplabv3plus \
+    --size $SIZE --configs fp16+cl --warmup 5 --iters $ITERS --json "$OUT/v3plus_inference.json"
+run v3plus_train 240 $PY benchmark.py --mode train --device $DEVICE --backbones vovnet39,resnet50 \
+    --model deeplabv3,deeplabv3plus --crop $CROP --batch $BATCH --configs fp16+cl --warmup 2 --iters 8 --min_time 0 \
+    --json "$OUT/v3plus_train.json"
 fi
 
 if want demo; then

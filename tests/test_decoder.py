@@ -215,7 +215,13 @@ def test_deeplabv3plus_trains_resumes_evaluates_predicts_and_exports(synthetic_r
         assert re.search(r'argmax agreement 100\.0000%', out), out
     status, _, err = run_cli('--checkpoint', CKPT.format(2), '--model', 'deeplabv3', '--input', photos,
                              '--output', tmp_path / 'other', module='predict')
-    assert status == 1 and 'holds a DeepLabV3+ model' in err and not os.path.exists(tmp_path / 'other')
+    assert status == 1 and 'holds a DeepLabV3+ model' in err and not os.listdir(tmp_path / 'other')
+    # benchmark.py measures the checkpoint's model without being told.
+    status, out, err = run_cli('--backbones', 'vovnet39', '--checkpoint', CKPT.format(2), '--size', '65', '--warmup',
+                               '0', '--iters', '1', '--configs', 'fp32', '--no_isolate', module='benchmark')
+    assert status == 0, err
+    assert [line.split()[:2] for line in out.splitlines() if line.startswith('vovnet39')] == [
+        ['vovnet39/v3plus', 'original'], ['vovnet39/v3plus', 'fp32']]
 
 
 @pytest.mark.slow
