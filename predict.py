@@ -145,7 +145,7 @@ def run(args) -> int:
                for stem in stems.values() for name in (f'{stem}.png', f'{stem}_overlay.jpg')}
     files.refuse_overwrite(outputs, {**{path: 'an input image' for path in inputs},
                                      args.checkpoint: 'the checkpoint (--checkpoint)'})
-    model = deeplab.model_from_checkpoint(args.checkpoint, args.backbone, args.output_stride)
+    model = deeplab.model_from_checkpoint(args.checkpoint, args.backbone, args.output_stride, args.model)
     runner = inference.Runner(execution.prepare(model).eval(), execution, args.crop_size)
     log.info('predicting %s with %s (%s, %s%s)', utils.plural(len(stems), 'image'), args.checkpoint, device,
              {None: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16'}[amp],

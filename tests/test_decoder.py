@@ -229,14 +229,16 @@ def test_a_deeplabv3_checkpoint_asked_to_load_as_deeplabv3plus_is_refused(tmp_pa
                                                                          synthetic_root):
     monkeypatch.chdir(tmp_path)
     torch.save({'state_dict': deeplab.vovnet39().state_dict()}, 'v3.pth')
+    os.makedirs('photos')
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save('photos/a.png')
     status, _, err = run_cli('--exp', 'e', '--backbone', 'vovnet39', '--model', 'deeplabv3plus', '--checkpoint',
                              'v3.pth', '--crop_size', '65', '--workers', '0', '--data_root', synthetic_root)
     assert status == 1 and 'v3.pth holds a DeepLabV3 model (it has no decoder)' in err and 'Traceback' not in err
     assert not os.path.exists('data/val')
-    for module, flags in (('predict', ['--input', 'v3.pth', '--output', 'out']), ('export', ['--output', 'm.onnx'])):
+    for module, flags in (('predict', ['--input', 'photos', '--output', 'out']), ('export', ['--output', 'm.onnx'])):
         status, _, err = run_cli('--checkpoint', 'v3.pth', '--model', 'deeplabv3plus', *flags, module=module)
         assert status == 1 and 'has no decoder' in err, (module, err)
-    assert sorted(os.listdir('.')) == ['data', 'v3.pth']
+    assert not os.path.exists('m.onnx') and not os.listdir('out') and os.listdir('data') == []
 
 
 @pytest.mark.slow
