@@ -77,8 +77,12 @@ def load(path: str, what: str = 'checkpoint') -> dict:
     Accepts a released checkpoint ({'epoch', 'state_dict', 'optimizer'}), this project's checkpoints, a bare
     state dict, or {'model': state_dict}. Anything else is a UserError that says what the file holds.
     """
+    import hub  # hub reads checkpoints with this module
+    if hub.is_reference(path):
+        return hub.read(path)
     if os.path.isdir(path):
-        raise UserError(f'{what} {path} is a folder; give the .pth file in it.')
+        raise UserError(f'{what} {path} is a folder; give the .pth file in it (or a folder written by hub.py save, '
+                        f'which holds {hub.CONFIG}).')
     if not os.path.isfile(path):
         raise UserError(f'{what} {path} does not exist.')
     try:
@@ -95,7 +99,7 @@ def load(path: str, what: str = 'checkpoint') -> dict:
         raise UserError(f'{what} {path} is truncated or not a PyTorch checkpoint ({first_line(e)}); '
                         f'download or copy it again.') from None
     if isinstance(obj, dict) and isinstance(obj.get('state_dict'), dict):
-        _check_model_args(obj.get('model_args'), f'{what} {path}')
+        check_model_args(obj.get('model_args'), f'{what} {path}')
         return obj
     if isinstance(obj, dict) and isinstance(obj.get('model'), dict):
         return {**obj, 'state_dict': obj['model']}
@@ -110,7 +114,7 @@ MODEL_ARGS = dict(model=(str,), backbone=(str,), num_classes=(int,), output_stri
                   weight_std=(bool,), beta=(bool,))  # what deeplab.build_model is rebuilt from, and their types
 
 
-def _check_model_args(model_args, source: str) -> None:
+def check_model_args(model_args, source: str) -> None:
     """The recorded model arguments, when there are any, must be ones build_model takes, of their types."""
     if model_args is None:
         return

@@ -17,6 +17,7 @@ are thin wrappers.
 import functools
 import logging
 import math
+import os
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ import torchvision
 from torch import nn
 
 import checkpoints
+import files
 import imagenet
 import vovnet
 from errors import UserError, few, short_error
@@ -568,6 +570,47 @@ def model_from_checkpoint(path: str, backbone: str | None = None, output_stride:
     model = build_model(**args)
     load_weights(model, checkpoint['state_dict'], path)
     return model
+
+
+_CLASSIFIER_KEYS = {'deeplabv3': 'aspp.conv3.', 'deeplabv3plus': 'decoder.classifier.'}
+
+
+def fine_tune_from(model: DeepLabV3, checkpoint: dict, source: str) -> dict:
+    """Load a trained model's weights (`main.py --train --init`): all of them, but for the classifier, which keeps
+    its random initialisation when the checkpoint has another number of classes. Returns the record checkpoints
+    keep as the run's initial weights."""
+    state_dict = checkpoints.strip_prefixes(checkpoint['state_dict'])
+    backbone, classes = identify(state_dict)
+    held = identify_model(state_dict)
+    if held is not None and held != model.name:
+        raise UserError(model_mismatch(held, model.name, source))
+    if backbone is not None and backbone != model.backbone_name:
+        raise UserError(f'--init {source} holds {describe(backbone, classes, held)}; pass --backbone {backbone} to '
+                        f'fine-tune it.')
+    record = {'source': 'trained model', 'file': source, 'classes': classes}
+    if checkpoint.get('revision'):
+        record['revision'] = checkpoint['revision']
+    elif os.path.isfile(source):
+        record['sha256'] = files.sha256_file(source)
+    prefix = _CLASSIFIER_KEYS[model.name]
+    if classes != model.num_classes:
+        own = model.state_dict()
+        state_dict = {**{k: v for k, v in state_dict.items() if not k.startswith(prefix)},
+                      **{k: v for k, v in own.items() if k.startswith(prefix)}}
+        log.info('%s has %s classes, this dataset %d: its classifier (%s*) starts from random weights, the rest '
+                 'from the model', source, classes, model.num_classes, prefix)
+        record['classifier'] = 'reinitialised'
+    load_weights(model, state_dict, source)
+    log.info('initial weights: %s', imagenet.describe(record))
+    model.initial_weights = record
+    return record
+
+
+def from_pretrained(reference: str, device: str | torch.device = 'cpu') -> DeepLabV3:
+    """A published model (`org/name`, `hf://org/name[@revision]` or a folder written by hub.py save) in eval mode,
+    with `class_names`, `mean` and `std`: hub.from_pretrained."""
+    import hub
+    return hub.from_pretrained(reference, device)
 
 
 def convert_sync_batchnorm(model: DeepLabV3) -> DeepLabV3:

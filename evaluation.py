@@ -3,6 +3,7 @@
 the original's `IoU {class}` and `Mean IoU` lines, a bar chart."""
 import contextlib
 import glob
+import json
 import logging
 import os
 import time
@@ -14,6 +15,7 @@ import deeplab
 import engine
 import errors
 import files
+import hub
 import imagenet
 import inference
 import pascal
@@ -31,7 +33,7 @@ def run(args, rt: runs.Runtime) -> float:
     """Evaluate the checkpoint the flags name with the original's protocol; returns the mean IoU (percent)."""
     info, execution = rt.dist, rt.execution
     path = args.checkpoint or epoch_path(args, args.epochs)
-    if not os.path.exists(path):
+    if not os.path.exists(path) and not hub.is_reference(path):
         found = sorted(glob.glob(os.path.join(args.output_dir, f'deeplab_{args.backbone}_*.pth')))
         listing = ('checkpoints there for this backbone: ' + ', '.join(os.path.basename(f) for f in found)
                    if found else f'no checkpoint for {args.backbone} is in {args.output_dir}/')
@@ -47,6 +49,9 @@ def run(args, rt: runs.Runtime) -> float:
     names = dataset.output_names() if args.save_predictions else []
     outputs = {os.path.join(folder, f'{name}.png'): '--output_dir' for folder in folders.values() for name in names}
     outputs[chart_path(args, path)] = '--output_dir'
+    if args.json:
+        files.check_name_fits(args.json, '--json')
+        outputs[args.json] = '--json'
     files.refuse_overwrite(outputs, {**dataset_inputs(dataset), path: 'the checkpoint evaluated',
                                      args.class_names: '--class_names'})
     model = model_for(args, dataset.num_classes, checkpoint)
@@ -96,7 +101,27 @@ def run(args, rt: runs.Runtime) -> float:
                                            f'{len(batches)} images; nothing was published') from None
     if info.is_main:
         report(confusion, confusion_ms, dataset.class_names, args, path, time.time() - start, len(dataset))
+        if args.json:
+            write_json(args, path, dataset, confusion, confusion_ms, model)
     return confusion.mean_iou()
+
+
+def write_json(args, path, dataset, confusion, confusion_ms, model) -> None:
+    """The figures of the evaluation as JSON (--json): what hub.py save --metrics puts in a model card."""
+    iou = confusion.iou() * 100
+    figures = {'checkpoint': path, 'model': model.name, 'backbone': model.backbone_name,
+               'num_classes': dataset.num_classes, 'class_names': list(dataset.class_names),
+               'dataset': args.dataset, 'split': 'val', 'images': len(dataset),
+               'protocol': {'crop_size': args.crop_size, 'output_stride': model.output_stride},
+               'mean_iou': float(iou.mean()),
+               'class_iou': {name: float(v) for name, v in zip(dataset.class_names, iou)}}
+    if confusion_ms is not None:
+        figures['multi_scale'] = {'scales': args.eval_scales or [1.0], 'flip': args.flip,
+                                  'mean_iou': float(confusion_ms.mean_iou())}
+    text = json.dumps(figures, indent=1) + '\n'
+    files.atomic_write(args.json, lambda f: f.write(text.encode()), flag='--json',
+                       keeps='The figures are printed above')
+    log.info('figures in %s', args.json)
 
 
 def report(confusion, confusion_ms, class_names, args, path, seconds, count) -> None:
@@ -122,7 +147,9 @@ def report(confusion, confusion_ms, class_names, args, path, seconds, count) -> 
 
 
 def chart_path(args, checkpoint: str) -> str:
-    return os.path.join(args.output_dir, os.path.splitext(os.path.basename(checkpoint))[0] + '_iou.png')
+    name = os.path.basename(os.path.normpath(checkpoint.removeprefix(hub.PREFIX)))  # a file, a folder or hf://o/n
+    stem = name if hub.is_reference(checkpoint) else os.path.splitext(name)[0]
+    return os.path.join(args.output_dir, stem + '_iou.png')
 
 
 def _side_by_side(class_names, iou, iou_ms) -> str:

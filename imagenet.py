@@ -59,6 +59,12 @@ def describe(record: dict | None) -> str:
             f', sha256 {record["sha256"]})' if record.get('sha256') else ')')
     if source == 'torchvision':
         return f'torchvision\'s {record["weights"]} ImageNet weights ({file})'
+    if source == 'trained model':  # main.py --init
+        where = (f', revision {record["revision"]}' if record.get('revision') else
+                 f', sha256 {record["sha256"]}' if record.get('sha256') else '')
+        reset = (f'; its classifier ({record["classes"]} classes) re-initialised'
+                 if record.get('classifier') == 'reinitialised' else '')
+        return f'the trained model {file} (--init{where}){reset}'
     what = 'the original\'s ImageNet file' if source == 'original file' else f'{record.get("format")} weights from'
     return f'{what} {file} (sha256 {record.get("sha256")})'
 

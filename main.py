@@ -28,6 +28,7 @@ import engine
 import errors
 import evaluation
 import files
+import hub
 import imagenet
 import inference
 import pascal
@@ -106,6 +107,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     m.add_argument('--output_stride', type=int, choices=deeplab.OUTPUT_STRIDES, default=None,
                    help='16 (the original) or 8: finer features, ASPP rates 12/24/36, about 3x the compute '
                         '(default: 16 for training, the checkpoint\'s for evaluation)')
+    m.add_argument('--init', default=None, metavar='MODEL',
+                   help='fine-tune from a trained model instead of ImageNet weights: a checkpoint, '
+                        'hf://org/name[@revision] or a folder written by hub.py save; its classifier starts from '
+                        'random weights when the dataset has another number of classes')
     m.add_argument('--pretrained_path', default=None, metavar='FILE',
                    help='ImageNet weights to start from instead of the default source, in the original\'s, '
                         'pytorchcv\'s, timm\'s or torchvision\'s format (README, "ImageNet weights")')
@@ -133,6 +138,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     e.add_argument('--eval_scales', type=_scales, default=None, metavar='S1,S2,...',
                    help='also evaluate with these input scales averaged (e.g. 0.5,0.75,1.0,1.25,1.5,1.75)')
     e.add_argument('--flip', action='store_true', help='also evaluate with horizontal flipping averaged')
+    e.add_argument('--json', default=None, metavar='FILE',
+                   help='also write the figures (mean and per-class IoU, the protocol) as JSON, e.g. for hub.py save '
+                        '--metrics')
     e.add_argument('--save_predictions', action=argparse.BooleanOptionalAction, default=True,
                    help='write palettised prediction PNGs to <output_dir>/val (default: on)')
     return p
@@ -213,6 +221,14 @@ def check_args(args, info: utils.DistInfo) -> None:
             files.check_name_fits(path, '--exp or --output_dir')
     contradictions = [('--scratch', args.scratch, '--pretrained_path', args.pretrained_path,
                        'one trains from random weights, the other starts from a file'),
+                      ('--scratch', args.scratch, '--init', args.init,
+                       'one trains from random weights, the other from a trained model'),
+                      ('--init', args.init, '--pretrained_path', args.pretrained_path,
+                       '--init starts every layer from a trained model, --pretrained_path the backbone from ImageNet'),
+                      ('--init', args.init, '--resume', args.resume,
+                       '--resume continues a run, --init starts a new one from a trained model'),
+                      ('--train', args.train, '--json', args.json,
+                       '--json writes the figures of an evaluation run'),
                       ('--train', args.train, '--checkpoint', args.checkpoint,
                        '--checkpoint names a file to evaluate; to continue training from it use --resume'),
                       ('--train', args.train, '--eval_scales', args.eval_scales,
@@ -224,6 +240,12 @@ def check_args(args, info: utils.DistInfo) -> None:
             raise UserError(f'{first} and {second} contradict each other ({why}): drop one of them.')
     if args.resume and not args.train:
         raise UserError('--resume continues a training run: add --train, or use --checkpoint to evaluate a file.')
+    if args.init and not args.train:
+        raise UserError('--init starts a training run from a trained model: add --train, or use --checkpoint to '
+                        'evaluate it.')
+    if args.resume and hub.is_reference(args.resume):
+        raise UserError(f'--resume {args.resume} is a published model, which holds no optimizer state or schedule to '
+                        f'continue: fine-tune from it with --init instead.')
 
 
 def check_memory(args, info: utils.DistInfo) -> None:
@@ -251,6 +273,9 @@ def train(args, rt: runs.Runtime) -> None:
     """Data, model, optimizer, resume, loop."""
     info, execution, device = rt.dist, rt.execution, rt.execution.device
     resume = checkpoints.load(args.resume, what='the checkpoint to resume') if args.resume else None
+    init = checkpoints.load(args.init, what='--init') if args.init else None
+    if init is not None and args.model is None:  # the model of the one fine-tuned, and its file names
+        args.model = deeplab.recorded_args(init).get('model')
     state = checkpoints.start_state(args, resume, draw_seed=lambda: initial_seed(None))
     torch.manual_seed(state.seed + info.rank)
     outputs = training_outputs(args, state.epoch)
@@ -271,12 +296,15 @@ def train(args, rt: runs.Runtime) -> None:
         val_set = pascal.build_dataset(args.dataset, args.data_root, 'val', pascal.eval_transforms(args.crop_size),
                                        dataset.num_classes, dataset.class_names)
     files.refuse_overwrite(outputs, {**dataset_inputs(dataset, val_set), args.resume: 'the checkpoint to resume',
-                                     args.pretrained_path: '--pretrained_path', args.class_names: '--class_names'})
+                                     args.pretrained_path: '--pretrained_path', args.class_names: '--class_names',
+                                     args.init: '--init'})
     loader = loader_of(dataset, per_process, sampler, args, device)
 
     # Model and optimizer
-    model = model_for(args, dataset.num_classes, resume, resume=resume is not None)
-    if resume is None:
+    model = model_for(args, dataset.num_classes, resume or init, resume=resume is not None)
+    if init is not None:
+        state.initial_weights = deeplab.fine_tune_from(model, init, args.init)
+    elif resume is None:
         state.initial_weights = (imagenet.SCRATCH if args.scratch
                                  else deeplab.initialize(model, args.pretrained_path))
     model = execution.prepare(model)

@@ -193,7 +193,7 @@ def cleanup_distributed() -> None:
 
 
 PROJECT_LOGGERS = ('main', 'engine', 'deeplab', 'imagenet', 'vovnet', 'pascal', 'utils', 'files', 'checkpoints',
-                   'plots', 'predict', 'export', 'benchmark', 'demo')
+                   'plots', 'predict', 'export', 'benchmark', 'demo', 'hub')
 
 
 def setup_logging(is_main: bool = True) -> None:

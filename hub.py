@@ -1,0 +1,423 @@
+"""Trained models that can be shared and loaded again: a folder of three files, published on the Hugging Face Hub.
+
+    python hub.py save --checkpoint data/deeplab_vovnet39_pascal_v3_bn_lr7e-3_epoch50.pth --output hub/vovnet39
+    python hub.py save --checkpoint CKPT --output FOLDER --metrics eval.json   # with main.py --json's figures
+    python hub.py push --folder hub/vovnet39 --repo my-org/deeplabv3-vovnet39
+    python predict.py --checkpoint hf://my-org/deeplabv3-vovnet39 --input photos/
+
+A published model is `model.safetensors` (the weights, no pickle), `config.json` (what rebuilds the model: backbone,
+model, classes and their names, output stride, norm options, input normalisation, the evaluation crop, the format
+version) and `README.md` (a model card with the Hub's metadata). Wherever a checkpoint is accepted (main.py
+--checkpoint and --init, predict.py, export.py, benchmark.py), `hf://org/name[@revision]` or such a folder is too;
+from Python, `deeplab.from_pretrained("org/name")`. Downloads go through huggingface_hub's cache, revisions and
+offline mode (HF_HUB_OFFLINE=1); huggingface_hub and safetensors are optional (requirements-extras.txt).
+"""
+import argparse
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+
+import torch
+
+import checkpoints
+import errors
+import files
+import imagenet
+import pascal
+from errors import UserError, few
+
+log = logging.getLogger('hub')
+
+FORMAT = 'vovnet-deeplabv3-hub'
+VERSION = 1
+WEIGHTS, CONFIG, CARD = 'model.safetensors', 'config.json', 'README.md'
+FILES = (WEIGHTS, CONFIG, CARD)
+PREFIX = 'hf://'
+EVAL_CROP = 513  # the original's evaluation canvas
+ORIGINAL_REPO = 'https://github.com/stigma0617/VoVNet-DeepLabV3'
+# The original's released checkpoints (file name -> mean IoU on VOC 2012 val its README reports, not measured here).
+RELEASED = {f'deeplab_{b}_pascal_v3_bn_lr7e-3_epoch50.pth': miou for b, miou in (
+    ('resnet50', 74.27), ('densenet201', 75.63), ('vovnet39', 75.71), ('resnet101', 76.81), ('densenet161', 76.13),
+    ('vovnet57', 77.4))}
+DATASETS = {'pascal': ('pascal-voc-2012', 'PASCAL VOC 2012 val'), 'cityscapes': ('cityscapes', 'Cityscapes val')}
+
+
+def _hub(purpose: str):
+    return errors.require('huggingface_hub', purpose)
+
+
+def _safetensors(purpose: str):
+    errors.require('safetensors', purpose)
+    import safetensors.torch
+    return safetensors.torch
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading: hf://org/name[@revision] or a folder
+
+
+def is_reference(path: str | None) -> bool:
+    """Whether `path` names a published model: `hf://...`, or a folder holding config.json."""
+    return bool(path) and (str(path).startswith(PREFIX) or os.path.isfile(os.path.join(str(path), CONFIG)))
+
+
+def parse(reference: str) -> tuple[str, str | None]:
+    """(repository id, revision or None) of `hf://org/name[@revision]`, by huggingface_hub's own parser."""
+    hf = _hub(f'loading {reference}')
+    try:
+        uri = hf.utils.parse_hf_uri(reference)
+    except (ValueError, hf.errors.HFValidationError) as e:
+        raise UserError(f'{reference} is not a model on the Hub: {e} Write hf://org/name or hf://org/name@revision.') \
+            from None
+    if uri.type != 'model' or uri.path_in_repo:
+        what = f'a {uri.type}' + (', a path in it' if uri.path_in_repo else '')
+        raise UserError(f'{reference} is not a model repository ({what}); write hf://org/name or '
+                        f'hf://org/name@revision.')
+    return uri.id, uri.revision
+
+
+def download(reference: str) -> dict[str, str]:
+    """The local paths of config.json and model.safetensors of `hf://org/name[@revision]`, from huggingface_hub's
+    cache or downloaded into it."""
+    hf = _hub(f'loading {reference}')
+    repo, revision = parse(reference)
+    where = f'{repo}' + (f' at revision {revision}' if revision else '')
+    paths = {}
+    for name in (CONFIG, WEIGHTS):
+        try:
+            paths[name] = hf.hf_hub_download(repo, name, revision=revision)
+        except hf.errors.RevisionNotFoundError:
+            raise UserError(f'the Hub repository {repo} has no revision {revision!r}: give a branch, tag or commit '
+                            f'it has (hf://{repo}@main).') from None
+        except hf.errors.RepositoryNotFoundError:
+            raise UserError(f'the Hub has no model repository {repo} (or it is private or gated and this machine is '
+                            f'not logged in: hf auth login, or set HF_TOKEN).') from None
+        except hf.errors.LocalEntryNotFoundError:
+            offline = hf.constants.is_offline_mode()
+            raise UserError(f'{name} of {where} is not in the Hugging Face cache ({hf.constants.HF_HUB_CACHE}) and '
+                            + ('HF_HUB_OFFLINE is set' if offline else 'the Hub could not be reached')
+                            + ': download it once with a network (or unset HF_HUB_OFFLINE), or give a local folder '
+                              'written by hub.py save.') from None
+        except hf.errors.EntryNotFoundError:
+            raise UserError(f'{where} has no {name}: it is not a model published by hub.py (which writes '
+                            f'{", ".join(FILES)}).') from None
+        except hf.errors.HfHubHTTPError as e:
+            raise UserError(f'the Hub refused {name} of {where}: {errors.first_line(e)}') from None
+    return paths
+
+
+def _local(folder: str) -> dict[str, str]:
+    missing = [name for name in (CONFIG, WEIGHTS) if not os.path.isfile(os.path.join(folder, name))]
+    if missing:
+        raise UserError(f'the model folder {folder} has no {" and no ".join(missing)}: give a folder written by '
+                        f'hub.py save ({", ".join(FILES)}).')
+    return {name: os.path.join(folder, name) for name in (CONFIG, WEIGHTS)}
+
+
+def read_config(path: str, source: str) -> dict:
+    """config.json, checked: JSON, this format, a version this code reads, model arguments it can build from."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            config = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f'{CONFIG} of {source} is not valid JSON ({e}): the folder is damaged or was not written by '
+                        f'hub.py save.') from None
+    if not isinstance(config, dict) or config.get('format') != FORMAT:
+        raise UserError(f'{CONFIG} of {source} is not the config of a model written by hub.py save (its "format" '
+                        f'is {config.get("format") if isinstance(config, dict) else None!r}, not {FORMAT!r}).')
+    version = config.get('format_version')
+    if not isinstance(version, int) or version > VERSION:
+        raise UserError(f'{source} is in format version {version!r}, newer than this code reads ({VERSION}): '
+                        f'update this repository (git pull).')
+    import deeplab
+    args = model_args(config)
+    checkpoints.check_model_args(args, f'{CONFIG} of {source}')
+    if args.get('backbone') not in deeplab.SPECS:
+        raise UserError(f'{CONFIG} of {source} names the backbone {args.get("backbone")!r}, which this code does not '
+                        f'have ({", ".join(deeplab.BACKBONES)}).')
+    names = config.get('class_names')
+    if names is not None and (not isinstance(names, list) or len(names) != args.get('num_classes')):
+        raise UserError(f'{CONFIG} of {source} lists {len(names) if isinstance(names, list) else names!r} class '
+                        f'names for {args.get("num_classes")} classes.')
+    return config
+
+
+def model_args(config: dict) -> dict:
+    return {k: config[k] for k in checkpoints.MODEL_ARGS if k in config}
+
+
+def read(reference: str) -> dict:
+    """A published model as checkpoints.load gives a checkpoint: its state dict, model arguments, class names,
+    and `config`. The weights are checked against the config (every tensor, its shape, finite values)."""
+    paths = download(reference) if reference.startswith(PREFIX) else _local(reference)
+    config = read_config(paths[CONFIG], reference)
+    st = _safetensors(f'reading {reference}')
+    try:
+        state_dict = st.load_file(paths[WEIGHTS])
+    except Exception as e:  # safetensors' own error types: a truncated or foreign file
+        raise UserError(f'{WEIGHTS} of {reference} cannot be read as safetensors ({errors.first_line(e)}): the file is '
+                        f'damaged; download or save it again.') from None
+    check_fit(state_dict, model_args(config), reference)
+    snapshot = os.path.dirname(paths[CONFIG])  # huggingface_hub's cache: .../snapshots/<commit>/config.json
+    revision = os.path.basename(snapshot) if os.path.basename(os.path.dirname(snapshot)) == 'snapshots' else None
+    training = config.get('training') or {}
+    return {'state_dict': state_dict, 'revision': revision, 'model_args': model_args(config),
+            'class_names': config.get('class_names'), 'dataset': training.get('dataset'), 'config': config,
+            'initial_weights': training.get('initial_weights')}
+
+
+def check_fit(state_dict: dict[str, torch.Tensor], args: dict, source: str) -> None:
+    """The weights must be exactly those of the model the config describes: name the first that is not."""
+    import deeplab
+    with torch.random.fork_rng(devices=[]):
+        expected = deeplab.build_model(**args).state_dict()
+    for name, tensor in expected.items():
+        if name not in state_dict:
+            raise UserError(f'{WEIGHTS} of {source} does not fit its {CONFIG}: it has no {name} (the config describes '
+                            f'{deeplab.describe(args["backbone"], args["num_classes"], args.get("model"))}).')
+        if state_dict[name].shape != tensor.shape:
+            raise UserError(f'{WEIGHTS} of {source} does not fit its {CONFIG}: {name} has shape '
+                            f'{tuple(state_dict[name].shape)}, the model {tuple(tensor.shape)}.')
+    extra = [k for k in state_dict if k not in expected]
+    if extra:
+        raise UserError(f'{WEIGHTS} of {source} does not fit its {CONFIG}: {len(extra)} tensors the model does not '
+                        f'have {few(extra)}.')
+    checkpoints.check_weights(state_dict, f'{WEIGHTS} of {source}')
+
+
+def from_pretrained(reference: str, device: str | torch.device = 'cpu'):
+    """The published model `org/name`, `hf://org/name[@revision]` or a local folder, in eval mode, with its
+    `class_names`, `mean` and `std` (the input normalisation) as attributes."""
+    import deeplab
+    repo_like = re.fullmatch(r'[\w.-]+/[\w.-]+(@.+)?', reference)
+    if not reference.startswith(PREFIX) and not os.path.isdir(reference) and repo_like:
+        reference = PREFIX + reference
+    checkpoint = read(reference)
+    model = deeplab.build_model(**checkpoint['model_args'])
+    deeplab.load_weights(model, checkpoint['state_dict'], reference)
+    config = checkpoint['config']
+    model.class_names = checkpoint['class_names']
+    model.mean, model.std = tuple(config['input']['mean']), tuple(config['input']['std'])
+    model.config = config
+    return model.to(device).eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing: save a checkpoint as a folder, push a folder
+
+
+def original_format(checkpoint: dict) -> bool:
+    """A checkpoint of the original work: its keys carry DataParallel's `module.` prefix and it holds no record
+    of this project (the released files are {'epoch', 'state_dict', 'optimizer'})."""
+    return ('model_args' not in checkpoint and 'format' not in checkpoint
+            and all(k.startswith('module.') for k in checkpoint['state_dict']))
+
+
+def make_config(checkpoint: dict, model, path: str, metrics: dict | None) -> dict:
+    recorded = checkpoint.get('args') or {}
+    names = checkpoint.get('class_names') or (metrics or {}).get('class_names')
+    if names is None and model.num_classes == len(pascal.VOC_CLASSES):
+        names = list(pascal.VOC_CLASSES)
+    training = {k: recorded[k] for k in ('dataset', 'epochs', 'batch_size', 'base_lr', 'last_mult', 'crop_size',
+                                         'output_stride', 'amp', 'freeze_bn', 'seed') if k in recorded}
+    if 'epoch' in checkpoint:
+        training['epochs_trained'] = int(checkpoint['epoch'])
+    if checkpoint.get('initial_weights'):
+        training['initial_weights'] = checkpoint['initial_weights']
+    if checkpoint.get('best_miou') is not None:
+        training['best_validation_miou'] = checkpoint['best_miou']
+    released = original_format(checkpoint)
+    if released:
+        training.setdefault('dataset', 'pascal')
+    return {'format': FORMAT, 'format_version': VERSION, **model.model_args,
+            'model': model.name, 'class_names': names,
+            'input': {'mean': list(pascal.MEAN), 'std': list(pascal.STD),
+                      'note': 'RGB scaled to [0, 1], then (x - mean) / std'},
+            'crop_size': EVAL_CROP, 'training': training,
+            'source': {'checkpoint': os.path.basename(path), 'sha256': files.sha256_file(path),
+                       'original_release': released},
+            'evaluation': metrics}
+
+
+def read_metrics(path: str) -> dict:
+    try:
+        with open(path, encoding='utf-8') as f:
+            metrics = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f'--metrics {path} does not exist; write it with main.py --json FILE (evaluation).') from None
+    except (OSError, ValueError) as e:
+        raise UserError(f'--metrics {path} cannot be read as JSON ({e}); give the file of main.py --json.') from None
+    if not isinstance(metrics, dict) or not isinstance(metrics.get('mean_iou'), (int, float)):
+        raise UserError(f'--metrics {path} holds no mean_iou: give the file main.py --json writes when evaluating.')
+    return metrics
+
+
+def model_card(config: dict, license_: str) -> str:
+    """README.md: the Hub's YAML metadata, then what the model is, its training, its evaluation, how to load it."""
+    hf = _hub('writing the model card')
+    title = {'deeplabv3': 'DeepLabV3', 'deeplabv3plus': 'DeepLabV3+'}[config['model']]
+    name = f'{title} {config["backbone"]}'
+    training, source, metrics = config['training'], config['source'], config.get('evaluation')
+    dataset_id, dataset_name = DATASETS.get(training.get('dataset'), (training.get('dataset') or 'custom',) * 2)
+    reported = RELEASED.get(source['checkpoint']) if source['original_release'] else None
+    results = []
+    if metrics:
+        results.append(hf.EvalResult(task_type='image-segmentation', dataset_type=dataset_id,
+                                     dataset_name=dataset_name, metric_type='mean_iou',
+                                     metric_value=round(metrics['mean_iou'], 2), metric_name='mean IoU (%)'))
+    elif reported is not None:
+        results.append(hf.EvalResult(task_type='image-segmentation', dataset_type=dataset_id,
+                                     dataset_name=dataset_name, metric_type='mean_iou', metric_value=reported,
+                                     metric_name='mean IoU (%), reported by the original work',
+                                     source_name='VoVNet-DeepLabV3 README', source_url=ORIGINAL_REPO))
+    data = hf.ModelCardData(
+        library_name='vovnet-deeplabv3', pipeline_tag='image-segmentation', license=license_,
+        tags=['semantic-segmentation', config['model'], config['backbone'], 'pytorch', 'safetensors'],
+        datasets=[dataset_id], model_name=name if results else None, eval_results=results or None)
+    init = training.get('initial_weights')
+    lines = [f'# {name}', '',
+             f'{title} with a {config["backbone"]} backbone, output stride {config["output_stride"]}, '
+             f'{config["num_classes"]} classes, written by hub.py of VoVNet-DeepLabV3 from `{source["checkpoint"]}` '
+             f'(sha256 `{source["sha256"]}`).', '']
+    if source['original_release']:
+        lines += ['This is a checkpoint of the original work (its keys: DataParallel\'s `module.` prefix, no record '
+                  f'of this project), [{ORIGINAL_REPO}]({ORIGINAL_REPO}), converted unchanged.', '']
+    lines += ['## Training', '']
+    facts = [(k.replace('_', ' '), training[k]) for k in ('dataset', 'epochs', 'epochs_trained', 'batch_size',
+                                                          'base_lr', 'last_mult', 'crop_size', 'amp', 'seed')
+             if k in training]
+    if source['original_release']:
+        lines += ['The original reports its released runs as: PASCAL VOC 2012 + SBD, 50 epochs, batch 16, base lr '
+                  '0.007 (poly), crop 513, from ImageNet weights. The file records only:', '']
+    lines += [f'- {k}: {v}' for k, v in facts]
+    lines += [f'- initial weights: {imagenet.describe(init)}', '']
+    lines += ['## Evaluation', '']
+    if metrics:
+        protocol = metrics.get('protocol') or {}
+        lines += [f'Mean IoU **{metrics["mean_iou"]:.2f}** on {metrics.get("images", "?")} images of '
+                  f'{dataset_name} (measured by main.py: single scale, each image padded on a '
+                  f'{protocol.get("crop_size", EVAL_CROP)}x{protocol.get("crop_size", EVAL_CROP)} canvas'
+                  + (f', scales {protocol["scales"]}' if protocol.get('scales') else '')
+                  + (', flip' if protocol.get('flip') else '') + ').', '']
+        if metrics.get('class_iou'):
+            lines += ['| class | IoU (%) |', '|:--|--:|']
+            lines += [f'| {c} | {v:.2f} |' for c, v in metrics['class_iou'].items()]
+            lines.append('')
+    elif reported is not None:
+        lines += [f'Mean IoU {reported} on PASCAL VOC 2012 val, **as reported by the original work** (its README), '
+                  'not measured by this conversion.', '']
+    else:
+        lines += ['Not evaluated here (save with `--metrics` from `main.py --json` to add the figures).', '']
+        if training.get('best_validation_miou') is not None:
+            lines += [f'Best validation mean IoU during training: {training["best_validation_miou"]:.2f}.', '']
+    lines += ['## Use', '', '```bash',
+              'python predict.py --checkpoint hf://ORG/NAME --input photos/ --output masks/', '```', '', '```python',
+              'from deeplab import from_pretrained', 'model = from_pretrained("ORG/NAME")  # eval mode; '
+              'model.class_names, model.mean, model.std', '```', '',
+              f'Inputs: RGB in [0, 1], normalised with mean {config["input"]["mean"]} and std '
+              f'{config["input"]["std"]}; the logits come at the input size.', '']
+    return hf.ModelCard.from_template(data, template_str='---\n{{ card_data }}\n---\n\n' + '\n'.join(lines)).content
+
+
+def save(checkpoint_path: str, output: str, metrics_path: str | None = None, license_: str = 'unknown') -> None:
+    """Write the folder of `checkpoint_path` (this project's or the original's) to `output`, all files or none."""
+    import deeplab
+    _hub('hub.py save (the model card)')
+    st = _safetensors('hub.py save')
+    if is_reference(checkpoint_path):
+        raise UserError(f'{checkpoint_path} is already a published model; copy the folder, or push it.')
+    files.check_name_fits(os.path.join(output, WEIGHTS), '--output')
+    if os.path.isdir(output) and os.listdir(output):
+        raise UserError(f'--output {output} exists and is not empty; give a new folder (nothing was written).')
+    files.refuse_overwrite({os.path.join(output, n): '--output' for n in FILES},
+                           {checkpoint_path: 'the checkpoint (--checkpoint)', metrics_path: '--metrics'})
+    metrics = read_metrics(metrics_path) if metrics_path else None
+    checkpoint = checkpoints.load(checkpoint_path)
+    model = deeplab.model_from_checkpoint(checkpoint_path)
+    if metrics and metrics.get('num_classes') not in (None, model.num_classes):
+        raise UserError(f'--metrics {metrics_path} is an evaluation of {metrics["num_classes"]} classes, the '
+                        f'checkpoint has {model.num_classes}: give the metrics of this checkpoint.')
+    config = make_config(checkpoint, model, checkpoint_path, metrics)
+    card = model_card(config, license_)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    with files.staged_folder(output, '--output') as staging:
+        files.atomic_write(os.path.join(staging, WEIGHTS), lambda p: st.save_file(state, p, metadata={'format': 'pt'}),
+                           '--output', by_path=True)
+        files.atomic_write(os.path.join(staging, CONFIG),
+                           lambda f: f.write((json.dumps(config, indent=2) + '\n').encode()), '--output')
+        files.atomic_write(os.path.join(staging, CARD), lambda f: f.write(card.encode()), '--output')
+    log.info('wrote %s (%s, %s, %s)', output, ', '.join(FILES), deeplab.describe(
+        model.backbone_name, model.num_classes, model.name), 'with evaluation figures' if metrics else
+        'no evaluation figures')
+    log.info('publish it with: python hub.py push --folder %s --repo ORG/NAME', output)
+
+
+def push(folder: str, repo: str, private: bool = False, message: str | None = None) -> str:
+    """Upload a folder written by `save` to the Hub model repository `repo` (created if missing); returns its URL."""
+    hf = _hub('hub.py push')
+    read(folder)  # what is published must load back
+    if not os.path.isfile(os.path.join(folder, CARD)):
+        raise UserError(f'the model folder {folder} has no {CARD} (the model card); write it with hub.py save.')
+    if hf.get_token() is None:
+        raise UserError('not logged in to the Hugging Face Hub: run `hf auth login` (or set HF_TOKEN to a token with '
+                        'write access), then push again.')
+    api = hf.HfApi()
+    try:
+        api.create_repo(repo, repo_type='model', private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as upload:  # the card's commands name the repository they load from
+            for name in (WEIGHTS, CONFIG):
+                shutil.copyfile(os.path.join(folder, name), os.path.join(upload, name))
+            with open(os.path.join(folder, CARD), encoding='utf-8') as f:
+                card = f.read().replace('ORG/NAME', repo)
+            with open(os.path.join(upload, CARD), 'w', encoding='utf-8') as f:
+                f.write(card)
+            commit = api.upload_folder(repo_id=repo, folder_path=upload, allow_patterns=list(FILES),
+                                       commit_message=message or f'Upload {os.path.basename(os.path.abspath(folder))} '
+                                                                 f'with hub.py')
+    except hf.errors.HfHubHTTPError as e:
+        raise UserError(f'the Hub refused the upload to {repo}: {errors.first_line(e)} (check the token\'s write '
+                        f'access to {repo.split("/")[0]}).') from None
+    except (OSError, ConnectionError) as e:
+        raise UserError(f'could not reach the Hub to upload {folder} to {repo} ({errors.first_line(e)}).') from None
+    url = getattr(commit, 'commit_url', None) or f'https://huggingface.co/{repo}'
+    log.info('pushed %s to %s; load it with --checkpoint hf://%s', folder, url, repo)
+    return url
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest='command', required=True)
+    s = sub.add_parser('save', help='write the folder of a checkpoint')
+    s.add_argument('--checkpoint', required=True, help='a checkpoint of main.py --train, or a released one')
+    s.add_argument('--output', required=True, help='the folder to write (new or empty)')
+    s.add_argument('--metrics', default=None, metavar='FILE',
+                   help='the JSON of an evaluation of this checkpoint (main.py --json FILE), for the model card')
+    s.add_argument('--license', default='unknown', help='the license in the model card (default: %(default)s)')
+    u = sub.add_parser('push', help='upload a folder written by save')
+    u.add_argument('--folder', required=True)
+    u.add_argument('--repo', required=True, help='org/name (or user/name) of the Hub model repository')
+    u.add_argument('--private', action='store_true', help='create the repository private')
+    u.add_argument('--message', default=None, help='the commit message')
+    return p
+
+
+def run(args) -> None:
+    if args.command == 'save':
+        save(args.checkpoint, args.output, args.metrics, args.license)
+    else:
+        push(args.folder, args.repo, args.private, args.message)
+
+
+def cli(argv=None) -> int:
+    return errors.run_command(get_args_parser(), run, argv, 'free memory')
+
+
+if __name__ == '__main__':
+    sys.exit(cli())
