@@ -259,3 +259,17 @@ def test_benchmark_measures_each_backbone_with_and_without_the_decoder_in_one_ru
     assert results[2]['gflops'] > results[0]['gflops']
     status, _, err = run_cli('--model', 'deeplabv3,v4', module='benchmark')
     assert status == 1 and "--model 'deeplabv3,v4'" in err
+
+
+@pytest.mark.slow
+def test_torchrun_trains_deeplabv3plus_with_every_parameter_in_the_gradient(synthetic_root, tmp_path):
+    from test_scale import torchrun
+    result = torchrun(2, ['--train', '--scratch', '--exp', 'ddp', '--backbone', 'vovnet39', '--model', 'deeplabv3plus',
+                          '--epochs', '1', '--crop_size', '65', '--workers', '0', '--batch_size', '4', '--seed', '0',
+                          '--data_root', synthetic_root], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]  # DDP fails on a parameter left out of the loss
+    assert '(2 per process x 2)' in result.stdout
+    checkpoint = torch.load(tmp_path / 'data' / 'deeplab_vovnet39_pascal_v3plus_ddp_epoch1.pth', weights_only=True)
+    model = deeplab.build_model('vovnet39', model='deeplabv3plus')
+    model.load_state_dict(checkpoint['state_dict'])  # strict
+    assert int(checkpoint['state_dict']['decoder.project.1.num_batches_tracked']) == 2  # 2 steps, each process's
