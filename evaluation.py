@@ -147,9 +147,7 @@ def report(confusion, confusion_ms, class_names, args, path, seconds, count) -> 
 
 
 def chart_path(args, checkpoint: str) -> str:
-    name = os.path.basename(os.path.normpath(checkpoint.removeprefix(hub.PREFIX)))  # a file, a folder or hf://o/n
-    stem = name if hub.is_reference(checkpoint) else os.path.splitext(name)[0]
-    return os.path.join(args.output_dir, stem + '_iou.png')
+    return os.path.join(args.output_dir, os.path.basename(hub.stem(checkpoint)) + '_iou.png')
 
 
 def _side_by_side(class_names, iou, iou_ms) -> str:

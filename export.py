@@ -22,6 +22,7 @@ import checkpoints
 import deeplab
 import errors
 import files
+import hub
 import inference
 from errors import UserError
 
@@ -113,7 +114,8 @@ def check(model: deeplab.DeepLabV3, path: str, height: int, width: int) -> dict 
 
 
 def run(args) -> None:
-    output = args.output or os.path.splitext(args.checkpoint)[0] + '.onnx'
+    output = args.output or (os.path.basename(hub.stem(args.checkpoint)) if args.checkpoint.startswith(hub.PREFIX)
+                             else hub.stem(args.checkpoint)) + '.onnx'
     files.check_name_fits(output, '--output')
     files.refuse_overwrite({output: '--output'}, {args.checkpoint: 'the checkpoint (--checkpoint)'})
     example = 3 * 4 * args.height * args.width  # traced on the example; checked on a slightly larger input

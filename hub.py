@@ -65,6 +65,15 @@ def is_reference(path: str | None) -> bool:
     return bool(path) and (str(path).startswith(PREFIX) or os.path.isfile(os.path.join(str(path), CONFIG)))
 
 
+def stem(reference: str) -> str:
+    """A file-name stem for the outputs of a model named `reference`: a checkpoint's name without its extension,
+    a folder's name, or for hf://org/name@rev `name@rev`."""
+    if reference.startswith(PREFIX):
+        return reference[len(PREFIX):].rstrip('/').split('/')[-1]
+    name = os.path.normpath(reference)
+    return name if os.path.isdir(reference) else os.path.splitext(name)[0]
+
+
 def parse(reference: str) -> tuple[str, str | None]:
     """(repository id, revision or None) of `hf://org/name[@revision]`, by huggingface_hub's own parser."""
     hf = _hub(f'loading {reference}')
