@@ -273,3 +273,14 @@ def test_torchrun_trains_deeplabv3plus_with_every_parameter_in_the_gradient(synt
     model = deeplab.build_model('vovnet39', model='deeplabv3plus')
     model.load_state_dict(checkpoint['state_dict'])  # strict
     assert int(checkpoint['state_dict']['decoder.project.1.num_batches_tracked']) == 2  # 2 steps, each process's
+
+
+@pytest.mark.slow
+def test_the_demo_trains_and_evaluates_deeplabv3plus(tmp_path, run_cli):
+    status, out, err = run_cli('--model', 'deeplabv3plus', '--root', tmp_path / 'synthetic', '--output_dir',
+                               tmp_path / 'demo', '--train_images', '8', '--val_images', '4', '--epochs', '1',
+                               '--batch_size', '4', '--crop_size', '65', '--workers', '0', module='demo')
+    assert status == 0, err
+    assert '--model deeplabv3plus' in out and re.search(r'demo finished in .*: mean IoU \d+\.\d\d', out)
+    checkpoint = torch.load(tmp_path / 'demo' / 'deeplab_vovnet39_pascal_v3plus_demo_epoch1.pth', weights_only=True)
+    assert checkpoint['model_args']['model'] == 'deeplabv3plus'
