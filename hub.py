@@ -368,6 +368,12 @@ def save(checkpoint_path: str, output: str, metrics_path: str | None = None, lic
 def push(folder: str, repo: str, private: bool = False, message: str | None = None) -> str:
     """Upload a folder written by `save` to the Hub model repository `repo` (created if missing); returns its URL."""
     hf = _hub('hub.py push')
+    try:
+        hf.utils.validate_repo_id(repo)
+        if repo.count('/') != 1:
+            raise hf.errors.HFValidationError('it must be org/name')
+    except hf.errors.HFValidationError as e:
+        raise UserError(f'--repo {repo!r} is not a Hub repository name ({e}); write org/name.') from None
     read(folder)  # what is published must load back
     if not os.path.isfile(os.path.join(folder, CARD)):
         raise UserError(f'the model folder {folder} has no {CARD} (the model card); write it with hub.py save.')

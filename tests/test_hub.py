@@ -259,6 +259,9 @@ def test_push_uploads_the_three_files_through_hfapi_with_the_cards_commands_nami
     monkeypatch.setattr(hf.constants, 'HF_STORED_TOKENS_PATH', str(tmp_path / 'no_tokens'))
     status, _, err = run_cli('push', '--folder', folder, '--repo', 'me/vov', module='hub')
     assert status == 1 and 'not logged in to the Hugging Face Hub: run `hf auth login`' in err and not calls
+    for bad in ('vov', 'me/v o v', 'a/b/c'):
+        status, _, err = run_cli('push', '--folder', folder, '--repo', bad, module='hub')
+        assert status == 1 and f"--repo {bad!r} is not a Hub repository name" in err and not calls, err
     monkeypatch.setenv('HF_TOKEN', 'hf_test_token')
     status, out, err = run_cli('push', '--folder', folder, '--repo', 'me/vov', '--private', module='hub')
     assert status == 0, err
