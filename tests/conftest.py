@@ -9,17 +9,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-# Two threads, as the CPU machines this project runs on have two cores; under pytest-xdist, the cores shared among
-# its workers, so that they do not compete for them.
-torch.set_num_threads(max(1, 2 // int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))))
-
-
-def pytest_xdist_auto_num_workers(config):
-    """`-n auto` (pyproject.toml): one worker per CPU this process may use, as many as the memory holds at ~3 GB
-    each (a training test peaks near 2.5 GB)."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
-    available = os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') if hasattr(os, 'sysconf') else 0
-    return max(1, min(cpus, int(available // 3e9) or 1))
+torch.set_num_threads(2)
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
