@@ -20,6 +20,7 @@ import imagenet
 import inference
 import pascal
 import plots
+import quantize
 import runs
 import utils
 from checkpoints import epoch_path
@@ -57,13 +58,15 @@ def run(args, rt: runs.Runtime) -> float:
     model = model_for(args, dataset.num_classes, checkpoint)
     deeplab.load_weights(model, checkpoint['state_dict'], path)
     model = execution.prepare(model)
-    runner = inference.Runner(torch.compile(model) if args.compile else model, execution, args.crop_size)
+    net = int8_model(args, model, execution.device) if args.quantize else torch.compile(model) if args.compile \
+        else model
+    runner = inference.Runner(net, execution, args.crop_size)
 
     log.info('evaluating %s on %s of %s (%s, output stride %d)', path, utils.plural(len(dataset), 'image'),
              args.dataset, execution.device, model.output_stride)
     log.info('initial weights of its training: %s', imagenet.describe(checkpoint.get('initial_weights')))
     hint = inference.speed_hint(execution.device)
-    if hint and execution.amp is None:
+    if hint and execution.amp is None and not args.quantize:
         log.info('%s', hint)
     start = time.time()
     with contextlib.ExitStack() as stack:
@@ -102,17 +105,34 @@ def run(args, rt: runs.Runtime) -> float:
     if info.is_main:
         report(confusion, confusion_ms, dataset.class_names, args, path, time.time() - start, len(dataset))
         if args.json:
-            write_json(args, path, dataset, confusion, confusion_ms, model)
+            write_json(args, path, dataset, confusion, confusion_ms, model, net)
     return confusion.mean_iou()
 
 
-def write_json(args, path, dataset, confusion, confusion_ms, model) -> None:
+def int8_model(args, model, device) -> quantize.Int8Model:
+    """--quantize int8: the model quantized after observing --calibration images of the training list (drawn with
+    --seed, or always the same ones without it), and compiled for the protocol's canvas."""
+    quantize.check_device(device)
+    quantize.require()
+    train = dataset_of(args, 'train', pascal.eval_transforms(args.crop_size))
+    seed = quantize.DEFAULT_SEED if args.seed is None else args.seed
+    images = [quantize.canvas(train[i][0], args.crop_size)
+              for i in quantize.pick(args.calibration, len(train), seed)]
+    net = quantize.int8(model, images)
+    seconds = quantize.warm_up(net, (1, 3, args.crop_size, args.crop_size))
+    log.info('int8 (PT2E, torchao X86InductorQuantizer): calibrated on %s of the training list in %.1f s, compiled '
+             'in %.1f s', utils.plural(len(images), 'image'), net.quantize_seconds, seconds)
+    return net
+
+
+def write_json(args, path, dataset, confusion, confusion_ms, model, net) -> None:
     """The figures of the evaluation as JSON (--json): what hub.py save --metrics puts in a model card."""
     iou = confusion.iou() * 100
     figures = {'checkpoint': path, 'model': model.name, 'backbone': model.backbone_name,
                'num_classes': dataset.num_classes, 'class_names': list(dataset.class_names),
                'dataset': args.dataset, 'split': 'val', 'images': len(dataset),
                'protocol': {'crop_size': args.crop_size, 'output_stride': model.output_stride},
+               'precision': precision(args, net),
                'mean_iou': float(iou.mean()),
                'class_iou': {name: float(v) for name, v in zip(dataset.class_names, iou)}}
     if confusion_ms is not None:
@@ -122,6 +142,13 @@ def write_json(args, path, dataset, confusion, confusion_ms, model) -> None:
     files.atomic_write(args.json, lambda f: f.write(text.encode()), flag='--json',
                        keeps='The figures are printed above')
     log.info('figures in %s', args.json)
+
+
+def precision(args, net) -> str:
+    """How the evaluated model computed: fp32 (the protocol), autocast, or int8 with its calibration."""
+    if isinstance(net, quantize.Int8Model):
+        return f'int8 (PT2E, {utils.plural(net.images, "calibration image")})'
+    return {'off': 'fp32'}.get(args.amp, f'{args.amp} autocast') + (' + channels last' if args.channels_last else '')
 
 
 def report(confusion, confusion_ms, class_names, args, path, seconds, count) -> None:

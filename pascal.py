@@ -281,6 +281,20 @@ class SegmentationDataset(Dataset):
         return image, mask, {'index': index, 'size': size}
 
 
+def collect_images(spec: str, flag: str) -> list[str]:
+    """The files `spec` names: an image, a folder's files (hidden ones left out) or a glob pattern, sorted."""
+    if os.path.isdir(spec):
+        paths = [os.path.join(spec, f) for f in sorted(os.listdir(spec)) if not f.startswith('.')]
+        paths = [f for f in paths if os.path.isfile(f)]
+    elif os.path.isfile(spec):
+        paths = [spec]
+    else:
+        paths = sorted(f for f in glob.glob(spec, recursive=True) if os.path.isfile(f))
+    if not paths:
+        raise UserError(f'{flag} {spec} names no file: give an image, a folder of images or a glob pattern.')
+    return paths
+
+
 def build_dataset(name: str, root: str | None, split: str, transforms, num_classes: int | None = None,
                   class_names: Sequence[str] | None = None, seed: int = 0,
                   names_source: str | None = None) -> SegmentationDataset:

@@ -9,7 +9,6 @@ batched; larger ones up to `--window_above` megapixels are predicted whole, and 
 crop-sized windows, so that memory stays bounded (`--whole`, `--slide` choose one way for all).
 """
 import argparse
-import glob
 import logging
 import os
 import sys
@@ -24,6 +23,7 @@ import errors
 import files
 import inference
 import pascal
+import quantize
 import utils
 from errors import Interrupted, UserError
 
@@ -59,20 +59,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                         'GPU (fp16 on one without bf16), fp32 elsewhere; off: fp32')
     p.add_argument('--channels_last', action=argparse.BooleanOptionalAction, default=None,
                    help='NHWC memory layout (default: on with mixed precision)')
+    p.add_argument('--quantize', default=None, choices=('int8',),
+                   help='int8: quantize the model (PT2E through torchao) and compile it, CPU only; faster, its masks '
+                        'differ from fp32\'s on a few pixels. Images go one at a time on the crop-sized canvas, '
+                        'larger ones in windows: one shape, compiled once (README, "int8 inference")')
+    p.add_argument('--calibration', type=errors.number(int, 1), default=quantize.DEFAULT_CALIBRATION, metavar='N',
+                   help=f'--quantize: inputs that calibrate it, always the same ones (default '
+                        f'{quantize.DEFAULT_CALIBRATION})')
     return p
-
-
-def collect_inputs(spec: str) -> list[str]:
-    if os.path.isdir(spec):
-        paths = [os.path.join(spec, f) for f in sorted(os.listdir(spec)) if not f.startswith('.')]
-        paths = [f for f in paths if os.path.isfile(f)]
-    elif os.path.isfile(spec):
-        paths = [spec]
-    else:
-        paths = sorted(f for f in glob.glob(spec, recursive=True) if os.path.isfile(f))
-    if not paths:
-        raise UserError(f'--input {spec} names no file: give an image, a folder of images or a glob pattern.')
-    return paths
 
 
 def overlay(photo: Image.Image, mask: np.ndarray, opacity: float, palette) -> Image.Image:
@@ -108,9 +102,10 @@ def plan(inputs: list[str], args) -> tuple[list[tuple[str, list[str]]], int]:
         if w <= args.crop_size and h <= args.crop_size:
             small.append(path)
         else:
-            whole = args.whole or (not args.slide and w * h <= args.window_above * 1e6)
+            whole = not args.quantize and (args.whole or (not args.slide and w * h <= args.window_above * 1e6))
             large.append(('whole' if whole else 'windows', [path]))
-    batches = [('batch', small[i:i + args.batch_size]) for i in range(0, len(small), args.batch_size)]
+    size = 1 if args.quantize else args.batch_size
+    batches = [('batch', small[i:i + size]) for i in range(0, len(small), size)]
     return batches + large, skipped
 
 
@@ -122,9 +117,35 @@ def advice(how: str, device) -> str:
     return ways + (', or use --amp bf16' if device.type == 'cpu' else ', --amp fp16, or --device cpu')
 
 
+def check_quantize(args, device) -> None:
+    if not args.quantize:
+        return
+    quantize.check_device(device)
+    if args.amp not in ('auto', 'off'):
+        raise UserError(f'--quantize int8 and --amp {args.amp} contradict each other (int8 computes in its own '
+                        f'precision): drop one of them.')
+    if args.whole:
+        raise UserError('--quantize int8 predicts on crop-sized canvases (one compiled shape), larger images in '
+                        'windows: drop --whole, or --quantize.')
+    quantize.require()
+    args.amp = 'off'
+
+
+def int8_model(model, work, crop: int, count: int) -> quantize.Int8Model:
+    """The model quantized after observing `count` of the inputs (the same ones every run), on the canvas they are
+    predicted on, and compiled for it."""
+    images = quantize.load_calibration([path for _, paths in work for path in paths], count, crop, crop)
+    net = quantize.int8(model, images)
+    seconds = quantize.warm_up(net, (1, 3, crop, crop))
+    log.info('int8 (PT2E, torchao X86InductorQuantizer): calibrated on %s in %.1f s, compiled in %.1f s',
+             utils.plural(len(images), 'input'), net.quantize_seconds, seconds)
+    return net
+
+
 def run(args) -> int:
     """Predict every readable input; returns the number of files skipped."""
     _, device = utils.init_distributed(args.device)
+    check_quantize(args, device)
     canvas = f'{args.crop_size}x{args.crop_size}'
     errors.refuse_if_huge(inference.BYTES_PER_PIXEL * args.batch_size * args.crop_size ** 2, device,
                           f'predicting batches of {args.batch_size} images on {canvas} canvases',
@@ -132,7 +153,7 @@ def run(args) -> int:
     if not args.slide and not args.whole:
         errors.refuse_if_huge(inference.BYTES_PER_PIXEL * args.window_above * 1e6, device,
                               f'predicting images up to {args.window_above:g} megapixels whole', '--window_above')
-    inputs = collect_inputs(args.input)
+    inputs = pascal.collect_images(args.input, '--input')
     files.make_output_folder(args.output, '--output')
     amp = inference.amp_dtype(args.amp, device)
     execution = inference.Execution(device, amp, amp is not None if args.channels_last is None else args.channels_last)
@@ -146,9 +167,12 @@ def run(args) -> int:
     files.refuse_overwrite(outputs, {**{path: 'an input image' for path in inputs},
                                      args.checkpoint: 'the checkpoint (--checkpoint)'})
     model = deeplab.model_from_checkpoint(args.checkpoint, args.backbone, args.output_stride, args.model)
-    runner = inference.Runner(execution.prepare(model).eval(), execution, args.crop_size)
+    model = execution.prepare(model).eval()
+    if args.quantize:
+        model = int8_model(model, work, args.crop_size, args.calibration)
+    runner = inference.Runner(model, execution, args.crop_size)
     log.info('predicting %s with %s (%s, %s%s)', utils.plural(len(stems), 'image'), args.checkpoint, device,
-             {None: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16'}[amp],
+             'int8' if args.quantize else {None: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16'}[amp],
              ', channels last' if execution.channels_last else '')
     to_tensor = pascal.ToTensor()
     palette = utils.voc_palette()

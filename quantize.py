@@ -1,0 +1,172 @@
+"""int8 inference on x86 CPUs: post-training static quantization through PyTorch 2 export (PT2E) with torchao's
+X86InductorQuantizer (per-channel int8 weights, per-tensor uint8 activations), calibrated on a few images, then
+compiled by Inductor, which runs the quantized convolutions in oneDNN.
+
+    model = quantize.int8(model, calibration_images)   # images: (3, crop, crop) tensors, normalised
+    runner = inference.Runner(model, inference.Execution(torch.device('cpu')), crop)
+
+main.py's evaluation and predict.py take `--quantize int8`, benchmark.py's `int8` configuration is this, and
+export.py has its ONNX counterpart (ONNX Runtime's own static quantization, calibrated the same way).
+
+Two things of the models need care, each handled at export, never in the models themselves:
+
+- A module called more than once (the ASPP's `relu`, the ReLU of torchvision's Bottleneck) is one partition
+  for the quantizer, which then refuses the conv-ReLU pattern ("Input partition has more than one output node").
+  The exporter already tells the calls apart (`aspp.relu`, `aspp.relu@1`, ...): each call becomes its own.
+- Inductor's int8 max pooling ignores `ceil_mode` (VoVNet's pools: a 66-pixel map pools to 32 instead of 33), so
+  those pools stay in fp32, between a dequantize and a quantize.
+"""
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+import errors
+import pascal
+from errors import UserError
+
+DEFAULT_CALIBRATION = 32  # images
+DEFAULT_SEED = 0  # which images calibrate, where the run gives no --seed
+
+
+# Notices these libraries log on the way that say nothing about the run (an Enum registration torchao makes at
+# import, "No CUDA runtime is found" when Inductor builds its CPU kernels).
+QUIET = ('torch.utils._pytree', 'torch.utils.cpp_extension')
+
+
+@contextlib.contextmanager
+def quiet():
+    levels = {name: logging.getLogger(name).level for name in QUIET}
+    for name in QUIET:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def require() -> None:
+    """torchao, or the one-line message naming its pip install."""
+    with quiet():
+        errors.require('torchao', 'int8 quantization (--quantize int8)')
+
+
+def check_device(device: torch.device) -> None:
+    if device.type != 'cpu':
+        raise UserError(f'--quantize int8 runs on the CPU (x86 int8 kernels), not on {device}: add --device cpu, or '
+                        f'use --amp on the GPU.')
+
+
+def pick(count: int, available: int, seed: int) -> list[int]:
+    """`count` indices of `available` images, drawn with `seed` (all of them, in order, when there are fewer)."""
+    if available <= count:
+        return list(range(available))
+    return sorted(torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:count].tolist())
+
+
+def canvas(image: torch.Tensor, height: int, width: int | None = None) -> torch.Tensor:
+    """An image (3, h, w) as the model sees it in evaluation and prediction: padded bottom/right to the crop size
+    (height x width, default square), and cut to it where larger (the window at its top left)."""
+    width = width or height
+    h, w = image.shape[-2:]
+    padded = torch.nn.functional.pad(image, (0, max(0, width - w), 0, max(0, height - h)))
+    return padded[:, :height, :width]
+
+
+def load_calibration(paths: Sequence[str], count: int, height: int, width: int) -> list[torch.Tensor]:
+    """`count` of the images at `paths` (the same ones every run), normalised, on height x width canvases; files
+    that cannot be read are left out (their own step reports them)."""
+    images = []
+    for i in pick(count, len(paths), DEFAULT_SEED):
+        try:
+            photo = pascal.load_image(paths[i], exif=True)
+        except UserError:
+            continue
+        images.append(canvas(pascal.ToTensor()(photo, photo, None)[0], height, width))
+    if not images:
+        raise UserError(f'none of the {len(paths)} images given could be read to calibrate int8 quantization.')
+    return images
+
+
+def _one_partition_per_call(graph_module: torch.fx.GraphModule) -> None:
+    """Give each call of a module called several times its own name in the nodes' module stacks, where the
+    quantizer groups nodes into partitions (the exporter's keys already number the calls: `aspp.relu@2`)."""
+    for node in graph_module.graph.nodes:
+        stack = node.meta.get('nn_module_stack')
+        if not stack:
+            continue
+        key, (name, cls) = list(stack.items())[-1]
+        if '@' in key:
+            stack[key] = (f'{name}@{key.rsplit("@", 1)[1]}', cls)
+
+
+def quantizer_for(model: nn.Module):
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+    quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MaxPool2d) and module.ceil_mode:  # Inductor's int8 pool ignores ceil_mode
+            quantizer.set_module_name_qconfig(name, None)
+    return quantizer
+
+
+class Int8Model(nn.Module):
+    """The quantized, compiled model: called like the fp32 one, in inference only."""
+
+    def __init__(self, compiled, source: nn.Module, seconds: float, images: int):
+        super().__init__()
+        self.compiled, self.quantize_seconds, self.images = compiled, seconds, images
+        self.name, self.output_stride = getattr(source, 'name', None), getattr(source, 'output_stride', None)
+
+    def train(self, mode: bool = True):
+        if mode:
+            raise RuntimeError('an int8 model is for inference only')
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.compiled(x)
+
+
+def int8(model: nn.Module, calibration: Sequence[torch.Tensor]) -> Int8Model:
+    """`model` (fp32, eval) quantized to int8 after observing `calibration` (images (3, H, W) or batches
+    (N, 3, H, W)), and compiled with its weights frozen. Any batch size, height and width runs; each new input
+    shape compiles once (tens of seconds at 513x513 on two cores), so evaluation and prediction give it one."""
+    require()
+    from torch._inductor import config as inductor_config
+    from torch.export import Dim
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    if not calibration:
+        raise UserError('int8 quantization needs at least one calibration image.')
+    batches = [image if image.dim() == 4 else image[None] for image in calibration]
+    start = time.perf_counter()
+    model = model.eval().cpu()
+    example = torch.cat([batches[0], batches[0]])  # batch 2: a batch of 1 would be exported for 1 only
+    dynamic = ({0: Dim('batch', min=1), 2: Dim.AUTO, 3: Dim.AUTO},)
+    with torch.no_grad():
+        exported = torch.export.export(model, (example,), dynamic_shapes=dynamic).module()
+        _one_partition_per_call(exported)
+        prepared = prepare_pt2e(exported, quantizer_for(model))
+        for batch in batches:
+            prepared(batch.float())
+        converted = convert_pt2e(prepared)
+    seconds = time.perf_counter() - start
+
+    @torch.no_grad()
+    def run(x):
+        # Weights as constants (prepacked for oneDNN) for this model only: Inductor reads the flag when it compiles.
+        with inductor_config.patch(freezing=True), quiet():
+            return compiled(x)
+
+    compiled = torch.compile(converted, dynamic=False)  # one static kernel set per input shape
+    return Int8Model(run, model, seconds, len(calibration))
+
+
+def warm_up(model: Int8Model, shape: tuple[int, ...]) -> float:
+    """Compile for inputs of `shape` now (seconds taken), so that the time is reported apart from the run's."""
+    start = time.perf_counter()
+    with torch.inference_mode():  # as evaluation and prediction run: grad mode is part of what a compilation fits
+        model(torch.zeros(shape))
+    return time.perf_counter() - start
