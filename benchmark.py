@@ -9,8 +9,9 @@ backbones and the two eSE-VoVNets.
 Every backbone is first measured as the original ran it (`original`: eager fp32, NCHW, and in inference mode
 with the autograd graph built, as its evaluation did), then in each configuration of `--configs`, under
 `torch.inference_mode()`. A configuration joins tokens with `+`: a precision (`fp32`, `bf16`, `fp16` autocast,
-or `int8`: post-training static quantization for x86 CPUs), `cl` (channels-last), `compile` (torch.compile,
-with weights frozen) and `fold` (BatchNorm folded into the convolutions). Columns:
+or `int8`: post-training static quantization for x86 CPUs through PT2E, calibrated on 4 sample images and always
+compiled, quantize.py's, as `--quantize int8` runs it), `cl` (channels-last), `compile` (torch.compile, with
+weights frozen) and `fold` (BatchNorm folded into the convolutions). Columns:
 median latency in ms after warm-up (CUDA-synchronised), peak memory in MB (CUDA: max allocated; CPU: the
 process's peak resident set, each measurement in a fresh process), energy in J/frame from NVML's energy counter
 on NVIDIA GPUs, parameters, GFLOPs (2 x multiply-adds), the argmax agreement with fp32, and each figure's ratio
@@ -35,7 +36,6 @@ import platform
 import statistics
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -48,6 +48,7 @@ import errors
 import files
 import inference
 import pascal
+import quantize
 import synthetic
 import utils
 from errors import UserError
@@ -70,6 +71,8 @@ class Config:
         config = cls(text)
         tokens = text.split('+')
         precisions = [t for t in tokens if t in PRECISIONS or t == 'int8']
+        if 'int8' in tokens and 'fold' in tokens:
+            raise argparse.ArgumentTypeError(f'configuration {text!r}: int8 folds BatchNorm itself; drop +fold')
         if len(precisions) > 1:
             raise argparse.ArgumentTypeError(f'configuration {text!r} names {len(precisions)} precisions '
                                              f'({", ".join(precisions)}); give one of fp32, bf16, fp16, int8')
@@ -157,29 +160,14 @@ def build(backbone: str, model_name: str, args, x: torch.Tensor) -> deeplab.Deep
     return model.eval()
 
 
-def quantize_int8(model, size: int):
-    """Post-training static int8 quantization for x86 CPUs (FX graph mode, per-channel weights), calibrated on
-    a few sample images."""
-    from torch.ao.quantization import get_default_qconfig_mapping
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
-    torch.backends.quantized.engine = 'x86'
-    calibration = sample_batch(size, 4)
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')  # FX quantization's notices about its successor (torchao)
-        prepared = prepare_fx(model.eval(), get_default_qconfig_mapping('x86'), example_inputs=(calibration[:1],))
-        with torch.no_grad():
-            for image in calibration:
-                prepared(image[None])
-        return convert_fx(prepared)
-
-
 def prepare(model, config: Config, device: torch.device, size: int):
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = config.name != ORIGINAL.name
-    if config.int8:
+    if config.int8:  # quantized and compiled: BatchNorm folded, weights frozen (quantize.py)
         if device.type != 'cpu':
             raise ValueError('int8 is a CPU configuration')
-        model = quantize_int8(model, size)
+        calibration = sample_batch(size, 4)
+        return quantize.int8(model, list(calibration))
     if config.fold:
         import torch.fx.experimental.optimization as fx_opt
         model = fx_opt.fuse(model.eval(), inplace=True)
@@ -351,14 +339,16 @@ def measure_training(backbone: str, model_name: str, config: Config, args) -> di
     else:  # main.py's: fused where PyTorch has the kernel and no gradient scaler is used
         optimizer = engine.sgd([{'params': model.parameters()}], lr=1e-3, momentum=engine.MOMENTUM,
                                weight_decay=engine.WEIGHT_DECAY, grad_scaler=scaler.is_enabled())
-    net = torch.compile(model) if config.compile else model
     x = sample_batch(args.crop, args.batch).to(device, memory_format=fmt)
     target = torch.randint(0, 21, (args.batch, args.crop, args.crop), device=device)
-
     criterion = engine.BatchCrossEntropy()
+    compiled = engine.CompiledStep(model, criterion, execution) if config.compile else None  # main.py --compile's
 
     def step():
-        engine.train_step(net, criterion, optimizer, scaler, x, target, execution)
+        if compiled is None:
+            engine.train_step(model, criterion, optimizer, scaler, x, target, execution)
+        else:
+            compiled(optimizer, scaler, x, target)
 
     warmup_s, times, memory, _ = time_runs(step, device, args)
     ms = statistics.median(times)
@@ -454,6 +444,10 @@ def check_args(args) -> tuple[torch.device, list[str], list[str], list[Config]]:
     else:
         errors.refuse_if_huge(engine.BYTES_PER_PIXEL * args.batch * crop ** 2, device,
                               f'a training step on {args.batch} crops of {crop}x{crop}', '--crop or --batch')
+    if any(c.int8 for c in configs):
+        if device.type != 'cpu':
+            raise UserError('int8 configurations run on the CPU (x86 int8 kernels); add --device cpu.')
+        quantize.require()
     if device.type != 'cuda' and any(c.amp == 'fp16' for c in configs):
         raise UserError('fp16 configurations need CUDA; use bf16 on the CPU.')
     if args.checkpoint:
