@@ -6,13 +6,17 @@ The graph takes `image`, a normalised float32 batch (N, 3, H, W) (ImageNet mean/
 `logits` (N, classes, H, W). It is written by PyTorch's dynamo-based exporter (torch.export, then onnxscript;
 opset 18 and later); `--exporter torchscript` uses the TorchScript exporter, deprecated in current PyTorch, for
 older opsets. When ONNX Runtime is installed (pip install onnxruntime), the exported model is run on a sample
-input of another size than the one traced and compared with PyTorch: the agreement is printed.
+input of another size than the one traced and compared with PyTorch: the agreement is printed. `--quantize int8`
+also writes `{output}_int8.onnx`, quantized statically by ONNX Runtime's own tools on `--calibration_input`, and
+prints both files' ONNX Runtime latency and argmax agreement with PyTorch.
 """
 import argparse
 import contextlib
 import logging
 import os
+import statistics
 import sys
+import time
 import warnings
 
 import numpy as np
@@ -24,6 +28,9 @@ import errors
 import files
 import hub
 import inference
+import pascal
+import quantize
+import utils
 from errors import UserError
 
 log = logging.getLogger('export')
@@ -49,7 +56,69 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='PyTorch\'s exporter: dynamo (default, torch.export + onnxscript) or torchscript (deprecated '
                         'in current PyTorch; for opsets below 18)')
     p.add_argument('--no_check', action='store_true', help='skip the ONNX Runtime comparison')
+    p.add_argument('--quantize', default=None, choices=('int8',),
+                   help='int8: also write {output}_int8.onnx, statically quantized by ONNX Runtime (QDQ, per-channel '
+                        'int8 weights, uint8 activations) after observing --calibration_input, and report both '
+                        'files\' ONNX Runtime latency and argmax agreement with PyTorch')
+    p.add_argument('--calibration_input', default=None, metavar='IMAGES',
+                   help='--quantize: the images that calibrate it, an image, a folder or a glob (photos like the ones '
+                        'it will segment); each on a --height x --width canvas')
+    p.add_argument('--calibration', type=errors.number(int, 1), default=quantize.DEFAULT_CALIBRATION, metavar='N',
+                   help=f'--quantize: how many of them calibrate, always the same ones (default '
+                        f'{quantize.DEFAULT_CALIBRATION})')
     return p
+
+
+def int8_path(output: str) -> str:
+    stem, ext = os.path.splitext(output)
+    return f'{stem}_int8{ext or ".onnx"}'
+
+
+def quantize_onnx(source: str, path: str, images: list[torch.Tensor]) -> None:
+    """Write `path`, `source` statically quantized by ONNX Runtime: its pre-processing (shape inference, graph
+    optimisation), then QDQ int8 with per-channel weights, activation ranges from `images` (MinMax)."""
+    from onnxruntime import quantization as ortq
+
+    class Reader(ortq.CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([image[None].numpy() for image in images])
+
+        def get_next(self):
+            batch = next(self.batches, None)
+            return None if batch is None else {'image': batch}
+
+    def write(tmp):
+        prepared = tmp + '.pre.onnx'
+        try:
+            with _quiet('root', 'onnxruntime'):
+                ortq.quant_pre_process(source, prepared, skip_symbolic_shape=True)
+                ortq.quantize_static(prepared, tmp, Reader(), quant_format=ortq.QuantFormat.QDQ, per_channel=True,
+                                     activation_type=ortq.QuantType.QUInt8, weight_type=ortq.QuantType.QInt8)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(prepared)
+    files.atomic_write(path, write, flag='--output', by_path=True)
+
+
+def compare(model: deeplab.DeepLabV3, paths: list[str], images: list[torch.Tensor], runs: int = 5) -> list[dict]:
+    """ONNX Runtime's median latency on one image (after a warm-up run) and argmax agreement with PyTorch fp32
+    over `images`, for each ONNX file."""
+    import onnxruntime
+    with torch.inference_mode():
+        expected = [model(image[None]).argmax(1).numpy() for image in images]
+    results = []
+    for path in paths:
+        session = onnxruntime.InferenceSession(path, providers=['CPUExecutionProvider'])
+        feeds = [{'image': image[None].numpy()} for image in images]
+        agree = [(session.run(['logits'], feed)[0].argmax(1) == e).mean() for feed, e in zip(feeds, expected)]
+        times = []
+        for _ in range(runs + 1):
+            start = time.perf_counter()
+            session.run(['logits'], feeds[0])
+            times.append((time.perf_counter() - start) * 1000)
+        results.append(dict(path=path, latency_ms=statistics.median(times[1:]),
+                            argmax_agreement=float(np.mean(agree) * 100)))
+    return results
 
 
 def export(model: deeplab.DeepLabV3, path: str, height: int, width: int, opset: int,
@@ -117,7 +186,20 @@ def run(args) -> None:
     output = args.output or (os.path.basename(hub.stem(args.checkpoint)) if args.checkpoint.startswith(hub.PREFIX)
                              else hub.stem(args.checkpoint)) + '.onnx'
     files.check_name_fits(output, '--output')
-    files.refuse_overwrite({output: '--output'}, {args.checkpoint: 'the checkpoint (--checkpoint)'})
+    outputs = {output: '--output'}
+    calibration = []
+    if args.quantize:
+        if not args.calibration_input:
+            raise UserError('--quantize int8 needs --calibration_input: a few photos like the ones the model will '
+                            'segment (a folder or a glob), whose activation ranges set the int8 scales.')
+        errors.require('onnxruntime', 'int8 ONNX quantization (--quantize int8)')
+        calibration = pascal.collect_images(args.calibration_input, '--calibration_input')
+        outputs[int8_path(output)] = '--output'
+        files.check_name_fits(int8_path(output), '--output')
+    elif args.calibration_input:
+        raise UserError('--calibration_input calibrates --quantize int8: add --quantize int8, or drop it.')
+    files.refuse_overwrite(outputs, {args.checkpoint: 'the checkpoint (--checkpoint)',
+                                     **{path: 'a calibration image (--calibration_input)' for path in calibration}})
     example = 3 * 4 * args.height * args.width  # traced on the example; checked on a slightly larger input
     checked = 0 if args.no_check else inference.BYTES_PER_PIXEL * (args.height + 32) * (args.width + 31)
     errors.refuse_if_huge(example + checked, torch.device('cpu'), f'exporting with a {args.width}x{args.height} '
@@ -136,6 +218,16 @@ def run(args) -> None:
                         f'supports (default {DYNAMO_MIN_OPSET}).') from None
     log.info('wrote %s (%s-%s, %d classes, dynamic batch/height/width, opset %d, %s exporter)', output,
              model.title, model.backbone_name, model.num_classes, args.opset, args.exporter)
+    if args.quantize:
+        images = quantize.load_calibration(calibration, args.calibration, args.height, args.width)
+        start = time.perf_counter()
+        quantize_onnx(output, int8_path(output), images)
+        log.info('wrote %s (int8 QDQ by ONNX Runtime, calibrated on %s in %.1f s)', int8_path(output),
+                 utils.plural(len(images), 'image'), time.perf_counter() - start)
+        for r in compare(model, [output, int8_path(output)], images[:4]):
+            log.info('%s: ONNX Runtime %.1f ms per %dx%d image, argmax agreement with PyTorch fp32 %.2f%% (%s)',
+                     r['path'], r['latency_ms'], args.width, args.height, r['argmax_agreement'],
+                     utils.plural(min(4, len(images)), 'calibration image'))
     if args.no_check:
         return
     # Another size than the traced one, odd on one side, exercises the dynamic axes.
