@@ -188,15 +188,56 @@ def train_step(net: nn.Module, criterion: nn.Module, optimizer: torch.optim.Opti
     return loss.detach()
 
 
+class CompiledStep:
+    """`train_step` with the forward pass and the loss compiled as one graph, which AOTAutograd differentiates into
+    one forward and one backward graph (torch.compile of the model alone would leave the loss and its gradient
+    outside). On CUDA the graphs are replayed as CUDA graphs (mode "reduce-overhead"): crops and batches have fixed
+    shapes, so each step launches two graphs instead of a thousand kernels. The optimizer's step stays PyTorch's
+    (fused SGD), outside the graphs, as the learning rate changes every step.
+
+    Called like `train_step`, without the net and criterion it was built with. A CUDA graph's outputs are
+    overwritten by its next replay: the loss and the labelled-pixel count, kept over several steps by `Monitor`,
+    are copied out.
+    """
+
+    def __init__(self, net: nn.Module, criterion: nn.Module, execution):
+        self.criterion, self.execution = criterion, execution
+        self.cuda_graphs = execution.device.type == 'cuda'
+
+        def loss_of(images, masks):
+            with execution.autocast():
+                logits = net(images)
+            return criterion(logits.float(), masks), criterion.labelled
+
+        self.loss_of = torch.compile(loss_of, mode='reduce-overhead' if self.cuda_graphs else None)
+
+    def __call__(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, images: torch.Tensor,
+                 masks: torch.Tensor) -> torch.Tensor:
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        loss, labelled = self.loss_of(self.execution.input(images),
+                                      masks.to(self.execution.device, non_blocking=True))
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        self.criterion.labelled = labelled.clone()
+        return loss.detach().clone()
+
+
 def train_one_epoch(net: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, batches, execution, schedule: PolySchedule, state,
-                    monitor: Monitor) -> None:
+                    monitor: Monitor, step: CompiledStep | None = None) -> None:
     """Train on `batches`, the rest of an epoch, from the run's iteration `state.iteration`, which counts the
-    completed steps (a checkpoint saved at any moment resumes from it)."""
+    completed steps (a checkpoint saved at any moment resumes from it). Each step is `train_step`, or `step` (a
+    CompiledStep of the same net and criterion)."""
     for images, masks, _ in batches:
         for group, lr in zip(optimizer.param_groups, schedule(state.iteration)):
             group['lr'] = lr
-        loss = train_step(net, criterion, optimizer, scaler, images, masks, execution)
+        if step is None:
+            loss = train_step(net, criterion, optimizer, scaler, images, masks, execution)
+        else:
+            loss = step(optimizer, scaler, images, masks)
         state.iteration += 1
         monitor.step(state.iteration, optimizer.param_groups[0]['lr'], loss, criterion.labelled)
     monitor.read()  # the epoch's last losses, before its checkpoint is written

@@ -33,6 +33,7 @@ import imagenet
 import inference
 import pascal
 import plots
+import quantize
 import runs
 import utils
 from checkpoints import epoch_path, log_folder, run_file, run_name
@@ -86,7 +87,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='continue training from a checkpoint: weights, optimizer, epoch, iteration, RNG')
     o.add_argument('--workers', type=errors.number(int, 0), default=None,
                    help='data-loading processes per training process (default 4, fewer where this machine has '
-                        'fewer CPUs for each process)')
+                        'fewer CPUs for each process; training on GPUs, the CPUs of each process but one, up to 16)')
 
     d = p.add_argument_group('data and output')
     d.add_argument('--data_root', default=None,
@@ -127,7 +128,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     s.add_argument('--amp', default='off', choices=tuple(inference.AMP_DTYPES),
                    help='mixed precision: bf16 (CPU and recent GPUs) or fp16 (CUDA, with a gradient scaler)')
     s.add_argument('--channels_last', action='store_true', help='NHWC memory layout (faster convolutions)')
-    s.add_argument('--compile', action='store_true', help='torch.compile the model (slow start, faster steps)')
+    s.add_argument('--compile', action='store_true',
+                   help='torch.compile: in training the forward pass and the loss as one graph with its backward, '
+                        'replayed as CUDA graphs on GPUs; in evaluation the model (slow start, faster steps)')
     s.add_argument('--sync_bn', action=argparse.BooleanOptionalAction, default=None,
                    help='SyncBatchNorm across processes (default: on when distributed on GPUs; PyTorch has no '
                         'SyncBatchNorm on the CPU, where each process normalises its own images)')
@@ -141,6 +144,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     e.add_argument('--json', default=None, metavar='FILE',
                    help='also write the figures (mean and per-class IoU, the protocol) as JSON, e.g. for hub.py save '
                         '--metrics')
+    e.add_argument('--quantize', default=None, choices=('int8',),
+                   help='int8: quantize the model after training (PT2E through torchao, per-channel weights) and '
+                        'compile it, CPU only; faster, its mean IoU differs from the fp32 protocol\'s (README, '
+                        '"int8 inference")')
+    e.add_argument('--calibration', type=errors.number(int, 1), default=quantize.DEFAULT_CALIBRATION, metavar='N',
+                   help='--quantize: images of the training list that calibrate it, drawn with --seed '
+                        f'(default {quantize.DEFAULT_CALIBRATION})')
     e.add_argument('--save_predictions', action=argparse.BooleanOptionalAction, default=True,
                    help='write palettised prediction PNGs to <output_dir>/val (default: on)')
     return p
@@ -181,17 +191,24 @@ def scales_gradients(args) -> bool:
     return args.amp == 'fp16'
 
 
-def default_workers(info: utils.DistInfo) -> int:
+def default_workers(info: utils.DistInfo, gpu: bool = False) -> int:
     """The original's 4 data-loading processes, or fewer where the CPUs this process may use, shared among the
-    processes torchrun started on this machine, are fewer (more would only compete for them)."""
+    processes torchrun started on this machine, are fewer (more would only compete for them). Training on a GPU,
+    where the CPUs do nothing but load data, all of this process's share but one (for the process itself), up to
+    16: a GPU step of a few tens of milliseconds outruns 4 loaders."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
-    return max(1, min(4, cpus // info.local_world_size))
+    share = cpus // info.local_world_size
+    return max(1, min(16, share - 1) if gpu else min(4, share))
 
 
 def initial_seed(seed: int | None) -> int:
     """The run's seed: `--seed`, or one drawn at random and the same on every process (each shards the same
     permutation of the training set; seeds of their own would have them see overlapping shards)."""
     return seed if seed is not None else utils.from_main_process(random.SystemRandom().randrange(2 ** 31))
+
+
+def uses_cuda(args) -> bool:
+    return (args.device or ('cuda' if torch.cuda.is_available() else 'cpu')).startswith('cuda')
 
 
 def check_args(args, info: utils.DistInfo) -> None:
@@ -205,7 +222,7 @@ def check_args(args, info: utils.DistInfo) -> None:
     if args.batch_size % info.world_size:
         raise UserError(f'--batch_size {args.batch_size} is the total over all processes and must divide among '
                         f'the {info.world_size} started by torchrun; use a multiple of {info.world_size}.')
-    cuda = (args.device or ('cuda' if torch.cuda.is_available() else 'cpu')).startswith('cuda')
+    cuda = uses_cuda(args)
     if args.sync_bn and not cuda:
         raise UserError('--sync_bn needs CUDA GPUs: PyTorch\'s SyncBatchNorm does not run on the CPU. Drop it, or '
                         'run on GPUs.')
@@ -215,6 +232,9 @@ def check_args(args, info: utils.DistInfo) -> None:
                         f'branch normalises one value per image): raise --batch_size, or use --freeze_bn{groups}.')
     if args.backbone in deeplab.TIMM_BACKBONES:
         errors.require('timm', f'--backbone {args.backbone}')
+    if args.quantize and not args.train:
+        quantize.check_device(torch.device(args.device or 'cuda') if cuda else torch.device('cpu'))
+        quantize.require()
     if args.train:  # before any folder is made: a name the file system refuses would fail only when written
         for path in (epoch_path(args, args.epochs), run_file(args, 'interrupted'),
                      os.path.join(log_folder(args), 'metrics.jsonl')):
@@ -233,6 +253,10 @@ def check_args(args, info: utils.DistInfo) -> None:
                        '--checkpoint names a file to evaluate; to continue training from it use --resume'),
                       ('--train', args.train, '--eval_scales', args.eval_scales,
                        'multi-scale evaluation is for evaluation runs; validation during training uses the protocol'),
+                      ('--train', args.train, '--quantize', args.quantize,
+                       'int8 quantization is for evaluation runs'),
+                      ('--quantize', args.quantize, '--amp', args.amp != 'off',
+                       'int8 computes in its own precision'),
                       ('--train', args.train, '--flip', args.flip,
                        'flipped evaluation is for evaluation runs; validation during training uses the protocol')]
     for first, a, second, b, why in contradictions:
@@ -321,9 +345,8 @@ def train(args, rt: runs.Runtime) -> None:
     net = model
     if info.distributed:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
-    if args.compile:
-        net = torch.compile(net)
     criterion = engine.BatchCrossEntropy(info.world_size)
+    step = engine.CompiledStep(net, criterion, execution) if args.compile else None
     schedule = engine.PolySchedule(args.base_lr, args.epochs * iterations, args.last_mult)
 
     log.info('training %s (%s parameters) on %s of %s: %s x %s, batch %d%s, seed %d, %s%s%s', run_name(args),
@@ -368,7 +391,7 @@ def train(args, rt: runs.Runtime) -> None:
                             args, state, stop, monitor, per_process, device):
                         engine.train_one_epoch(net, criterion, optimizer, scaler,
                                                itertools.islice(batches, iterations - first), execution, schedule,
-                                               state, monitor)
+                                               state, monitor, step)
                 except errors.Stopped:
                     interrupt(f'at epoch {state.epoch + 1}, iteration '
                               f'{state.iteration - state.epoch * iterations}/{iterations}')
@@ -385,8 +408,11 @@ def train(args, rt: runs.Runtime) -> None:
     if info.is_main and os.path.isfile(metrics.path):
         curves = os.path.join(log_folder(args), 'curves.png')
         plots.training_curves(metrics.path, curves)
-        log.info('finished %s in %s; curves in %s', utils.plural(args.epochs, 'epoch'),
-                 utils.format_seconds(time.time() - progress.start), curves)
+        speed = progress.sustained()
+        log.info('finished %s in %s%s; curves in %s', utils.plural(args.epochs, 'epoch'),
+                 utils.format_seconds(time.time() - progress.start),
+                 '' if speed is None else f', {speed:.1f} img/s sustained with data loading (the first '
+                                          f'{args.print_freq} iterations left out)', curves)
 
 
 @contextlib.contextmanager
@@ -438,7 +464,7 @@ def main(args) -> float | None:
     utils.setup_logging(info.is_main)
     check_args(args, info)  # before joining a process group, so that a bad flag cannot leave the others waiting
     if args.workers is None:
-        args.workers = default_workers(info)
+        args.workers = default_workers(info, gpu=args.train and uses_cuda(args))
     check_memory(args, info)
     files.make_output_folder(args.output_dir, '--output_dir')
     info, device = utils.init_distributed(args.device, args.gpu)

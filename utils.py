@@ -275,6 +275,7 @@ class Progress:
         self.epochs, self.iterations, self.batch_size, self.print_freq = epochs, iterations, batch_size, print_freq
         self.max_iterations, self.metrics = epochs * iterations, metrics
         self.start, self.first_iteration = time.time(), first_iteration
+        self.steady_images, self.steady_seconds, self.windows = 0, 0.0, 0
         self.new_epoch()
 
     def new_epoch(self) -> None:
@@ -288,9 +289,19 @@ class Progress:
             return
         now = time.time()
         speed = self.window_images / max(now - self.window_start, 1e-9)
+        self.windows += 1
+        if self.windows > 1:  # the first window holds the compilation and the loaders' start
+            self.steady_images += self.window_images
+            self.steady_seconds += now - self.window_start
         eta = (now - self.start) / max(iteration - self.first_iteration, 1) * (self.max_iterations - iteration)
         log.info('epoch %d/%d  iter %d/%d  lr %.6f  loss %.4f (%.4f)  %.1f img/s  eta %s', epoch + 1, self.epochs,
                  batch_index + 1, self.iterations, lr, loss, sum(self.losses) / len(self.losses), speed,
                  format_seconds(eta))
         self.metrics.write(iteration, epoch=epoch + 1, lr=lr, loss=loss, images_per_s=speed, time=now)
         self.window_start, self.window_images = now, 0
+
+    def sustained(self) -> float | None:
+        """Images per second over the run's training steps with their data loading, from the second logged window
+        on (the first holds compilation and the loaders' start), validation and checkpoints left out; None
+        before two windows."""
+        return self.steady_images / self.steady_seconds if self.steady_seconds > 0 else None
