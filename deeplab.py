@@ -206,9 +206,12 @@ class DeepLabV3(nn.Sequential):
             x = module(x)
         return x
 
+    def forward_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits before their upsampling to the input size, (N, classes, H/os, W/os)."""
+        return self.aspp(self.forward_features(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.aspp(self.forward_features(x))  # (N, classes, H/os, W/os)
-        return F.interpolate(logits, size=x.shape[-2:], mode='bilinear', align_corners=True)
+        return F.interpolate(self.forward_logits(x), size=x.shape[-2:], mode='bilinear', align_corners=True)
 
 
 class DeepLabV3Plus(DeepLabV3):
@@ -244,10 +247,10 @@ class DeepLabV3Plus(DeepLabV3):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_levels(x)[0]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The decoder's logits, (N, classes, ~H/4, ~W/4)."""
         features, low_level = self.forward_levels(x)
-        logits = self.decoder(self.aspp(features), low_level)  # (N, classes, ~H/4, ~W/4)
-        return F.interpolate(logits, size=x.shape[-2:], mode='bilinear', align_corners=True)
+        return self.decoder(self.aspp(features), low_level)
 
 
 def _forward_tapped(modules, x: torch.Tensor, tap: str) -> tuple[torch.Tensor, torch.Tensor | None]:
