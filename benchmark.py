@@ -18,7 +18,9 @@ on NVIDIA GPUs, parameters, GFLOPs (2 x multiply-adds), the argmax agreement wit
 to `original`.
 
 `--mode train` times a training step (forward with autocast, cross entropy, backward, SGD step: PyTorch's
-default implementation for `original`, engine.py's fused one for the configurations) at `--crop` and `--batch`.
+default implementation for `original`, engine.py's fused one for the configurations) at `--crop` and `--batch`;
+`compile` there is main.py's `--train --compile` step (engine.CompiledStep: forward and loss compiled with their
+backward, CUDA graphs on GPUs).
 
 On CUDA every configuration but `original` runs with `cudnn.benchmark` (as main.py does; the original did not
 set it), and "fp32" convolutions use TF32, PyTorch's default on Ampere and later GPUs. CUDA measurements run in
