@@ -338,9 +338,9 @@ def measure_training(backbone: str, model_name: str, config: Config, args) -> di
     scaler = torch.amp.GradScaler(device.type, enabled=execution.amp == torch.float16)
     if config.name == ORIGINAL.name:  # PyTorch's default implementation
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
-    else:  # main.py's: fused where PyTorch has the kernel and no gradient scaler is used
+    else:  # main.py's: fused where PyTorch has the kernel
         optimizer = engine.sgd([{'params': model.parameters()}], lr=1e-3, momentum=engine.MOMENTUM,
-                               weight_decay=engine.WEIGHT_DECAY, grad_scaler=scaler.is_enabled())
+                               weight_decay=engine.WEIGHT_DECAY)
     x = sample_batch(args.crop, args.batch).to(device, memory_format=fmt)
     target = torch.randint(0, 21, (args.batch, args.crop, args.crop), device=device)
     criterion = engine.BatchCrossEntropy()

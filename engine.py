@@ -60,25 +60,40 @@ class BatchCrossEntropy(nn.Module):
 FUSED_DEVICES = ('cpu', 'cuda')
 
 
-def sgd(groups: list[dict], lr: float, momentum: float, weight_decay: float,
-        grad_scaler: bool = False) -> torch.optim.SGD:
+def sgd(groups: list[dict], lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
     """SGD with PyTorch's fused kernel where it has one (CPU, CUDA): the same update as the original's loop over
-    tensors, in one kernel per tensor instead of four. Not under fp16's gradient scaler (`grad_scaler`): when the
-    scaler skips an overflowing first step, the fused kernel leaves its new momentum buffers uninitialised."""
+    tensors, in one kernel per tensor instead of four. Under fp16's gradient scaler the kernel takes the scale and
+    the overflow flag as tensors, so the host never waits for the flag (the loop reads it every step).
+
+    The momentum buffers start at zero, which gives the loop's first update (buffer = gradient, as dampening is
+    0): the kernel's own first step allocates them and, when the scaler skips an overflowing first step, leaves
+    them uninitialised."""
     groups = [dict(group, params=list(group['params'])) for group in groups]  # parameters() is an iterator
-    fused = not grad_scaler and all(p.device.type in FUSED_DEVICES and p.is_floating_point()
-                                    for g in groups for p in g['params'])
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=fused or None)
+    fused = all(p.device.type in FUSED_DEVICES and p.is_floating_point() for g in groups for p in g['params'])
+    optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=fused or None)
+    zero_momentum(optimizer)
+    return optimizer
+
+
+def zero_momentum(optimizer: torch.optim.SGD) -> None:
+    """A zero momentum buffer for every parameter that has none (see `sgd`)."""
+    for group in optimizer.param_groups:
+        for p in group['params'] if group['momentum'] else []:
+            state = optimizer.state[p]
+            if state.get('momentum_buffer') is None:
+                state['momentum_buffer'] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def keep_fused(optimizer: torch.optim.Optimizer) -> None:
     """After `load_state_dict`, which restores each group's flags: a state saved by an unfused optimizer (older
-    checkpoints, PyTorch 1.1's released ones) would switch the fused kernel off; keep this run's choice."""
+    checkpoints, PyTorch 1.1's released ones) would switch the fused kernel off; keep this run's choice, and its
+    zero momentum buffers where the state has none."""
     fused = optimizer.defaults.get('fused')
     for group in optimizer.param_groups:
         group['fused'] = fused
         if fused:
             group['foreach'] = None
+    zero_momentum(optimizer)
 
 
 def frozen_batchnorm(model: nn.Module) -> list[nn.Module]:
@@ -92,8 +107,7 @@ def set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
         m.eval()
 
 
-def make_optimizer(model: nn.Module, base_lr: float, freeze_bn: bool = False,
-                   grad_scaler: bool = False) -> torch.optim.SGD:
+def make_optimizer(model: nn.Module, base_lr: float, freeze_bn: bool = False) -> torch.optim.SGD:
     """SGD with two parameter groups, as the original: the backbone, and the head (the ASPP, and the decoder of
     DeepLabV3+), which the schedule sets to lr x last_mult."""
     for m in frozen_batchnorm(model) if freeze_bn else []:
@@ -103,8 +117,7 @@ def make_optimizer(model: nn.Module, base_lr: float, freeze_bn: bool = False,
     head_ids = {id(p) for p in head_params}
     backbone = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
     head = [p for p in head_params if p.requires_grad]
-    return sgd([{'params': backbone}, {'params': head}], lr=base_lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
-               grad_scaler=grad_scaler)
+    return sgd([{'params': backbone}, {'params': head}], lr=base_lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
 
 
 def poly_lr(base_lr: float, iteration: int, max_iterations: int, power: float = POLY_POWER) -> float:

@@ -334,7 +334,7 @@ def train(args, rt: runs.Runtime) -> None:
     model = execution.prepare(model)
     if sync_batchnorm(args, info, device.type == 'cuda'):
         model = deeplab.convert_sync_batchnorm(model)
-    optimizer = engine.make_optimizer(model, args.base_lr, args.freeze_bn, scales_gradients(args))
+    optimizer = engine.make_optimizer(model, args.base_lr, args.freeze_bn)
     scaler = torch.amp.GradScaler(device.type, enabled=scales_gradients(args))
     if resume is not None:
         deeplab.load_weights(model, resume['state_dict'], args.resume)

@@ -14,7 +14,9 @@
 #   8. (compiled_train) the compiled training step (forward, loss and backward compiled together, CUDA graphs)
 #      of VoVNet-39 at batch 16, crop 513 in bf16 and fp16 + channels-last beside the eager one (target: 25 ms or
 #      less), then main.py --train --compile with the real loader on 513-pixel synthetic images, whose sustained
-#      images/s is compared with the benchmark's (target: 90 % or more). Written without a GPU lease: not yet run.
+#      images/s is compared with the benchmark's (target: 90 % or more); fp16's fused SGD after a skipped first
+#      step against PyTorch's default, and the host synchronisations of 10 eager and compiled steps (target: 0).
+#      Written without a GPU lease: not yet run.
 # The output goes to OUT/gpu_check.log (and the benchmarks' JSON beside it); a step that fails or runs past its
 # time limit is reported and the next one runs. On one H200 the steps took about 2, 8 (1.2 per VoVNet or ResNet,
 # 1.5 per DenseNet), 2.5, 1, 0.2 and 4 minutes (3 of them cpu-train, whose compiled step takes 2): on a lease of
@@ -96,6 +98,54 @@ run compiled_step 300 $PY benchmark.py --mode train --device $DEVICE --backbones
     --configs $TC --warmup 5 --iters 20 --min_time 0 --json "$OUT/compiled_train.json"
 $PY synthetic.py --root "$WORK/synthetic513" --train $((BATCH * 40)) --val 4 --min_size $CROP \
     --max_size $((CROP * 5 / 4)) | tee -a "$LOG"
+run step_syncs 150 $PY - "$DEVICE" <<'PY'
+# fp16's fused SGD after an overflowing first step against PyTorch's default; host synchronisations per step
+import sys, warnings, torch, torch.nn as nn
+import engine, inference
+device = torch.device(sys.argv[1])
+amp = torch.float16 if device.type == 'cuda' else None
+weights = []
+for make in (engine.sgd, torch.optim.SGD):
+    w = nn.Parameter(torch.linspace(-1, 1, 4096, device=device))
+    optimizer = make([{'params': [w]}], lr=0.1, momentum=0.9, weight_decay=1e-4)
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 10)
+    for coefficient in (float('inf'), 3.0, 5.0):
+        optimizer.zero_grad()
+        scaler.scale((w * coefficient).square().sum()).backward()
+        scaler.step(optimizer); scaler.update()
+    weights.append(w.detach())
+print(f'fused SGD after a skipped first step: largest |w| {weights[0].abs().max():.4f} against the default '
+      f'{weights[1].abs().max():.4f}, largest difference {(weights[0] - weights[1]).abs().max():.2e}')
+net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 21, 1)).to(device)
+net = net.to(memory_format=torch.channels_last)
+for dtype in (torch.float16, torch.bfloat16) if amp else (None,):
+    execution = inference.Execution(device, dtype, True)
+    criterion = engine.BatchCrossEntropy()
+    optimizer = engine.sgd([{'params': net.parameters()}], lr=0.01, momentum=0.9, weight_decay=1e-4)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    for compiled in (False, True):
+        step = engine.CompiledStep(net, criterion, execution) if compiled else None
+        x, y = torch.randn(8, 3, 129, 129), torch.randint(0, 21, (8, 129, 129))
+        if device.type == 'cuda':
+            x, y = x.pin_memory(), y.pin_memory()
+        def one():
+            if step is None:
+                return engine.train_step(net, criterion, optimizer, scaler, x, y, execution)
+            return step(optimizer, scaler, x, y)
+        for _ in range(5):  # compilation, CUDA graph recording
+            one()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            if device.type == 'cuda':
+                torch.cuda.set_sync_debug_mode('warn')
+            for _ in range(10):
+                one()
+            if device.type == 'cuda':
+                torch.cuda.set_sync_debug_mode('default')
+        syncs = [str(c.message).splitlines()[0] for c in caught if 'synchroniz' in str(c.message)]
+        print(f'{dtype} {"compiled" if compiled else "eager"} step: {len(syncs)} host synchronisations in 10 '
+              f'steps', *sorted(set(syncs))[:3], sep='\n  ' if syncs else '')
+PY
 AMP=bf16; [ "$DEVICE" = cpu ] && AMP=off
 run compiled_loader 300 $PY main.py --train --scratch --exp compiled --backbone vovnet39 --epochs 2 --crop_size $CROP \
     --batch_size $BATCH --base_lr 0.007 --seed 0 --print_freq 10 --device $DEVICE --amp $AMP --channels_last --compile \
@@ -173,4 +223,4 @@ if [ -n "$CPU_BF16" ] || [ "${QUICK:-0}" = 1 ]; then
 fi
 
 step done
-grep -h -E '^(vovnet|resnet|densenet)|^# |demo finished|^mean IoU|^SyncBatchNorm|^!!!|sustained' "$LOG"
+grep -h -E '^(vovnet|resnet|densenet)|^# |demo finished|^mean IoU|^SyncBatchNorm|^!!!|sustained|synchronisations|^fused SGD' "$LOG"

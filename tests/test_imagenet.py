@@ -244,7 +244,7 @@ def test_ese_vovnet_options_group_norm_freeze_bn_and_sync_batchnorm():
             deeplab.ese_vovnet39b(**{flag: True})
     model = deeplab.ese_vovnet39b()
     args = main.get_args_parser().parse_args(['--exp', 'x', '--freeze_bn'])
-    optimizer = engine.make_optimizer(model, args.base_lr, args.freeze_bn, main.scales_gradients(args))
+    optimizer = engine.make_optimizer(model, args.base_lr, args.freeze_bn)
     trained = {id(p) for g in optimizer.param_groups for p in g['params']}
     bn = model.stages[1].blocks[0].conv_mid[2].bn
     assert id(bn.weight) not in trained and id(model.stages[1].blocks[0].attn.fc.weight) in trained

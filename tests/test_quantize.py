@@ -198,8 +198,7 @@ def tiny_run(compiled: bool, steps: int = 3, scale: float | None = None):
     execution = inference.Execution(torch.device('cpu'), torch.float16 if scale else None)
     criterion = engine.BatchCrossEntropy()
     scaler = torch.amp.GradScaler('cpu', init_scale=scale or 1.0, enabled=scale is not None)
-    optimizer = engine.sgd([{'params': model.parameters()}], lr=0.1, momentum=0.9, weight_decay=1e-4,
-                           grad_scaler=scale is not None)
+    optimizer = engine.sgd([{'params': model.parameters()}], lr=0.1, momentum=0.9, weight_decay=1e-4)
     step = engine.CompiledStep(model, criterion, execution) if compiled else None
     images = torch.randn(steps, 2, 3, 16, 16)
     masks = torch.randint(0, 5, (steps, 2, 16, 16))

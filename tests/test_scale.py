@@ -194,7 +194,7 @@ def test_fused_sgd_updates_as_the_original_loop_and_stays_fused_on_resume():
 def test_sgd_under_the_fp16_gradient_scaler_skips_overflowing_steps_as_the_loop_does(overflow):
     # main.py's --amp fp16 (CUDA) path; the scaler's logic is the same with a CPU scaler. PyTorch's fused kernel
     # skips an overflowing first step without initialising the momentum buffers it allocated, so the next step
-    # adds whatever memory they got: engine.sgd must not fuse under a scaler.
+    # would add whatever memory they got: engine.sgd's buffers start at zero.
 
     def run(optimizer_class, **kwargs):
         torch.manual_seed(0)
@@ -214,7 +214,7 @@ def test_sgd_under_the_fp16_gradient_scaler_skips_overflowing_steps_as_the_loop_
             weights.append(w.detach().clone())
         return weights, scaler.get_scale()
 
-    scaled, scaled_scale = run(engine.sgd, grad_scaler=True)
+    scaled, scaled_scale = run(engine.sgd)
     loop, loop_scale = run(torch.optim.SGD)
     assert scaled_scale == loop_scale == 2.0 ** 9
     assert torch.equal(scaled[overflow + 1], scaled[overflow])  # the overflowing step is skipped
@@ -224,12 +224,32 @@ def test_sgd_under_the_fp16_gradient_scaler_skips_overflowing_steps_as_the_loop_
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
-def test_main_fuses_sgd_except_under_the_fp16_gradient_scaler():
+def test_main_fuses_sgd_also_under_the_fp16_gradient_scaler_which_then_reads_nothing_on_the_host(monkeypatch):
     model = deeplab.build_model('vovnet39', num_classes=3)
-    for amp, fused in (('off', True), ('bf16', True), ('fp16', None)):
+    for amp in ('off', 'bf16', 'fp16'):
         args = main.get_args_parser().parse_args(['--exp', 'x', '--amp', amp])
-        optimizer = engine.make_optimizer(model, args.base_lr, args.freeze_bn, main.scales_gradients(args))
-        assert [g['fused'] for g in optimizer.param_groups] == [fused, fused]
+        optimizer = engine.make_optimizer(model, args.base_lr, args.freeze_bn)
+        assert [g['fused'] for g in optimizer.param_groups] == [True, True]
+        assert optimizer._step_supports_amp_scaling  # a scaler hands it the scale and the overflow flag as tensors
+        assert all(not optimizer.state[p]['momentum_buffer'].any()
+                   for g in optimizer.param_groups for p in g['params'])
+
+    # Steps under the scaler, one of them overflowing, read no tensor on the host (the loop reads the flag with
+    # .item(), a host-device synchronisation on a GPU).
+    w = torch.nn.Parameter(torch.ones(4))
+    optimizer = engine.sgd([{'params': [w]}], lr=0.1, momentum=0.9, weight_decay=0.0)
+    scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** 10, enabled=main.scales_gradients(args))
+    reads = []
+    monkeypatch.setattr(torch.Tensor, 'item', lambda t: reads.append(t) or float('nan'))
+    for coefficient in (float('inf'), 1.0):
+        optimizer.zero_grad()
+        scaler.scale((w * coefficient).sum()).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    monkeypatch.undo()
+    assert reads == []
+    assert scaler.get_scale() == 2.0 ** 9  # the first step overflowed
+    assert torch.allclose(w.detach(), torch.full((4,), 0.9))  # skipped, then one step of lr 0.1 on gradient 1
 
 
 @pytest.mark.slow
