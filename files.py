@@ -109,6 +109,26 @@ def make_output_folder(path: str, flag: str) -> None:
         raise write_error(path, e, flag, subject=f'cannot write to the output folder {path}') from None
 
 
+@contextlib.contextmanager
+def output_folder(path: str, flag: str):
+    """`make_output_folder` for the duration of a command: if the command fails, the folders it created are
+    removed again while they are empty, so a refused or failed run leaves no empty output folder behind."""
+    created, folder = [], os.path.abspath(path)
+    while not os.path.exists(folder) and os.path.dirname(folder) != folder:
+        created.append(folder)
+        folder = os.path.dirname(folder)
+    make_output_folder(path, flag)
+    try:
+        yield
+    except BaseException:
+        for folder in created:  # the deepest first; one that holds files stays, with the folders above it
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break
+        raise
+
+
 def check_name_fits(path: str, flag: str) -> None:
     """Refuse up front a file name longer than its file system allows (255 bytes on most), which would otherwise
     fail only when the file is written, after the work."""

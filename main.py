@@ -466,16 +466,16 @@ def main(args) -> float | None:
     if args.workers is None:
         args.workers = default_workers(info, gpu=args.train and uses_cuda(args))
     check_memory(args, info)
-    files.make_output_folder(args.output_dir, '--output_dir')
-    info, device = utils.init_distributed(args.device, args.gpu)
-    try:
-        rt = runs.make_runtime(args, info, device)
-        if args.train:
-            train(args, rt)
-            return None
-        return evaluation.run(args, rt)
-    finally:
-        utils.cleanup_distributed()
+    with files.output_folder(args.output_dir, '--output_dir'):
+        info, device = utils.init_distributed(args.device, args.gpu)
+        try:
+            rt = runs.make_runtime(args, info, device)
+            if args.train:
+                train(args, rt)
+                return None
+            return evaluation.run(args, rt)
+        finally:
+            utils.cleanup_distributed()
 
 
 def cli(argv=None) -> int:

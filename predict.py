@@ -154,7 +154,11 @@ def run(args) -> int:
         errors.refuse_if_huge(inference.BYTES_PER_PIXEL * args.window_above * 1e6, device,
                               f'predicting images up to {args.window_above:g} megapixels whole', '--window_above')
     inputs = pascal.collect_images(args.input, '--input')
-    files.make_output_folder(args.output, '--output')
+    with files.output_folder(args.output, '--output'):
+        return predict(args, inputs, device)
+
+
+def predict(args, inputs: list[str], device: torch.device) -> int:
     amp = inference.amp_dtype(args.amp, device)
     execution = inference.Execution(device, amp, amp is not None if args.channels_last is None else args.channels_last)
     work, skipped = plan(inputs, args)

@@ -323,7 +323,7 @@ def test_a_damaged_model_folder_is_a_message_and_exit_status_1_with_nothing_writ
         assert status == 1 and 'Traceback' not in err, err
         for needle in needles:
             assert needle in err, (module, err)
-    assert not os.path.exists(tmp_path / 'm.onnx') and not os.listdir(tmp_path / 'masks')
+    assert not os.path.exists(tmp_path / 'm.onnx') and not os.path.exists(tmp_path / 'masks')  # not even the folder
 
 
 def test_hub_references_that_do_not_resolve_are_messages(tmp_path, fake_hub, run_cli):

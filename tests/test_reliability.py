@@ -275,6 +275,20 @@ def test_predict_refuses_an_output_folder_it_cannot_write(workdir, run_cli):
                                  module='predict'), 'cannot write to the output folder a_file/out', '--output')
 
 
+def test_a_refused_command_leaves_no_output_folder_it_created_and_keeps_those_it_did_not(workdir, synthetic_root,
+                                                                                      run_cli):
+    Image.new('RGB', (8, 8)).save(workdir / 'photo.png')
+    predict = ['--checkpoint', 'missing.pth', '--input', 'photo.png', '--output']
+    evaluate = EVAL + ['--data_root', synthetic_root, '--checkpoint', 'missing.pth', '--output_dir']
+    for flags, module in ((predict, 'predict'), (evaluate, 'main')):
+        assert_clean_failure(run_cli(*flags, 'new/deeper', module=module), 'missing.pth')
+        assert not os.path.exists('new')  # created by the command, then removed with its parent
+        os.makedirs('kept')
+        assert_clean_failure(run_cli(*flags, 'kept/deeper', module=module), 'missing.pth')
+        assert os.listdir('kept') == []  # the folder the user had stays; the one the command made goes
+        os.rmdir('kept')
+
+
 # --- faults
 
 
