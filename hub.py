@@ -182,7 +182,7 @@ def read(reference: str) -> dict:
 def check_fit(state_dict: dict[str, torch.Tensor], args: dict, source: str) -> None:
     """The weights must be exactly those of the model the config describes: name the first that is not."""
     import deeplab
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.device('meta'):  # names and shapes only: no memory, no init
         expected = deeplab.build_model(**args).state_dict()
     for name, tensor in expected.items():
         if name not in state_dict:
