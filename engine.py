@@ -208,6 +208,10 @@ class CompiledStep:
     shapes, so each step launches two graphs instead of a thousand kernels. The optimizer's step stays PyTorch's
     (fused SGD), outside the graphs, as the learning rate changes every step.
 
+    Under DistributedDataParallel (torchrun) the graphs are compiled without CUDA graphs: DDP rewrites the
+    BatchNorm buffers before each forward pass, a mutation CUDA graphs skip or slow down
+    (pytorch/pytorch#139207).
+
     Called like `train_step`, without the net and criterion it was built with. A CUDA graph's outputs are
     overwritten by its next replay: the loss and the labelled-pixel count, kept over several steps by `Monitor`,
     are copied out.
@@ -215,7 +219,8 @@ class CompiledStep:
 
     def __init__(self, net: nn.Module, criterion: nn.Module, execution):
         self.criterion, self.execution = criterion, execution
-        self.cuda_graphs = execution.device.type == 'cuda'
+        distributed = isinstance(net, nn.parallel.DistributedDataParallel)
+        self.cuda_graphs = execution.device.type == 'cuda' and not distributed
 
         def loss_of(images, masks):
             with execution.autocast():

@@ -223,6 +223,22 @@ def test_the_compiled_step_follows_the_eager_one():
         assert torch.allclose(a.float(), b.float(), atol=1e-4)
 
 
+def test_the_compiled_step_replays_cuda_graphs_on_one_gpu_and_not_under_ddp(tmp_path):
+    # Nothing runs here (no GPU): what the step is built with. DDP rewrites BatchNorm buffers before each forward
+    # pass, which CUDA graphs skip or slow down.
+    import torch.distributed as dist
+    cuda = inference.Execution(torch.device('cuda'), torch.bfloat16, True)
+    assert engine.CompiledStep(Tiny(), engine.BatchCrossEntropy(), cuda).cuda_graphs
+    assert not engine.CompiledStep(Tiny(), engine.BatchCrossEntropy(), inference.Execution(torch.device('cpu'))
+                                   ).cuda_graphs
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path}/store', rank=0, world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(Tiny())
+        assert not engine.CompiledStep(ddp, engine.BatchCrossEntropy(), cuda).cuda_graphs
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.slow
 def test_the_compiled_step_under_fp16_gradient_scaling_skips_the_overflowing_steps():
     torch.manual_seed(0)
