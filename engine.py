@@ -231,11 +231,12 @@ class CompiledStep:
 
     def __call__(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, images: torch.Tensor,
                  masks: torch.Tensor) -> torch.Tensor:
+        # The last step's gradients live in the graphs' memory, which this replay reuses: drop them first.
+        optimizer.zero_grad(set_to_none=True)
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         loss, labelled = self.loss_of(self.execution.input(images),
                                       masks.to(self.execution.device, non_blocking=True))
-        optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
