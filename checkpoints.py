@@ -100,6 +100,7 @@ def load(path: str, what: str = 'checkpoint') -> dict:
                         f'download or copy it again.') from None
     if isinstance(obj, dict) and isinstance(obj.get('state_dict'), dict):
         check_model_args(obj.get('model_args'), f'{what} {path}')
+        check_record(obj, f'{what} {path}')
         return obj
     if isinstance(obj, dict) and isinstance(obj.get('model'), dict):
         return {**obj, 'state_dict': obj['model']}
@@ -112,22 +113,77 @@ def load(path: str, what: str = 'checkpoint') -> dict:
 
 MODEL_ARGS = dict(model=(str,), backbone=(str,), num_classes=(int,), output_stride=(int,), num_groups=(int, type(None)),
                   weight_std=(bool,), beta=(bool,))  # what deeplab.build_model is rebuilt from, and their types
+# Masks and predictions are 8-bit PNGs in which 255 marks the pixels to ignore: classes 0..254.
+MAX_CLASSES = 255
+OUTPUT_STRIDES = (8, 16)
+
+
+def _kind(value) -> str:
+    return {bool: 'true/false', int: 'a whole number', float: 'a number', str: 'a string', list: 'a list',
+            dict: 'an object', type(None): 'null'}.get(type(value), type(value).__name__)
+
+
+def model_args_problem(model_args) -> str | None:
+    """What is wrong with recorded model arguments, naming the field and what it must be; None when nothing is.
+    Every field build_model is rebuilt from is checked for its type and range here, for every kind of file."""
+    if not isinstance(model_args, dict):
+        return f'its model arguments are {_kind(model_args)}, not a set of named fields'
+    for key, value in model_args.items():
+        if key not in MODEL_ARGS:
+            return f'it has a field {key!r} that no model of this project takes'
+        types = MODEL_ARGS[key]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            wanted = ' or '.join(_kind(t()) if t is not type(None) else 'null' for t in types)
+            return f'{key} is {value!r} ({_kind(value)}), where it must be {wanted}'
+    checks = {'model': (lambda v: v in FILE_TAGS, f'one of {", ".join(FILE_TAGS)}'),
+              'num_classes': (lambda v: 1 <= v <= MAX_CLASSES, f'from 1 to {MAX_CLASSES} (8-bit masks, 255 ignored)'),
+              'output_stride': (lambda v: v in OUTPUT_STRIDES, ' or '.join(map(str, OUTPUT_STRIDES))),
+              'num_groups': (lambda v: v is None or v >= 1, 'a positive number of GroupNorm groups, or null')}
+    for key, (ok, wanted) in checks.items():
+        if key in model_args and not ok(model_args[key]):
+            return f'{key} is {model_args[key]!r}, where it must be {wanted}'
+    return None
 
 
 def check_model_args(model_args, source: str) -> None:
-    """The recorded model arguments, when there are any, must be ones build_model takes, of their types."""
+    """The recorded model arguments, when there are any, must be ones build_model takes, of their types and
+    ranges: a UserError naming the file and the field otherwise."""
     if model_args is None:
         return
-    if not isinstance(model_args, dict):
-        bad, value = 'model_args', model_args
-    else:
-        bad = next((k for k, v in model_args.items() if k not in MODEL_ARGS or not isinstance(v, MODEL_ARGS[k])
-                    or (isinstance(v, bool) and bool not in MODEL_ARGS[k])
-                    or (k == 'model' and v not in FILE_TAGS)), None)
-        value = model_args.get(bad)
-    if bad is not None:
-        raise UserError(f'{source} records a model argument this project cannot build from ({bad}={value!r}): '
-                        f'it is damaged or was written by another program. Use another copy of it.')
+    problem = model_args_problem(model_args)
+    if problem is not None:
+        raise UserError(f'{source} records a model this project cannot build: {problem}. The file is damaged or '
+                        f'was written by another program; use another copy of it.')
+
+
+# The fields of this project's checkpoints besides the weights and the optimizer: (types, check, what it must be).
+_COUNT = ((int,), lambda v: v >= 0, 'a whole number, 0 or more')
+RECORD_FIELDS = {
+    'version': ((int,), lambda v: 1 <= v <= VERSION, f'a format version this code reads (1 to {VERSION}): a newer one '
+                                                     f'needs a newer copy of this repository (git pull)'),
+    'epoch': _COUNT, 'iteration': _COUNT, 'batches_per_epoch': _COUNT, 'seed': _COUNT,
+    'best_miou': ((int, float, type(None)), lambda v: v is None or 0 <= v <= 100, 'a mean IoU from 0 to 100, or null'),
+    'class_names': ((list,), lambda v: all(isinstance(n, str) and n for n in v), 'a list of names (strings)'),
+    'dataset': ((str,), lambda v: True, 'a string'),
+    'initial_weights': ((dict, type(None)), lambda v: True, 'a record of where the weights started, or null'),
+}
+
+
+def check_record(checkpoint: dict, source: str) -> None:
+    """The fields a checkpoint of this project records besides its weights, each of its type and range, and as
+    many class names as its model has classes: a UserError naming the file and the field otherwise."""
+    for key, (types, ok, wanted) in RECORD_FIELDS.items():
+        if key not in checkpoint:
+            continue
+        value = checkpoint[key]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types) or not ok(value):
+            raise UserError(f'{source} records {key} = {value!r}, where it must be {wanted}. The file is damaged or '
+                            f'was written by another program; use another copy of it.')
+    classes = (checkpoint.get('model_args') or {}).get('num_classes')
+    names = checkpoint.get('class_names')
+    if classes is not None and names is not None and len(names) != classes:
+        raise UserError(f'{source} records {len(names)} class names for its {classes} classes: the file is damaged '
+                        f'or was written by another program; use another copy of it.')
 
 
 def first_non_finite(state_dict: dict[str, torch.Tensor]) -> str | None:

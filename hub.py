@@ -13,6 +13,7 @@ from Python, `deeplab.from_pretrained("org/name")`. Downloads go through hugging
 offline mode (HF_HUB_OFFLINE=1); huggingface_hub and safetensors are optional (requirements-extras.txt).
 """
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -47,7 +48,13 @@ DATASETS = {'pascal': ('pascal-voc-2012', 'PASCAL VOC 2012 val'), 'cityscapes': 
 
 
 def _hub(purpose: str):
-    return errors.require('huggingface_hub', purpose)
+    """huggingface_hub with the submodules this module reaches through it (`utils`, `errors`, `constants`,
+    `file_download`) imported by name: the package loads them lazily, so in a fresh process `hf.errors` alone is an
+    AttributeError."""
+    hf = errors.require('huggingface_hub', purpose)
+    for name in ('utils', 'errors', 'constants', 'file_download'):
+        importlib.import_module(f'huggingface_hub.{name}')
+    return hf
 
 
 def _safetensors(purpose: str):
@@ -116,7 +123,26 @@ def download(reference: str) -> dict[str, str]:
                             f'{", ".join(FILES)}).') from None
         except hf.errors.HfHubHTTPError as e:
             raise UserError(f'the Hub refused {name} of {where}: {errors.first_line(e)}') from None
+        except network_errors() as e:
+            raise UserError(f'could not reach the Hub ({hf.constants.ENDPOINT}) for {name} of {where} '
+                            f'({errors.first_line(e)}), and it is not in the cache ({hf.constants.HF_HUB_CACHE}): '
+                            f'check the network (or HF_ENDPOINT), or give a local folder written by hub.py save.') \
+                from None
     return paths
+
+
+def network_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions of a Hub that cannot be reached: OSError (ConnectionError, huggingface_hub's
+    OfflineModeIsEnabled) and the transport errors of the HTTP client huggingface_hub uses (httpx, or httpx2 in
+    its 2.x releases), which are not OSErrors."""
+    found = [OSError]
+    for client in ('httpx2', 'httpx', 'requests'):
+        module = sys.modules.get(client)  # imported by huggingface_hub itself when it uses it
+        if client == 'requests' and module is not None:
+            found.append(module.exceptions.RequestException)
+        elif module is not None and hasattr(module, 'TransportError'):
+            found.append(module.TransportError)
+    return tuple(found)
 
 
 def _local(folder: str) -> dict[str, str]:
@@ -127,63 +153,148 @@ def _local(folder: str) -> dict[str, str]:
     return {name: os.path.join(folder, name) for name in (CONFIG, WEIGHTS)}
 
 
+# The fields of config.json besides the model arguments (checkpoints.MODEL_ARGS), each read here or refused.
+CONFIG_FIELDS = ('format', 'format_version', 'class_names', 'input', 'crop_size', 'training', 'source', 'evaluation')
+
+
+def _field(source: str, field: str, value, wanted: str) -> UserError:
+    return UserError(f'{CONFIG} of {source}: {field} is {value!r}, where it must be {wanted}. The folder is damaged or '
+                     f'was not written by hub.py save; use another copy of it.')
+
+
 def read_config(path: str, source: str) -> dict:
-    """config.json, checked: JSON, this format, a version this code reads, model arguments it can build from."""
+    """config.json, every field checked (its type, range and count), naming the file and the field: this format,
+    a version this code reads, model arguments it can build from, the class names, the input normalisation this
+    project computes with, and the records of the training, the source checkpoint and the evaluation."""
+    import deeplab
+    if os.path.isdir(path):
+        raise UserError(f'{CONFIG} of {source} is a folder, not a file: the folder is damaged or was not written by '
+                        f'hub.py save.')
     try:
         with open(path, encoding='utf-8') as f:
             config = json.load(f)
     except (ValueError, UnicodeDecodeError) as e:
         raise UserError(f'{CONFIG} of {source} is not valid JSON ({e}): the folder is damaged or was not written by '
                         f'hub.py save.') from None
+    except OSError as e:
+        raise UserError(f'{CONFIG} of {source} cannot be read ({errors.first_line(e)}).') from None
     if not isinstance(config, dict) or config.get('format') != FORMAT:
         raise UserError(f'{CONFIG} of {source} is not the config of a model written by hub.py save (its "format" '
                         f'is {config.get("format") if isinstance(config, dict) else None!r}, not {FORMAT!r}).')
     version = config.get('format_version')
-    if not isinstance(version, int) or version > VERSION:
-        raise UserError(f'{source} is in format version {version!r}, newer than this code reads ({VERSION}): '
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise _field(source, 'format_version', version, f'a whole number from 1 to {VERSION}')
+    if version > VERSION:
+        raise UserError(f'{source} is in format version {version}, newer than this code reads ({VERSION}): '
                         f'update this repository (git pull).')
-    import deeplab
+    unknown = [k for k in config if k not in CONFIG_FIELDS and k not in checkpoints.MODEL_ARGS]
+    if unknown:
+        raise UserError(f'{CONFIG} of {source} has fields this code does not read {few(unknown)}: it was written by '
+                        f'another program or a newer version of this one; update this repository (git pull).')
+    missing = [k for k in ('backbone', 'num_classes', 'output_stride') if k not in config]
+    if missing:
+        raise UserError(f'{CONFIG} of {source} lacks {" and ".join(missing)}: the folder is damaged or was not '
+                        f'written by hub.py save.')
     args = model_args(config)
-    checkpoints.check_model_args(args, f'{CONFIG} of {source}')
-    if args.get('backbone') not in deeplab.SPECS:
-        raise UserError(f'{CONFIG} of {source} names the backbone {args.get("backbone")!r}, which this code does not '
+    problem = checkpoints.model_args_problem(args)
+    if problem is not None:
+        raise UserError(f'{CONFIG} of {source}: {problem}. The folder is damaged or was not written by hub.py save; '
+                        f'use another copy of it.')
+    if args['backbone'] not in deeplab.SPECS:
+        raise UserError(f'{CONFIG} of {source} names the backbone {args["backbone"]!r}, which this code does not '
                         f'have ({", ".join(deeplab.BACKBONES)}).')
     names = config.get('class_names')
-    if names is not None and (not isinstance(names, list) or len(names) != args.get('num_classes')):
-        raise UserError(f'{CONFIG} of {source} lists {len(names) if isinstance(names, list) else names!r} class '
-                        f'names for {args.get("num_classes")} classes.')
+    if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) and n for n in names)):
+        raise _field(source, 'class_names', names, 'a list of names (strings), one per class')
+    if names is not None and len(names) != args['num_classes']:
+        raise UserError(f'{CONFIG} of {source} lists {len(names)} class names for {args["num_classes"]} classes '
+                        f'(num_classes).')
+    _check_input(config.get('input'), source)
+    crop = config.get('crop_size', EVAL_CROP)
+    if not isinstance(crop, int) or isinstance(crop, bool) or not 32 <= crop <= 8192:
+        raise _field(source, 'crop_size', crop, 'the evaluation canvas, a whole number of pixels from 32 to 8192')
+    for key in ('training', 'source', 'evaluation'):
+        if not isinstance(config.get(key), (dict, type(None))):
+            raise _field(source, key, config[key], 'an object (a record), or null')
+    metrics = config.get('evaluation') or {}
+    if 'mean_iou' in metrics and (not isinstance(metrics['mean_iou'], (int, float)) or isinstance(
+            metrics['mean_iou'], bool) or not 0 <= metrics['mean_iou'] <= 100):
+        raise _field(source, 'evaluation.mean_iou', metrics['mean_iou'], 'a mean IoU from 0 to 100')
     return config
+
+
+def _check_input(spec, source: str) -> None:
+    """The input normalisation: the models of this project compute on ImageNet's mean and std (pascal.MEAN, STD),
+    which evaluation and prediction apply; a config asking for another is refused, not silently ignored."""
+    if spec is None:
+        return
+    if not isinstance(spec, dict) or set(spec) - {'mean', 'std', 'note'}:
+        raise _field(source, 'input', spec, 'an object of mean, std (and a note)')
+    for key, expected in (('mean', pascal.MEAN), ('std', pascal.STD)):
+        value = spec.get(key)
+        if not (isinstance(value, list) and len(value) == 3 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+            raise _field(source, f'input.{key}', value, 'three numbers, one per RGB channel')
+        if any(abs(v - e) > 1e-6 for v, e in zip(value, expected)):
+            raise UserError(f'{CONFIG} of {source}: input.{key} is {value}, but this project normalises images with '
+                            f'ImageNet\'s {key} {list(expected)} in evaluation and prediction, so the model would be '
+                            f'fed other inputs than it asks for. Re-save the model with hub.py save.')
 
 
 def model_args(config: dict) -> dict:
     return {k: config[k] for k in checkpoints.MODEL_ARGS if k in config}
 
 
+def cache_entry(reference: str, path: str) -> str | None:
+    """huggingface_hub's cache folder of the repository whose file `path` is (.../models--org--name), or None for
+    a file outside the cache."""
+    snapshot = os.path.dirname(path)  # .../models--org--name/snapshots/<commit>/config.json
+    if not reference.startswith(PREFIX) or os.path.basename(os.path.dirname(snapshot)) != 'snapshots':
+        return None
+    return os.path.dirname(os.path.dirname(snapshot))
+
+
 def read(reference: str) -> dict:
     """A published model as checkpoints.load gives a checkpoint: its state dict, model arguments, class names,
-    and `config`. The weights are checked against the config (every tensor, its shape, finite values)."""
+    and `config`. Every field of the config is checked, and the weights against it (every tensor, its shape, finite
+    values). A damaged file in huggingface_hub's cache is named by its cache entry, with the command that clears
+    it (the cache would otherwise serve the same file again)."""
     paths = download(reference) if reference.startswith(PREFIX) else _local(reference)
-    config = read_config(paths[CONFIG], reference)
-    st = _safetensors(f'reading {reference}')
+    entry = cache_entry(reference, paths[CONFIG])
     try:
-        state_dict = st.load_file(paths[WEIGHTS])
-    except Exception as e:  # safetensors' own error types: a truncated or foreign file
-        raise UserError(f'{WEIGHTS} of {reference} cannot be read as safetensors ({errors.first_line(e)}): the file is '
-                        f'damaged; download or save it again.') from None
-    check_fit(state_dict, model_args(config), reference)
-    snapshot = os.path.dirname(paths[CONFIG])  # huggingface_hub's cache: .../snapshots/<commit>/config.json
-    revision = os.path.basename(snapshot) if os.path.basename(os.path.dirname(snapshot)) == 'snapshots' else None
+        config = read_config(paths[CONFIG], reference)
+        st = _safetensors(f'reading {reference}')
+        try:
+            state_dict = st.load_file(paths[WEIGHTS])
+        except Exception as e:  # safetensors' own error types: a truncated or foreign file
+            again = 'download it again' if entry else 'save it again'
+            raise UserError(f'{WEIGHTS} of {reference} cannot be read as safetensors ({errors.first_line(e)}): the '
+                            f'file is damaged; {again}.') from None
+        check_fit(state_dict, model_args(config), reference)
+    except UserError as e:
+        if entry is None:
+            raise
+        repo = parse(reference)[0]
+        raise UserError(f'{e.for_user()} It is in the Hugging Face cache, {entry}, which would serve it again: '
+                        f'remove it (hf cache rm model/{repo}, or delete that folder), then load it again to download '
+                        f'it anew.') from None
+    snapshot = os.path.dirname(paths[CONFIG])
     training = config.get('training') or {}
-    return {'state_dict': state_dict, 'revision': revision, 'model_args': model_args(config),
-            'class_names': config.get('class_names'), 'dataset': training.get('dataset'), 'config': config,
-            'initial_weights': training.get('initial_weights')}
+    return {'state_dict': state_dict, 'revision': os.path.basename(snapshot) if entry else None,
+            'model_args': model_args(config), 'class_names': config.get('class_names'),
+            'dataset': training.get('dataset'), 'config': config, 'initial_weights': training.get('initial_weights')}
 
 
 def check_fit(state_dict: dict[str, torch.Tensor], args: dict, source: str) -> None:
     """The weights must be exactly those of the model the config describes: name the first that is not."""
     import deeplab
-    with torch.random.fork_rng(devices=[]), torch.device('meta'):  # names and shapes only: no memory, no init
-        expected = deeplab.build_model(**args).state_dict()
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device('meta'):  # names and shapes only: no memory, no init
+            expected = deeplab.build_model(**args).state_dict()
+    except (ValueError, RuntimeError, UserError) as e:  # e.g. GroupNorm groups that do not divide the channels
+        message = e.for_user() if isinstance(e, UserError) else errors.first_line(e)
+        raise UserError(f'{CONFIG} of {source} describes a model that cannot be built '
+                        f'({", ".join(f"{k}={v!r}" for k, v in args.items())}): {message}') from None
     for name, tensor in expected.items():
         if name not in state_dict:
             raise UserError(f'{WEIGHTS} of {source} does not fit its {CONFIG}: it has no {name} (the config describes '
@@ -210,7 +321,8 @@ def from_pretrained(reference: str, device: str | torch.device = 'cpu'):
     deeplab.load_weights(model, checkpoint['state_dict'], reference)
     config = checkpoint['config']
     model.class_names = checkpoint['class_names']
-    model.mean, model.std = tuple(config['input']['mean']), tuple(config['input']['std'])
+    model.mean, model.std = pascal.MEAN, pascal.STD  # the config's, which read_config holds to these
+    model.crop_size = config.get('crop_size', EVAL_CROP)  # the canvas of its evaluation protocol
     model.config = config
     return model.to(device).eval()
 
@@ -377,6 +489,9 @@ def push(folder: str, repo: str, private: bool = False, message: str | None = No
     read(folder)  # what is published must load back
     if not os.path.isfile(os.path.join(folder, CARD)):
         raise UserError(f'the model folder {folder} has no {CARD} (the model card); write it with hub.py save.')
+    if hf.constants.is_offline_mode():
+        raise UserError(f'HF_HUB_OFFLINE is set, so {folder} cannot be uploaded to {repo}: unset it (with a network) '
+                        f'and push again.')
     if hf.get_token() is None:
         raise UserError('not logged in to the Hugging Face Hub: run `hf auth login` (or set HF_TOKEN to a token with '
                         'write access), then push again.')
@@ -396,8 +511,9 @@ def push(folder: str, repo: str, private: bool = False, message: str | None = No
     except hf.errors.HfHubHTTPError as e:
         raise UserError(f'the Hub refused the upload to {repo}: {errors.first_line(e)} (check the token\'s write '
                         f'access to {repo.split("/")[0]}).') from None
-    except (OSError, ConnectionError) as e:
-        raise UserError(f'could not reach the Hub to upload {folder} to {repo} ({errors.first_line(e)}).') from None
+    except network_errors() as e:
+        raise UserError(f'could not reach the Hub ({hf.constants.ENDPOINT}) to upload {folder} to {repo} '
+                        f'({errors.first_line(e)}): check the network (or HF_ENDPOINT), then push again.') from None
     url = getattr(commit, 'commit_url', None) or f'https://huggingface.co/{repo}'
     log.info('pushed %s to %s; load it with --checkpoint hf://%s', folder, url, repo)
     return url
