@@ -461,7 +461,7 @@ def check_args(args) -> tuple[torch.device, list[str], list[str], list[Config]]:
     if args.json:
         files.make_output_folder(os.path.dirname(os.path.abspath(args.json)), '--json')
         files.check_name_fits(args.json, '--json')
-        files.refuse_overwrite({args.json: '--json'}, {args.checkpoint: 'the checkpoint (--checkpoint)'})
+        files.refuse_overwrite({args.json: '--json'}, files.inputs_of(args.checkpoint, 'the checkpoint (--checkpoint)'))
         if os.path.isdir(args.json):
             raise UserError(f'--json {args.json} is a folder; give a file name, e.g. {args.json}/results.json.')
     return device, backbones, models, configs

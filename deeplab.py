@@ -514,6 +514,11 @@ def model_mismatch(held: str, wanted: str, source: str) -> str:
 def load_weights(model: DeepLabV3, state_dict: dict[str, torch.Tensor], source: str) -> None:
     """Load a full DeepLabV3 state dict (prefix `module.` or none) strictly, or explain why it does not fit."""
     state_dict = checkpoints.strip_prefixes(state_dict)
+    decoder = [k for k in state_dict if k.startswith('decoder.')]
+    if decoder and any(k.startswith(_CLASSIFIER_KEYS['deeplabv3']) for k in state_dict):
+        raise UserError(f'{source} holds tensors of two models: the DeepLabV3 classifier (aspp.conv3.*) and '
+                        f'{len(decoder)} tensors of a DeepLabV3+ decoder {few(decoder)}, which that model does not '
+                        f'have. The file is damaged or was assembled from two models; use another copy of it.')
     backbone, classes = identify(state_dict)
     if backbone is None and classes is None:
         raise UserError(f'{source} holds no DeepLabV3 weights (e.g. {next(iter(state_dict), "(nothing)")}); '
@@ -533,7 +538,7 @@ def load_weights(model: DeepLabV3, state_dict: dict[str, torch.Tensor], source: 
         raise UserError(f'{source} does not fit the model: {short_error(e)}') from None
     if missing or unexpected:
         hint = ''
-        if any(k.endswith('running_mean') for k in list(missing) + list(unexpected)):
+        if any(k.endswith('running_mean') and not k.startswith('decoder.') for k in list(missing) + list(unexpected)):
             hint = (' Its norm layers differ from the model\'s (BatchNorm vs GroupNorm): '
                     'pass the --groups it was trained with.')
         raise UserError(f'{source} does not fit the model: {len(missing)} missing keys {few(missing)}, '

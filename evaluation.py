@@ -48,13 +48,16 @@ def run(args, rt: runs.Runtime) -> float:
     if multi_scale:
         folders[True] = os.path.join(args.output_dir, 'val_ms')
     names = dataset.output_names() if args.save_predictions else []
-    outputs = {os.path.join(folder, f'{name}.png'): '--output_dir' for folder in folders.values() for name in names}
-    outputs[chart_path(args, path)] = '--output_dir'
+    outputs = [(os.path.join(folder, f'{name}.png'), '--output_dir') for folder in folders.values() for name in names]
+    outputs.append((chart_path(args, path), '--output_dir'))
     if args.json:
         files.check_name_fits(args.json, '--json')
-        outputs[args.json] = '--json'
-    files.refuse_overwrite(outputs, {**dataset_inputs(dataset), path: 'the checkpoint evaluated',
-                                     args.class_names: '--class_names'})
+        if os.path.isdir(args.json):
+            example = os.path.join(args.json, 'eval.json')
+            raise UserError(f'--json {args.json} is a folder; give a file name, e.g. {example}.')
+        outputs.append((args.json, '--json'))
+    files.refuse_overwrite(outputs, {**dataset_inputs(dataset), **files.inputs_of(path, 'the checkpoint evaluated'),
+                                     **files.inputs_of(args.class_names, '--class_names')})
     model = model_for(args, dataset.num_classes, checkpoint)
     deeplab.load_weights(model, checkpoint['state_dict'], path)
     model = execution.prepare(model)
@@ -128,9 +131,11 @@ def int8_model(args, model, device) -> quantize.Int8Model:
 def write_json(args, path, dataset, confusion, confusion_ms, model, net) -> None:
     """The figures of the evaluation as JSON (--json): what hub.py save --metrics puts in a model card."""
     iou = confusion.iou() * 100
-    figures = {'checkpoint': path, 'model': model.name, 'backbone': model.backbone_name,
+    figures = {'checkpoint': path, 'checkpoint_sha256': files.sha256_file(path) if os.path.isfile(path) else None,
+               'model': model.name, 'backbone': model.backbone_name,
                'num_classes': dataset.num_classes, 'class_names': list(dataset.class_names),
-               'dataset': args.dataset, 'split': 'val', 'images': len(dataset),
+               'dataset': args.dataset, 'data_root': args.data_root or pascal.DEFAULT_ROOTS[args.dataset],
+               'split': 'val', 'images': len(dataset),
                'protocol': {'crop_size': args.crop_size, 'output_stride': model.output_stride},
                'precision': precision(args, net),
                'mean_iou': float(iou.mean()),

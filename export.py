@@ -39,6 +39,8 @@ log = logging.getLogger('export')
 # writes 18 and later (it cannot convert this graph to older ones).
 MIN_OPSET = 11
 DYNAMO_MIN_OPSET = 18
+# Per-channel int8 weights are QuantizeLinear/DequantizeLinear with an axis, which ONNX defines from opset 13.
+INT8_MIN_OPSET = 13
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -192,38 +194,30 @@ def run(args) -> None:
         if not args.calibration_input:
             raise UserError('--quantize int8 needs --calibration_input: a few photos like the ones the model will '
                             'segment (a folder or a glob), whose activation ranges set the int8 scales.')
+        if args.opset < INT8_MIN_OPSET:
+            raise UserError(f'--quantize int8 writes per-channel int8 weights, which ONNX defines from opset '
+                            f'{INT8_MIN_OPSET}: with --opset {args.opset} (--exporter {args.exporter}) ONNX Runtime '
+                            f'would reject the int8 file. Pass --opset {INT8_MIN_OPSET} or later, or drop --quantize; '
+                            f'nothing was written.')
         errors.require('onnxruntime', 'int8 ONNX quantization (--quantize int8)')
         calibration = pascal.collect_images(args.calibration_input, '--calibration_input')
         outputs[int8_path(output)] = '--output'
         files.check_name_fits(int8_path(output), '--output')
     elif args.calibration_input:
         raise UserError('--calibration_input calibrates --quantize int8: add --quantize int8, or drop it.')
-    files.refuse_overwrite(outputs, {args.checkpoint: 'the checkpoint (--checkpoint)',
+    files.refuse_overwrite(outputs, {**files.inputs_of(args.checkpoint, 'the checkpoint (--checkpoint)'),
                                      **{path: 'a calibration image (--calibration_input)' for path in calibration}})
     example = 3 * 4 * args.height * args.width  # traced on the example; checked on a slightly larger input
     checked = 0 if args.no_check else inference.BYTES_PER_PIXEL * (args.height + 32) * (args.width + 31)
     errors.refuse_if_huge(example + checked, torch.device('cpu'), f'exporting with a {args.width}x{args.height} '
                           f'example' + ('' if args.no_check else ' and checking it'), '--height and --width')
     model = deeplab.model_from_checkpoint(args.checkpoint, args.backbone, args.output_stride, args.model).eval()
-    try:
-        with errors.out_of_memory_is(lambda e: f'out of memory exporting with a {args.width}x{args.height} example '
-                                               f'({errors.first_line(e)}): lower --height and --width; the ONNX '
-                                               f'model takes any size whatever the example\'s.'):
-            export(model, output, args.height, args.width, args.opset, args.exporter)
-    except (torch.onnx.errors.OnnxExporterError, RuntimeError) as e:
-        if 'opset' not in str(e):
-            raise
-        raise UserError(f'PyTorch {torch.__version__} cannot export opset {args.opset}: '
-                        f'{str(e).splitlines()[0]}. Use an opset from {MIN_OPSET} up to the newest it '
-                        f'supports (default {DYNAMO_MIN_OPSET}).') from None
-    log.info('wrote %s (%s-%s, %d classes, dynamic batch/height/width, opset %d, %s exporter)', output,
-             model.title, model.backbone_name, model.num_classes, args.opset, args.exporter)
+    # Read before anything is written: images that cannot be read are a message, not a half-done export.
+    images = quantize.load_calibration(calibration, args.calibration, args.height, args.width,
+                                       f'--calibration_input {args.calibration_input}') if calibration else []
+    with staged_files(list(outputs), '--output') as staged:
+        write(args, model, output, staged, images)
     if args.quantize:
-        images = quantize.load_calibration(calibration, args.calibration, args.height, args.width)
-        start = time.perf_counter()
-        quantize_onnx(output, int8_path(output), images)
-        log.info('wrote %s (int8 QDQ by ONNX Runtime, calibrated on %s in %.1f s)', int8_path(output),
-                 utils.plural(len(images), 'image'), time.perf_counter() - start)
         for r in compare(model, [output, int8_path(output)], images[:4]):
             log.info('%s: ONNX Runtime %.1f ms per %dx%d image, argmax agreement with PyTorch fp32 %.2f%% (%s)',
                      r['path'], r['latency_ms'], args.width, args.height, r['argmax_agreement'],
@@ -241,6 +235,63 @@ def run(args) -> None:
         return
     log.info('ONNX Runtime vs PyTorch on a %dx%d input: logits %s, max |difference| %.2e, argmax agreement %.4f%%',
              height, width, result['shape'], result['max_abs_diff'], result['argmax_agreement'])
+
+
+def write(args, model, output: str, staged: dict[str, str], images: list[torch.Tensor]) -> None:
+    """The ONNX file (and with --quantize its int8 counterpart, quantized from it), each at its staged path."""
+    try:
+        with errors.out_of_memory_is(lambda e: f'out of memory exporting with a {args.width}x{args.height} example '
+                                               f'({errors.first_line(e)}): lower --height and --width; the ONNX '
+                                               f'model takes any size whatever the example\'s.'):
+            export(model, staged[output], args.height, args.width, args.opset, args.exporter)
+    except (torch.onnx.errors.OnnxExporterError, RuntimeError) as e:
+        if 'opset' not in str(e):
+            raise
+        raise UserError(f'PyTorch {torch.__version__} cannot export opset {args.opset}: '
+                        f'{str(e).splitlines()[0]}. Use an opset from {MIN_OPSET} up to the newest it '
+                        f'supports (default {DYNAMO_MIN_OPSET}).') from None
+    log.info('exported %s (%s-%s, %d classes, dynamic batch/height/width, opset %d, %s exporter)', output,
+             model.title, model.backbone_name, model.num_classes, args.opset, args.exporter)
+    if not args.quantize:
+        return
+    start = time.perf_counter()
+    try:
+        quantize_onnx(staged[output], staged[int8_path(output)], images)
+    except UserError:
+        raise
+    except Exception as e:  # ONNX Runtime's quantization tools raise what their passes raise
+        raise UserError(f'ONNX Runtime could not quantize {output} to int8 ({errors.first_line(e)}); nothing was '
+                        f'written. Export without --quantize, or with another --opset.') from None
+    log.info('quantized %s (int8 QDQ by ONNX Runtime, calibrated on %s in %.1f s)', int8_path(output),
+             utils.plural(len(images), 'image'), time.perf_counter() - start)
+
+
+@contextlib.contextmanager
+def staged_files(paths: list[str], flag: str):
+    """Temporary paths beside `paths` to write them at; all renamed into place when the block succeeds, all
+    removed when it fails (or is stopped), so that an export leaves every file it writes or none."""
+    staged = {}
+    for path in paths:
+        folder, name = os.path.split(os.path.abspath(path))
+        staged[path] = os.path.join(folder, f'.{name[:64]}.{os.getpid()}.partial{os.path.splitext(name)[1]}')
+    placed = []
+    try:
+        yield staged
+        for path, tmp in staged.items():
+            os.replace(tmp, path)
+            placed.append(path)
+        log.info('wrote %s', ', '.join(paths))
+    except BaseException as e:
+        for path in placed:  # all or none
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        if isinstance(e, OSError):
+            raise files.write_error(paths[0], e, flag) from None
+        raise
+    finally:
+        for tmp in staged.values():
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def cli(argv=None) -> int:

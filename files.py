@@ -146,10 +146,22 @@ def check_name_fits(path: str, flag: str) -> None:
                             f'{flag}.')
 
 
-def refuse_overwrite(outputs: dict[str, str], inputs: dict[str, str]) -> None:
-    """Refuse, before any work, to write over an input of the same command: an output path that is an input file,
-    by name or through a link. `outputs` maps each path to the option that places it, `inputs` each input path to
-    what it is ('--checkpoint', 'an input image', ...)."""
+def inputs_of(path: str | None, what: str) -> dict[str, str]:
+    """An input for `refuse_overwrite`: a file, or each file of a folder (a published model's config.json and
+    weights); nothing for None or a name that is no local path (hf://...)."""
+    if not path or not os.path.exists(path):
+        return {}
+    if os.path.isdir(path):
+        return {os.path.join(path, name): f'{what} ({name})' for name in os.listdir(path)
+                if os.path.isfile(os.path.join(path, name))}
+    return {path: what}
+
+
+def refuse_overwrite(outputs, inputs: dict[str, str]) -> None:
+    """Refuse, before any work, to write over an input of the same command, or twice to one file in the run: an
+    output path that is an input file, or another output, by name or through a link. `outputs` maps each path to
+    the option that places it (a dict, or (path, option) pairs where two options may name one path), `inputs` each
+    input path to what it is ('--checkpoint', 'an input image', ...)."""
     def identities(path):
         ids = {('path', os.path.realpath(path))}
         with contextlib.suppress(OSError):
@@ -162,13 +174,25 @@ def refuse_overwrite(outputs: dict[str, str], inputs: dict[str, str]) -> None:
         if path:
             for identity in identities(path):
                 known.setdefault(identity, (path, what))
-    for path, flag in outputs.items():
+    pairs = list(outputs.items()) if isinstance(outputs, dict) else list(outputs)
+    for path, flag in pairs:
         for identity in identities(path):
             if identity in known:
                 source, what = known[identity]
                 same = '' if os.path.abspath(source) == os.path.abspath(path) else f' ({source})'
                 raise UserError(f'this command would write {path}, which is {what}{same}: an output must not '
                                 f'overwrite an input. Choose another {flag}; nothing was written.')
+    written = {}
+    for path, flag in pairs:
+        for identity in identities(path):
+            if identity in written and written[identity][0] != path:
+                first, other = written[identity]
+                raise UserError(f'this command would write {path} ({flag}) where it also writes {first} ({other}): '
+                                f'one output would replace the other. Choose another {flag}; nothing was written.')
+            if identity in written and written[identity][1] != flag:
+                raise UserError(f'this command would write {path} twice, as {written[identity][1]} and as {flag}: '
+                                f'one output would replace the other. Choose another {flag}; nothing was written.')
+            written.setdefault(identity, (path, flag))
 
 
 @contextlib.contextmanager

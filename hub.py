@@ -44,7 +44,6 @@ ORIGINAL_REPO = 'https://github.com/stigma0617/VoVNet-DeepLabV3'
 RELEASED = {f'deeplab_{b}_pascal_v3_bn_lr7e-3_epoch50.pth': miou for b, miou in (
     ('resnet50', 74.27), ('densenet201', 75.63), ('vovnet39', 75.71), ('resnet101', 76.81), ('densenet161', 76.13),
     ('vovnet57', 77.4))}
-DATASETS = {'pascal': ('pascal-voc-2012', 'PASCAL VOC 2012 val'), 'cityscapes': ('cityscapes', 'Cityscapes val')}
 
 
 def _hub(purpose: str):
@@ -293,6 +292,8 @@ def check_fit(state_dict: dict[str, torch.Tensor], args: dict, source: str) -> N
             expected = deeplab.build_model(**args).state_dict()
     except (ValueError, RuntimeError, UserError) as e:  # e.g. GroupNorm groups that do not divide the channels
         message = e.for_user() if isinstance(e, UserError) else errors.first_line(e)
+        for option, flag in deeplab.OPTION_FLAGS.items():  # the builder speaks of flags; the file has fields
+            message = message.replace(flag, option)
         raise UserError(f'{CONFIG} of {source} describes a model that cannot be built '
                         f'({", ".join(f"{k}={v!r}" for k, v in args.items())}): {message}') from None
     for name, tensor in expected.items():
@@ -343,8 +344,8 @@ def make_config(checkpoint: dict, model, path: str, metrics: dict | None) -> dic
     names = checkpoint.get('class_names') or (metrics or {}).get('class_names')
     if names is None and model.num_classes == len(pascal.VOC_CLASSES):
         names = list(pascal.VOC_CLASSES)
-    training = {k: recorded[k] for k in ('dataset', 'epochs', 'batch_size', 'base_lr', 'last_mult', 'crop_size',
-                                         'output_stride', 'amp', 'freeze_bn', 'seed') if k in recorded}
+    training = {k: recorded[k] for k in ('dataset', 'data_root', 'epochs', 'batch_size', 'base_lr', 'last_mult',
+                                         'crop_size', 'output_stride', 'amp', 'freeze_bn', 'seed') if k in recorded}
     if 'epoch' in checkpoint:
         training['epochs_trained'] = int(checkpoint['epoch'])
     if checkpoint.get('initial_weights'):
@@ -354,6 +355,9 @@ def make_config(checkpoint: dict, model, path: str, metrics: dict | None) -> dic
     released = original_format(checkpoint)
     if released:
         training.setdefault('dataset', 'pascal')
+        training.setdefault('data_root', pascal.DEFAULT_ROOTS['pascal'])
+    if training.get('dataset'):
+        training['dataset_name'] = describe_dataset(training['dataset'], training.get('data_root'), names)[1]
     return {'format': FORMAT, 'format_version': VERSION, **model.model_args,
             'model': model.name, 'class_names': names,
             'input': {'mean': list(pascal.MEAN), 'std': list(pascal.STD),
@@ -362,6 +366,48 @@ def make_config(checkpoint: dict, model, path: str, metrics: dict | None) -> dic
             'source': {'checkpoint': os.path.basename(path), 'sha256': files.sha256_file(path),
                        'original_release': released},
             'evaluation': metrics}
+
+
+def describe_dataset(dataset: str, data_root: str | None, class_names) -> tuple[str, str]:
+    """(Hub dataset id, name) of a dataset as the flags named it: PASCAL VOC 2012 only for VOC itself (its classes, in
+    its VOCdevkit folder), Cityscapes for that layout, and any other dataset in VOC's list layout by its folder and
+    classes, never as VOC."""
+    if dataset == 'cityscapes':
+        return 'cityscapes', 'Cityscapes'
+    root = data_root or pascal.DEFAULT_ROOTS.get(dataset or 'pascal')
+    folder = os.path.basename(os.path.normpath(root)) if root else 'unknown'
+    if dataset == 'pascal' and folder.lower() == 'vocdevkit' and list(class_names or []) == list(pascal.VOC_CLASSES):
+        return 'pascal-voc-2012', 'PASCAL VOC 2012'
+    names = f': {", ".join(class_names[:6])}{", ..." if len(class_names) > 6 else ""}' if class_names else ''
+    return 'custom', f'a custom dataset ({folder}/, {len(class_names or [])} classes{names})'
+
+
+def _shown(value) -> str:
+    return few(map(str, value), 4) if isinstance(value, list) else str(value)
+
+
+def check_metrics(metrics: dict, metrics_path: str, checkpoint: dict, checkpoint_path: str, model) -> None:
+    """The evaluation given to a card must be of this model: the same checkpoint file when it names one (its
+    sha256), else the same model, backbone, classes, output stride and training dataset; a UserError naming what
+    differs otherwise."""
+    where = f'--metrics {metrics_path}'
+    sha = metrics.get('checkpoint_sha256')
+    if sha and sha != files.sha256_file(checkpoint_path):
+        raise UserError(f'{where} is the evaluation of another file ({metrics.get("checkpoint")}, sha256 '
+                        f'{sha[:12]}...) than --checkpoint {checkpoint_path}: evaluate this checkpoint with main.py '
+                        f'--json and give that file.')
+    ours = {'model': model.name, 'backbone': model.backbone_name, 'num_classes': model.num_classes,
+            'output_stride': model.output_stride, 'class_names': checkpoint.get('class_names'),
+            'dataset': checkpoint.get('dataset') or (checkpoint.get('args') or {}).get('dataset')}
+    theirs = dict(metrics, output_stride=(metrics.get('protocol') or {}).get('output_stride'))
+    for field, value in ours.items():
+        if value is not None and theirs.get(field) is not None and theirs[field] != value:
+            raise UserError(f'{where} describes another model than --checkpoint {checkpoint_path}: its {field} is '
+                            f'{_shown(theirs[field])}, the checkpoint\'s {_shown(value)}. Evaluate this checkpoint '
+                            f'with main.py --json and give that file.')
+    if not isinstance(metrics.get('precision', 'fp32'), str):
+        raise UserError(f'{where} records precision {metrics["precision"]!r}, not a description such as "fp32": give '
+                        f'the file main.py --json writes.')
 
 
 def read_metrics(path: str) -> dict:
@@ -374,6 +420,9 @@ def read_metrics(path: str) -> dict:
         raise UserError(f'--metrics {path} cannot be read as JSON ({e}); give the file of main.py --json.') from None
     if not isinstance(metrics, dict) or not isinstance(metrics.get('mean_iou'), (int, float)):
         raise UserError(f'--metrics {path} holds no mean_iou: give the file main.py --json writes when evaluating.')
+    if isinstance(metrics['mean_iou'], bool) or not 0 <= metrics['mean_iou'] <= 100:
+        raise UserError(f'--metrics {path} has mean_iou {metrics["mean_iou"]!r}, not a percentage from 0 to 100: '
+                        f'give the file main.py --json writes when evaluating.')
     return metrics
 
 
@@ -383,13 +432,23 @@ def model_card(config: dict, license_: str) -> str:
     title = {'deeplabv3': 'DeepLabV3', 'deeplabv3plus': 'DeepLabV3+'}[config['model']]
     name = f'{title} {config["backbone"]}'
     training, source, metrics = config['training'], config['source'], config.get('evaluation')
-    dataset_id, dataset_name = DATASETS.get(training.get('dataset'), (training.get('dataset') or 'custom',) * 2)
+    dataset_id, trained_on = describe_dataset(training.get('dataset'), training.get('data_root'),
+                                              config.get('class_names'))
+    if metrics:  # the evaluation's own data, as main.py --json recorded it
+        dataset_id, evaluated_on = describe_dataset(metrics.get('dataset', training.get('dataset')),
+                                                    metrics.get('data_root', training.get('data_root')),
+                                                    metrics.get('class_names', config.get('class_names')))
+        dataset_name = f'{evaluated_on} {metrics.get("split", "val")}'
+    else:
+        dataset_name = f'{trained_on} val'
+    precision = (metrics or {}).get('precision', 'fp32')
     reported = RELEASED.get(source['checkpoint']) if source['original_release'] else None
     results = []
     if metrics:
         results.append(hf.EvalResult(task_type='image-segmentation', dataset_type=dataset_id,
                                      dataset_name=dataset_name, metric_type='mean_iou',
-                                     metric_value=round(metrics['mean_iou'], 2), metric_name='mean IoU (%)'))
+                                     metric_value=round(metrics['mean_iou'], 2),
+                                     metric_name=f'mean IoU (%), {precision}'))
     elif reported is not None:
         results.append(hf.EvalResult(task_type='image-segmentation', dataset_type=dataset_id,
                                      dataset_name=dataset_name, metric_type='mean_iou', metric_value=reported,
@@ -408,9 +467,9 @@ def model_card(config: dict, license_: str) -> str:
         lines += ['This is a checkpoint of the original work (its keys: DataParallel\'s `module.` prefix, no record '
                   f'of this project), [{ORIGINAL_REPO}]({ORIGINAL_REPO}), converted unchanged.', '']
     lines += ['## Training', '']
-    facts = [(k.replace('_', ' '), training[k]) for k in ('dataset', 'epochs', 'epochs_trained', 'batch_size',
-                                                          'base_lr', 'last_mult', 'crop_size', 'amp', 'seed')
-             if k in training]
+    facts = [('dataset', trained_on)] if training.get('dataset') else []
+    facts += [(k.replace('_', ' '), training[k]) for k in ('epochs', 'epochs_trained', 'batch_size', 'base_lr',
+                                                           'last_mult', 'crop_size', 'amp', 'seed') if k in training]
     if source['original_release']:
         lines += ['The original reports its released runs as: PASCAL VOC 2012 + SBD, 50 epochs, batch 16, base lr '
                   '0.007 (poly), crop 513, from ImageNet weights. The file records only:', '']
@@ -420,7 +479,7 @@ def model_card(config: dict, license_: str) -> str:
     if metrics:
         protocol = metrics.get('protocol') or {}
         lines += [f'Mean IoU **{metrics["mean_iou"]:.2f}** on {metrics.get("images", "?")} images of '
-                  f'{dataset_name} (measured by main.py: single scale, each image padded on a '
+                  f'{dataset_name}, computed in {precision} (measured by main.py: single scale, each image padded on a '
                   f'{protocol.get("crop_size", EVAL_CROP)}x{protocol.get("crop_size", EVAL_CROP)} canvas'
                   + (f', scales {protocol["scales"]}' if protocol.get('scales') else '')
                   + (', flip' if protocol.get('flip') else '') + ').', '']
@@ -459,9 +518,8 @@ def save(checkpoint_path: str, output: str, metrics_path: str | None = None, lic
     metrics = read_metrics(metrics_path) if metrics_path else None
     checkpoint = checkpoints.load(checkpoint_path)
     model = deeplab.model_from_checkpoint(checkpoint_path)
-    if metrics and metrics.get('num_classes') not in (None, model.num_classes):
-        raise UserError(f'--metrics {metrics_path} is an evaluation of {metrics["num_classes"]} classes, the '
-                        f'checkpoint has {model.num_classes}: give the metrics of this checkpoint.')
+    if metrics:
+        check_metrics(metrics, metrics_path, checkpoint, checkpoint_path, model)
     config = make_config(checkpoint, model, checkpoint_path, metrics)
     card = model_card(config, license_)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}

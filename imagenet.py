@@ -32,10 +32,10 @@ log = logging.getLogger(__name__)
 
 ORIGINAL_FILE = 'data/pretrained/{name}_statedict_norm.pth'
 SCRATCH = {'source': 'scratch'}
-# Tensors of an ImageNet file that are not the backbone's: classifiers (original, torchvision, pytorchcv, timm)
-# and, in a DeepLabV3 state dict offered as ImageNet weights, the ASPP (and a DeepLabV3+'s decoder), which keep
-# their own initialisation.
+# Tensors of an ImageNet file that are not the backbone's: classifiers (original, torchvision, pytorchcv, timm).
+# A file with the ASPP (or a DeepLabV3+'s decoder) is a trained segmentation model: refused, pointing to --init.
 HEAD = ('aspp.', 'decoder.')
+WHAT = 'ImageNet weights (--pretrained_path)'
 NOT_BACKBONE = ('classifier.', 'fc.', 'output.', 'head.') + HEAD
 # The file formats each backbone family starts from, as `weights_format` names them.
 FORMATS = {'vovnet': ('original', 'pytorchcv'), 'ese_vovnet': ('timm',), 'resnet': ('torchvision',),
@@ -91,6 +91,10 @@ def damaged_cache(what: str, path: str):
 def read_weights(path: str, what: str = 'ImageNet weights') -> dict[str, torch.Tensor]:
     """The state dict in a .pth/.pt/.bin file (read with weights_only=True) or a .safetensors file, without a
     `module.` prefix."""
+    if os.path.isdir(path):
+        raise UserError(f'{what} {path} is a folder; give the weights file (.pth or .safetensors) of the backbone. '
+                        f'A trained model (a checkpoint, or a folder written by hub.py save) is fine-tuned with --init '
+                        f'instead.')
     if not path.endswith('.safetensors'):
         return strip_prefixes(load_checkpoint(path, what=what)['state_dict'])
     if not os.path.isfile(path):
@@ -123,7 +127,12 @@ def load_file(model: nn.Module, family: str, path: str, num_groups: int | None, 
     pytorchcv and timm files must hold every backbone tensor with its shape (their names are mapped one by
     one); the original's format and torchvision's load what fits and report the rest, never merging silently.
     """
-    state = read_weights(path)
+    state = read_weights(path, WHAT)
+    head = sorted({k.split('.')[0] for k in state if k.startswith(HEAD)})
+    if head:
+        raise UserError(f'{path} holds a whole trained segmentation model (its {" and ".join(head)} tensors), not '
+                        f'ImageNet weights of a backbone: --pretrained_path would keep its backbone and drop the rest. '
+                        f'To start from every layer of it, pass --init {path} instead of --pretrained_path.')
     fmt = weights_format(state)
     name = model.backbone_name
     if fmt not in FORMATS[family]:

@@ -321,7 +321,7 @@ def train(args, rt: runs.Runtime) -> None:
                                        dataset.num_classes, dataset.class_names)
     files.refuse_overwrite(outputs, {**dataset_inputs(dataset, val_set), args.resume: 'the checkpoint to resume',
                                      args.pretrained_path: '--pretrained_path', args.class_names: '--class_names',
-                                     args.init: '--init'})
+                                     **files.inputs_of(args.init, '--init')})
     loader = loader_of(dataset, per_process, sampler, args, device)
 
     # Model and optimizer

@@ -234,6 +234,7 @@ class SegmentationDataset(Dataset):
         self.class_names = tuple(class_names)
         self.seed = seed
         self.epoch = 0
+        self.source: str | None = None  # where the samples were listed (build_dataset)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -335,7 +336,9 @@ def build_dataset(name: str, root: str | None, split: str, transforms, num_class
         raise UserError(f'{len(missing)} of the {2 * len(samples)} files named by {source} do not exist, e.g.\n'
                         f'  {shown}\nThe download or extraction is probably incomplete: redo it (README), '
                         f'or fix --data_root.')
-    return SegmentationDataset(samples, num_classes, transforms, class_names, seed)
+    dataset = SegmentationDataset(samples, num_classes, transforms, class_names, seed)
+    dataset.source = source  # the list file (VOC's layout) or the image folder (Cityscapes)
+    return dataset
 
 
 def read_lines(path: str, what: str) -> list[tuple[int, str]]:

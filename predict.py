@@ -131,15 +131,20 @@ def check_quantize(args, device) -> None:
     args.amp = 'off'
 
 
-def int8_model(model, work, crop: int, count: int) -> quantize.Int8Model:
+def int8_model(model, work, crop: int, count: int, flag: str) -> quantize.Int8Model:
     """The model quantized after observing `count` of the inputs (the same ones every run), on the canvas they are
     predicted on, and compiled for it."""
-    images = quantize.load_calibration([path for _, paths in work for path in paths], count, crop, crop)
+    images = quantize.load_calibration([path for _, paths in work for path in paths], count, crop, crop, flag)
     net = quantize.int8(model, images)
     seconds = quantize.warm_up(net, (1, 3, crop, crop))
     log.info('int8 (PT2E, torchao X86InductorQuantizer): calibrated on %s in %.1f s, compiled in %.1f s',
              utils.plural(len(images), 'input'), net.quantize_seconds, seconds)
     return net
+
+
+def nothing_read(args, skipped: int) -> UserError:
+    return UserError(f'no image of --input {args.input} could be read ({utils.plural(skipped, "file")} skipped, see '
+                     f'the warnings above); nothing was written.')
 
 
 def run(args) -> int:
@@ -162,6 +167,8 @@ def predict(args, inputs: list[str], device: torch.device) -> int:
     amp = inference.amp_dtype(args.amp, device)
     execution = inference.Execution(device, amp, amp is not None if args.channels_last is None else args.channels_last)
     work, skipped = plan(inputs, args)
+    if not work:
+        raise nothing_read(args, skipped)
     used, stems = set(), {}
     for _, paths in work:
         for path in paths:
@@ -169,11 +176,11 @@ def predict(args, inputs: list[str], device: torch.device) -> int:
     outputs = {os.path.join(args.output, name): '--output'
                for stem in stems.values() for name in (f'{stem}.png', f'{stem}_overlay.jpg')}
     files.refuse_overwrite(outputs, {**{path: 'an input image' for path in inputs},
-                                     args.checkpoint: 'the checkpoint (--checkpoint)'})
+                                     **files.inputs_of(args.checkpoint, 'the checkpoint (--checkpoint)')})
     model = deeplab.model_from_checkpoint(args.checkpoint, args.backbone, args.output_stride, args.model)
     model = execution.prepare(model).eval()
     if args.quantize:
-        model = int8_model(model, work, args.crop_size, args.calibration)
+        model = int8_model(model, work, args.crop_size, args.calibration, f'--input {args.input}')
     runner = inference.Runner(model, execution, args.crop_size)
     log.info('predicting %s with %s (%s, %s%s)', utils.plural(len(stems), 'image'), args.checkpoint, device,
              'int8' if args.quantize else {None: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16'}[amp],
@@ -220,8 +227,7 @@ def predict(args, inputs: list[str], device: torch.device) -> int:
                              photo.size[1], ', windows' if how == 'windows' else '', os.path.join(args.output, stem),
                              pace.rate(), pace.eta())
     if done == 0:
-        raise UserError(f'no image of --input {args.input} could be read ({utils.plural(skipped, "file")} skipped, '
-                        f'see the warnings above); nothing was written.')
+        raise nothing_read(args, skipped)
     log.info('%s segmented into %s/%s', utils.plural(done, 'image'), args.output,
              f'; {skipped} skipped (see the warnings above)' if skipped else '')
     return skipped

@@ -29,6 +29,8 @@ import errors
 import pascal
 from errors import UserError
 
+log = logging.getLogger(__name__)
+
 DEFAULT_CALIBRATION = 32  # images
 DEFAULT_SEED = 0  # which images calibrate, where the run gives no --seed
 
@@ -78,18 +80,25 @@ def canvas(image: torch.Tensor, height: int, width: int | None = None) -> torch.
     return padded[:, :height, :width]
 
 
-def load_calibration(paths: Sequence[str], count: int, height: int, width: int) -> list[torch.Tensor]:
-    """`count` of the images at `paths` (the same ones every run), normalised, on height x width canvases; files
-    that cannot be read are left out (their own step reports them)."""
-    images = []
+def load_calibration(paths: Sequence[str], count: int, height: int, width: int,
+                     flag: str = '--calibration_input') -> list[torch.Tensor]:
+    """`count` of the images at `paths` (the same ones every run), normalised, on height x width canvases. Files
+    that cannot be read are left out, each named in a warning; when none can be, a UserError names `flag` (the
+    option that gave them) and the files."""
+    images, unreadable = [], []
     for i in pick(count, len(paths), DEFAULT_SEED):
         try:
             photo = pascal.load_image(paths[i], exif=True)
-        except UserError:
+        except UserError as e:
+            unreadable.append(e.for_user().rstrip('.'))
             continue
         images.append(canvas(pascal.ToTensor()(photo, photo, None)[0], height, width))
+    for reason in unreadable if images else ():
+        log.warning('int8 calibration skips an image: %s', reason)
     if not images:
-        raise UserError(f'none of the {len(paths)} images given could be read to calibrate int8 quantization.')
+        shown = '; '.join(unreadable[:3]) + ('; ...' if len(unreadable) > 3 else '')
+        raise UserError(f'none of the {len(unreadable)} images of {flag} that would calibrate int8 quantization '
+                        f'could be read ({shown}): give images that open (JPEG, PNG, ...).')
     return images
 
 
@@ -136,6 +145,9 @@ class Int8Model(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Contiguous: a window is a strided slice of its padded image, whose strides (the image's width) would
+        # otherwise be one more compilation per image size.
+        x = x.contiguous()
         h, w = x.shape[-2:]
         ph, pw = (n if n <= c else -(-n // self.GRID) * self.GRID for n, c in zip((h, w), self.canvas))
         if (ph, pw) == (h, w):

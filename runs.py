@@ -1,5 +1,6 @@
 """What a run of main.py is made of, shared by training and evaluation: this process and its device (`Runtime`),
 the dataset and loaders the flags name, and the run's model."""
+import os
 from dataclasses import dataclass
 
 import torch
@@ -67,5 +68,12 @@ def make_runtime(args, info: utils.DistInfo, device: torch.device) -> Runtime:
 
 
 def dataset_inputs(*datasets) -> dict[str, str]:
-    return {path: 'a file of the dataset' for dataset in datasets if dataset is not None
-            for pair in dataset.samples for path in pair}
+    """Every file a dataset reads: its images and masks, and its list file."""
+    found = {}
+    for dataset in datasets:
+        if dataset is None:
+            continue
+        if dataset.source and os.path.isfile(dataset.source):
+            found[dataset.source] = 'the dataset\'s list file'
+        found.update({path: 'a file of the dataset' for pair in dataset.samples for path in pair})
+    return found
