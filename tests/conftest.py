@@ -1,6 +1,7 @@
 import hashlib
 import logging
 import os
+import shutil
 import subprocess
 import sys
 
@@ -92,6 +93,29 @@ def train_in(folder, argv) -> None:
         assert main.cli([str(a) for a in argv]) == 0
     finally:
         os.chdir(cwd)
+
+
+@pytest.fixture
+def mount(tmp_path):
+    """mount(name, size, readonly=False, fill=None): a fresh tmpfs of `size` at tmp_path/name (files from `fill`,
+    a folder, copied in first), or None where this process may not mount (not root)."""
+    mounted = []
+
+    def make(name, size, readonly=False, fill=None):
+        folder = tmp_path / name
+        folder.mkdir()
+        if subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(folder)],
+                          capture_output=True).returncode:
+            return None
+        mounted.append(folder)
+        if fill is not None:
+            shutil.copytree(fill, folder, dirs_exist_ok=True)
+        if readonly:
+            subprocess.run(['mount', '-o', 'remount,ro', str(folder)], check=True)
+        return folder
+    yield make
+    for folder in mounted:
+        subprocess.run(['umount', '-l', str(folder)], capture_output=True)
 
 
 # --- ImageNet weights from the libraries, without a network

@@ -48,29 +48,6 @@ def leftovers(folder) -> list[str]:
                   if p.endswith('.tmp') or '.partial-' in p)
 
 
-@pytest.fixture
-def mount(tmp_path):
-    """mount(name, size, readonly=False, fill=None): a fresh tmpfs of `size` at tmp_path/name (files from `fill`,
-    a folder, copied in first), or None where this process may not mount (not root)."""
-    mounted = []
-
-    def make(name, size, readonly=False, fill=None):
-        folder = tmp_path / name
-        folder.mkdir()
-        if subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(folder)],
-                          capture_output=True).returncode:
-            return None
-        mounted.append(folder)
-        if fill is not None:
-            shutil.copytree(fill, folder, dirs_exist_ok=True)
-        if readonly:
-            subprocess.run(['mount', '-o', 'remount,ro', str(folder)], check=True)
-        return folder
-    yield make
-    for folder in mounted:
-        subprocess.run(['umount', '-l', str(folder)], capture_output=True)
-
-
 def script(module, args, cwd, file_size=None, memory_above=None, env=None, **kwargs):
     """Run `module`'s command line in a new Python process; `file_size` limits each file it writes
     (RLIMIT_FSIZE, with SIGXFSZ ignored so that a write fails with EFBIG instead of killing it), `memory_above`

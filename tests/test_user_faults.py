@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import USER_CKPT, USER_SMALL, USER_TRAIN, randomize
 from PIL import Image
-from test_real_faults import mount, script  # noqa: F401 (fixture)
+from test_real_faults import script
 from torch import nn
 
 import checkpoints
