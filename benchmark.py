@@ -53,6 +53,7 @@ import pascal
 import quantize
 import synthetic
 import utils
+import weights
 from errors import UserError
 
 PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -149,7 +150,7 @@ def sample_batch(size: int, batch: int) -> torch.Tensor:
 def build(backbone: str, model_name: str, args, x: torch.Tensor) -> deeplab.DeepLabV3:
     """The model on x's device: loaded from --checkpoint, or random weights with BatchNorm statistics of x."""
     if args.checkpoint:
-        return deeplab.model_from_checkpoint(args.checkpoint, backbone, model=model_name).to(x.device).eval()
+        return weights.model_from_checkpoint(args.checkpoint, backbone, model=model_name).to(x.device).eval()
     torch.manual_seed(0)
     model = deeplab.build_model(backbone, model=model_name).to(x.device)
     with torch.no_grad():  # realistic activation scales: BN statistics of the sample image
@@ -456,7 +457,7 @@ def check_args(args) -> tuple[torch.device, list[str], list[str], list[Config]]:
         if len(backbones) != 1 or len(models) != 1:
             raise UserError('--checkpoint needs exactly one backbone in --backbones and one --model.')
         # A message now, not one per row later; without --model, the model the checkpoint holds.
-        model = deeplab.model_from_checkpoint(args.checkpoint, backbones[0], model=args.model and models[0])
+        model = weights.model_from_checkpoint(args.checkpoint, backbones[0], model=args.model and models[0])
         models = [model.name]
     if args.json:
         files.make_output_folder(os.path.dirname(os.path.abspath(args.json)), '--json')
@@ -540,7 +541,7 @@ def _row(r, mode) -> str:
 
 
 def cli(argv=None) -> int:
-    return errors.run_command(get_args_parser(), run, argv, 'lower --size, --batch or --crop')
+    return utils.run_command(get_args_parser(), run, argv, 'lower --size, --batch or --crop')
 
 
 if __name__ == '__main__':

@@ -11,10 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-import engine
 import files
 from errors import UserError, first_line
-from utils import plural
+from utils import first_non_finite, plural
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +76,9 @@ def load(path: str, what: str = 'checkpoint') -> dict:
     Accepts a released checkpoint ({'epoch', 'state_dict', 'optimizer'}), this project's checkpoints, a bare
     state dict, or {'model': state_dict}. Anything else is a UserError that says what the file holds.
     """
-    import hub  # hub reads checkpoints with this module
-    if hub.is_reference(path):
-        return hub.read(path)
     if os.path.isdir(path):
         raise UserError(f'{what} {path} is a folder; give the .pth file in it (or a folder written by hub.py save, '
-                        f'which holds {hub.CONFIG}).')
+                        f'which holds config.json).')
     if not os.path.isfile(path):
         raise UserError(f'{what} {path} does not exist.')
     try:
@@ -124,24 +120,24 @@ def _kind(value) -> str:
 
 
 def model_args_problem(model_args) -> str | None:
-    """What is wrong with recorded model arguments, naming the field and what it must be; None when nothing is.
-    Every field build_model is rebuilt from is checked for its type and range here, for every kind of file."""
+    """What is wrong with recorded model arguments, as `field=value: what it must be`; None when nothing is. Every
+    field build_model is rebuilt from is checked for its type and range here, for every kind of file."""
     if not isinstance(model_args, dict):
-        return f'its model arguments are {_kind(model_args)}, not a set of named fields'
+        return f'model_args={model_args!r}: {_kind(model_args)}, not a set of named fields'
     for key, value in model_args.items():
         if key not in MODEL_ARGS:
-            return f'it has a field {key!r} that no model of this project takes'
+            return f'{key}={value!r}: a field that no model of this project takes'
         types = MODEL_ARGS[key]
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             wanted = ' or '.join(_kind(t()) if t is not type(None) else 'null' for t in types)
-            return f'{key} is {value!r} ({_kind(value)}), where it must be {wanted}'
+            return f'{key}={value!r}: {_kind(value)}, where it must be {wanted}'
     checks = {'model': (lambda v: v in FILE_TAGS, f'one of {", ".join(FILE_TAGS)}'),
               'num_classes': (lambda v: 1 <= v <= MAX_CLASSES, f'from 1 to {MAX_CLASSES} (8-bit masks, 255 ignored)'),
               'output_stride': (lambda v: v in OUTPUT_STRIDES, ' or '.join(map(str, OUTPUT_STRIDES))),
               'num_groups': (lambda v: v is None or v >= 1, 'a positive number of GroupNorm groups, or null')}
     for key, (ok, wanted) in checks.items():
         if key in model_args and not ok(model_args[key]):
-            return f'{key} is {model_args[key]!r}, where it must be {wanted}'
+            return f'{key}={model_args[key]!r}: it must be {wanted}'
     return None
 
 
@@ -152,8 +148,8 @@ def check_model_args(model_args, source: str) -> None:
         return
     problem = model_args_problem(model_args)
     if problem is not None:
-        raise UserError(f'{source} records a model this project cannot build: {problem}. The file is damaged or '
-                        f'was written by another program; use another copy of it.')
+        raise UserError(f'{source} records a model this project cannot build ({problem}): the file is damaged or '
+                        f'was written by another program. Use another copy of it.')
 
 
 # The fields of this project's checkpoints besides the weights and the optimizer: (types, check, what it must be).
@@ -184,14 +180,6 @@ def check_record(checkpoint: dict, source: str) -> None:
     if classes is not None and names is not None and len(names) != classes:
         raise UserError(f'{source} records {len(names)} class names for its {classes} classes: the file is damaged '
                         f'or was written by another program; use another copy of it.')
-
-
-def first_non_finite(state_dict: dict[str, torch.Tensor]) -> str | None:
-    """The name of the first floating-point tensor holding a NaN or an infinity, or None."""
-    for name, tensor in state_dict.items():
-        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            return name
-    return None
 
 
 def check_weights(state_dict: dict[str, torch.Tensor], source: str) -> None:
@@ -314,24 +302,3 @@ def resume_iteration(checkpoint: dict, state: TrainState, iterations: int, path:
                         f'has {iterations} batches per epoch. {advice}, or from the checkpoint of a completed epoch.')
     raise UserError(f'{path} ({plural(state.iteration, "iteration")} in {plural(state.epoch, "epoch")}) '
                     f'was trained with another number of batches per epoch than this run\'s {iterations}. {advice}.')
-
-
-def restore_optimizer(optimizer, scaler, checkpoint: dict, path: str) -> None:
-    if checkpoint.get('optimizer') is None:
-        log.warning('%s holds no optimizer state; momentum starts from zero', path)
-        return
-    momentum = {f'{name} of parameter {index}': value
-                for index, state in (checkpoint['optimizer'].get('state') or {}).items()
-                for name, value in state.items() if isinstance(value, torch.Tensor)}
-    bad = first_non_finite(momentum)
-    if bad is not None:
-        raise UserError(f'{path} has non-finite values (NaN or infinity) in its optimizer state ({bad}): it was '
-                        f'written by a run that diverged, or is damaged. Resume from an earlier checkpoint.')
-    try:
-        optimizer.load_state_dict(checkpoint['optimizer'])
-    except (ValueError, KeyError, RuntimeError) as e:
-        raise UserError(f'the optimizer state in {path} does not fit this run ({e}); it was trained with other '
-                        f'options (e.g. --freeze_bn). Resume with the same flags.') from None
-    engine.keep_fused(optimizer)
-    if checkpoint.get('scaler') and scaler.is_enabled():
-        scaler.load_state_dict(checkpoint['scaler'])

@@ -7,9 +7,9 @@ github.com/stigma0617/VoVNet-DeepLabV3 (itself built on github.com/chenxi116/Dee
 names, so `state_dict` keys equal those of the released `.pth` files once their `module.` prefix is removed, and
 the same arithmetic, so they give the same logits.
 
-`SPECS` is the table of backbones (how each body is built, its ASPP's norm, its options, where its ImageNet
-weights come from); `build_model(name, ...)` builds any of them, `initialize` loads ImageNet weights, and
-`model_from_checkpoint` rebuilds what a checkpoint holds. `MODELS` names the two models: `deeplabv3` (the
+`SPECS` is the table of backbones (how each body is built, its ASPP's norm, its options, which library has its
+ImageNet weights); `build_model(name, ...)` builds any of them with random weights. No file is read here: weights of
+every kind come in through weights.py. `MODELS` names the two models: `deeplabv3` (the
 original's) and `deeplabv3plus` (the same encoder, its ASPP without a classifier, and `Decoder`). The original's
 builders (`vovnet39`, ..., `densenet201`) and `ese_vovnet39b`/`ese_vovnet57b` (timm's VoVNetV2, dilated like VoVNet)
 are thin wrappers.
@@ -17,7 +17,6 @@ are thin wrappers.
 import functools
 import logging
 import math
-import os
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,11 +26,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-import checkpoints
-import files
-import imagenet
 import vovnet
-from errors import UserError, few, short_error
+from errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -342,14 +338,13 @@ def _densenet_body(name: str, output_stride: int, num_groups: int | None, beta: 
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """One backbone: how its body is built, the norm settings of its ASPP, the options it has, and where its
-    ImageNet weights come from when no file is given (`imagenet.py`)."""
+    """One backbone: how its body is built, the norm settings of its ASPP, the options it has, and which library
+    has its ImageNet weights."""
     family: str
     body: Callable[[str, int, int | None, bool], nn.Sequential]  # (name, output stride, groups, beta)
     aspp_bn: dict
     options: tuple[str, ...]  # of 'num_groups', 'weight_std', 'beta'
-    imagenet: Callable[[nn.Module], dict]  # loads the library's weights into a built model, returns the record
-    library: str  # who provides those weights
+    library: str  # who provides its ImageNet weights when no file is given (imagenet.py loads them)
     groupnorm_head: bool = False  # with --groups, the ASPP takes GroupNorm too (ResNet)
 
     def aspp_norm(self, num_groups: int | None) -> NormLayer:
@@ -366,11 +361,11 @@ class BackboneSpec:
         return nn.BatchNorm2d
 
 
-_VOVNET = BackboneSpec('vovnet', _vovnet_body, OTHER_ASPP_BN, ('num_groups',), imagenet.load_vovnet, 'pytorchcv')
-_ESE_VOVNET = BackboneSpec('ese_vovnet', _ese_vovnet_body, OTHER_ASPP_BN, ('num_groups',), imagenet.load_timm, 'timm')
-_RESNET = BackboneSpec('resnet', _resnet_body, RESNET_ASPP_BN, ('num_groups', 'weight_std', 'beta'),
-                       imagenet.load_torchvision, 'torchvision', groupnorm_head=True)
-_DENSENET = BackboneSpec('densenet', _densenet_body, OTHER_ASPP_BN, (), imagenet.load_torchvision, 'torchvision')
+_VOVNET = BackboneSpec('vovnet', _vovnet_body, OTHER_ASPP_BN, ('num_groups',), 'pytorchcv')
+_ESE_VOVNET = BackboneSpec('ese_vovnet', _ese_vovnet_body, OTHER_ASPP_BN, ('num_groups',), 'timm')
+_RESNET = BackboneSpec('resnet', _resnet_body, RESNET_ASPP_BN, ('num_groups', 'weight_std', 'beta'), 'torchvision',
+                       groupnorm_head=True)
+_DENSENET = BackboneSpec('densenet', _densenet_body, OTHER_ASPP_BN, (), 'torchvision')
 SPECS = {'vovnet39': _VOVNET, 'vovnet57': _VOVNET, 'resnet50': _RESNET, 'resnet101': _RESNET,
          'densenet161': _DENSENET, 'densenet201': _DENSENET, 'ese_vovnet39b': _ESE_VOVNET,
          'ese_vovnet57b': _ESE_VOVNET}
@@ -410,43 +405,27 @@ def uses_batchnorm(backbone: str, num_groups: int | None) -> bool:
 # Building and initialising
 
 
-def build_model(backbone: str, num_classes: int = 21, output_stride: int = 16, pretrained: bool = False,
-                pretrained_path: str | None = None, model: str = 'deeplabv3', **options) -> DeepLabV3:
+def build_model(backbone: str, num_classes: int = 21, output_stride: int = 16, model: str = 'deeplabv3',
+                **options) -> DeepLabV3:
     """The DeepLabV3 (`model='deeplabv3plus'`: DeepLabV3+) of `backbone` (`options`: num_groups, weight_std,
-    beta), with random weights, or with `pretrained` its backbone's ImageNet weights (`initialize`; a decoder
-    starts random, as the ASPP)."""
+    beta), with random weights; weights.build_model loads its backbone's ImageNet weights too."""
     if model not in MODELS:
         raise UserError(f'unknown model {model!r}; choose one of {", ".join(MODELS)}.')
-    model = MODELS[model](backbone, num_classes, output_stride, **options)
-    if pretrained:
-        initialize(model, pretrained_path)
-    return model
+    return MODELS[model](backbone, num_classes, output_stride, **options)
 
 
-def initialize(model: DeepLabV3, pretrained_path: str | None = None) -> dict:
-    """Load ImageNet weights into the backbone, from `pretrained_path` or the backbone's library (VoVNet: the
-    original's file, else pytorchcv); returns the record checkpoints keep, also set as `model.initial_weights`."""
-    spec, groups = SPECS[model.backbone_name], model.model_args['num_groups']
-    if pretrained_path is not None:
-        record = imagenet.load_file(model, spec.family, pretrained_path, groups)
-    else:
-        if groups is not None and spec.family != 'vovnet':  # load_vovnet says where GroupNorm weights could be
-            raise UserError(f'{spec.library} has no GroupNorm ImageNet weights for {model.backbone_name}: pass the '
-                            f'path of a GroupNorm state dict with --pretrained_path, or add --scratch.')
-        record = spec.imagenet(model)
-    log.info('initial weights: %s', imagenet.describe(record))
-    model.initial_weights = record
-    return record
-
-
-# The original's API: one builder per backbone, e.g. deeplab.vovnet39(pretrained=True, num_classes=21). Options:
-# num_classes=21, output_stride=16, num_groups=None, weight_std=False, beta=False (the last two ResNet only);
-# pretrained=True loads ImageNet weights (`initialize`), from pretrained_path= when given.
+# The original's API: one builder per backbone, e.g. deeplab.vovnet39(num_classes=21). Options: num_classes=21,
+# output_stride=16, num_groups=None, weight_std=False, beta=False (the last two ResNet only). The models are built
+# here with random weights; `weights.vovnet39(pretrained=True)` (the same builders in the weights layer) loads the
+# ImageNet weights, as the original's pretrained=True did.
 
 
 def _builder(backbone: str, description: str):
     def builder(pretrained: bool = False, **kwargs) -> DeepLabV3:
-        return build_model(backbone, pretrained=pretrained, **kwargs)
+        if pretrained:
+            raise UserError(f'deeplab.{backbone} builds the model with random weights; its ImageNet weights come '
+                            f'through the weights layer: weights.{backbone}(pretrained=True).')
+        return build_model(backbone, **kwargs)
     builder.__name__ = builder.__qualname__ = backbone
     builder.__doc__ = f'DeepLabV3 with {description}.'
     return builder
@@ -462,163 +441,10 @@ ese_vovnet39b = _builder('ese_vovnet39b', "timm's eSE-VoVNet-39 (VoVNetV2), dila
 ese_vovnet57b = _builder('ese_vovnet57b', "timm's eSE-VoVNet-57 (VoVNetV2), dilated as VoVNet-57 is; needs timm")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Weights and checkpoints
-
-
-# A key that only this backbone's state dict holds, tried in order.
-_SIGNATURES = (
-    ('ese_vovnet57b', 'stages.2.blocks.3.conv_concat.conv.weight'),
-    ('ese_vovnet39b', 'stages.0.blocks.0.conv_concat.conv.weight'),
-    ('vovnet57', 'stage4.OSA4_4.concat.OSA4_4_concat/conv.weight'),
-    ('vovnet39', 'stem.stem_1/conv.weight'),
-    ('resnet101', 'layer3.22.conv1.weight'),
-    ('resnet50', 'layer4.0.conv1.weight'),
-    ('densenet201', 'features.denseblock3.denselayer48.conv1.weight'),
-    ('densenet161', 'features.denseblock3.denselayer36.conv1.weight'),
-)
-
-
-_CLASSIFIERS = {'deeplabv3': 'aspp.conv3.weight', 'deeplabv3plus': 'decoder.classifier.weight'}
-
-
-def identify_model(state_dict: dict[str, torch.Tensor]) -> str | None:
-    """The model of a state dict without prefix: 'deeplabv3plus' when it has a decoder, 'deeplabv3' when its ASPP
-    has the classifier, None when it has neither (e.g. backbone weights)."""
-    if any(k.startswith('decoder.') for k in state_dict):
-        return 'deeplabv3plus'
-    return 'deeplabv3' if any(k.startswith('aspp.') for k in state_dict) else None
-
-
-def identify(state_dict: dict[str, torch.Tensor]) -> tuple[str | None, int | None]:
-    """(backbone, number of classes) of a DeepLabV3 or DeepLabV3+ state dict without prefix, None where unknown."""
-    backbone = next((name for name, key in _SIGNATURES if key in state_dict), None)
-    classifier = next((state_dict[k] for k in _CLASSIFIERS.values() if k in state_dict), None)
-    return backbone, (int(classifier.shape[0]) if classifier is not None else None)
-
-
 def describe(backbone: str | None, num_classes: int | None, model: str | None = 'deeplabv3') -> str:
     title = MODELS[model].title if model in MODELS else 'DeepLabV3'
     return (f'a {title}-{backbone or "(unknown backbone)"}'
             + (f' with {num_classes} classes' if num_classes is not None else ' without a classifier'))
-
-
-def model_mismatch(held: str, wanted: str, source: str) -> str:
-    """The message for weights of one model asked to load as the other."""
-    has = 'has the DeepLabV3+ decoder (decoder.* tensors)' if held == 'deeplabv3plus' else 'has no decoder'
-    return (f'{source} holds a {MODELS[held].title} model (it {has}), but a {MODELS[wanted].title} was asked for: '
-            f'pass --model {held}, or drop --model (evaluation with --checkpoint, predict.py, export.py and '
-            f'benchmark.py --checkpoint take the model from the checkpoint), or pick the matching checkpoint.')
-
-
-def load_weights(model: DeepLabV3, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """Load a full DeepLabV3 state dict (prefix `module.` or none) strictly, or explain why it does not fit."""
-    state_dict = checkpoints.strip_prefixes(state_dict)
-    decoder = [k for k in state_dict if k.startswith('decoder.')]
-    if decoder and any(k.startswith(_CLASSIFIER_KEYS['deeplabv3']) for k in state_dict):
-        raise UserError(f'{source} holds tensors of two models: the DeepLabV3 classifier (aspp.conv3.*) and '
-                        f'{len(decoder)} tensors of a DeepLabV3+ decoder {few(decoder)}, which that model does not '
-                        f'have. The file is damaged or was assembled from two models; use another copy of it.')
-    backbone, classes = identify(state_dict)
-    if backbone is None and classes is None:
-        raise UserError(f'{source} holds no DeepLabV3 weights (e.g. {next(iter(state_dict), "(nothing)")}); '
-                        f'give a checkpoint written by main.py --train or a released one.')
-    held = identify_model(state_dict)
-    if held is not None and held != model.name:
-        raise UserError(model_mismatch(held, model.name, source))
-    if (backbone, classes) != (model.backbone_name, model.num_classes):
-        raise UserError(f'{source} holds {describe(backbone, classes, held)}, but the model is '
-                        f'{describe(model.backbone_name, model.num_classes, model.name)}. '
-                        f'Pass --backbone {backbone or "..."} and --num_classes {classes}, or pick the matching '
-                        f'checkpoint.')
-    checkpoints.check_weights(state_dict, source)
-    try:
-        missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    except RuntimeError as e:  # shape mismatches
-        raise UserError(f'{source} does not fit the model: {short_error(e)}') from None
-    if missing or unexpected:
-        hint = ''
-        if any(k.endswith('running_mean') and not k.startswith('decoder.') for k in list(missing) + list(unexpected)):
-            hint = (' Its norm layers differ from the model\'s (BatchNorm vs GroupNorm): '
-                    'pass the --groups it was trained with.')
-        raise UserError(f'{source} does not fit the model: {len(missing)} missing keys {few(missing)}, '
-                        f'{len(unexpected)} unexpected keys {few(unexpected)}.{hint}')
-
-
-def recorded_args(checkpoint: dict) -> dict:
-    """The `build_model` arguments a checkpoint gives: those it recorded (this project's checkpoints), over what its
-    keys tell (a released checkpoint: a DeepLabV3, its backbone and classes; the rest are the original's
-    defaults)."""
-    state_dict = checkpoints.strip_prefixes(checkpoint['state_dict'])
-    backbone, classes = identify(state_dict)
-    told = {k: v for k, v in dict(model=identify_model(state_dict), backbone=backbone, num_classes=classes).items()
-            if v is not None}
-    return {**told, **(checkpoint.get('model_args') or {})}
-
-
-def model_from_checkpoint(path: str, backbone: str | None = None, output_stride: int | None = None,
-                          model: str | None = None) -> DeepLabV3:
-    """Rebuild and load the model a checkpoint holds: `build_model(**recorded_args)`, at `output_stride` when given
-    (the weights fit either). `backbone` is needed only when nothing tells, and must agree with it when given;
-    `model` (deeplabv3 or deeplabv3plus), when given, must agree with it."""
-    checkpoint = checkpoints.load(path)
-    args = recorded_args(checkpoint)
-    if model and args.get('model', 'deeplabv3') != model:
-        raise UserError(model_mismatch(args.get('model', 'deeplabv3'), model, path))
-    held = args.get('backbone')
-    if held is None and backbone is None:
-        raise UserError(f'cannot tell which backbone {path} was trained with; pass --backbone.')
-    if backbone and held and backbone != held:
-        raise UserError(f'{path} holds {describe(held, args.get("num_classes"), args.get("model"))}, not a '
-                        f'{backbone}; ask for {held} '
-                        f'(predict.py and export.py need no --backbone) or pick the matching checkpoint.')
-    args['backbone'] = held or backbone
-    if output_stride:
-        args['output_stride'] = output_stride
-    model = build_model(**args)
-    load_weights(model, checkpoint['state_dict'], path)
-    return model
-
-
-_CLASSIFIER_KEYS = {'deeplabv3': 'aspp.conv3.', 'deeplabv3plus': 'decoder.classifier.'}
-
-
-def fine_tune_from(model: DeepLabV3, checkpoint: dict, source: str) -> dict:
-    """Load a trained model's weights (`main.py --train --init`): all of them, but for the classifier, which keeps
-    its random initialisation when the checkpoint has another number of classes. Returns the record checkpoints
-    keep as the run's initial weights."""
-    state_dict = checkpoints.strip_prefixes(checkpoint['state_dict'])
-    backbone, classes = identify(state_dict)
-    held = identify_model(state_dict)
-    if held is not None and held != model.name:
-        raise UserError(model_mismatch(held, model.name, source))
-    if backbone is not None and backbone != model.backbone_name:
-        raise UserError(f'--init {source} holds {describe(backbone, classes, held)}; pass --backbone {backbone} to '
-                        f'fine-tune it.')
-    record = {'source': 'trained model', 'file': source, 'classes': classes}
-    if checkpoint.get('revision'):
-        record['revision'] = checkpoint['revision']
-    elif os.path.isfile(source):
-        record['sha256'] = files.sha256_file(source)
-    prefix = _CLASSIFIER_KEYS[model.name]
-    if classes != model.num_classes:
-        own = model.state_dict()
-        state_dict = {**{k: v for k, v in state_dict.items() if not k.startswith(prefix)},
-                      **{k: v for k, v in own.items() if k.startswith(prefix)}}
-        log.info('%s has %s classes, this dataset %d: its classifier (%s*) starts from random weights, the rest '
-                 'from the model', source, classes, model.num_classes, prefix)
-        record['classifier'] = 'reinitialised'
-    load_weights(model, state_dict, source)
-    log.info('initial weights: %s', imagenet.describe(record))
-    model.initial_weights = record
-    return record
-
-
-def from_pretrained(reference: str, device: str | torch.device = 'cpu') -> DeepLabV3:
-    """A published model (`org/name`, `hf://org/name[@revision]` or a folder written by hub.py save) in eval mode,
-    with `class_names`, `mean` and `std`: hub.from_pretrained."""
-    import hub
-    return hub.from_pretrained(reference, device)
 
 
 def convert_sync_batchnorm(model: DeepLabV3) -> DeepLabV3:

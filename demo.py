@@ -17,8 +17,8 @@ import inference
 import main as deeplab_main
 import pascal
 import synthetic
-from errors import Interrupted, UserError, exit_status, number
-from utils import format_seconds, init_distributed
+from errors import Interrupted, UserError, number
+from utils import exit_status, format_seconds, init_distributed
 
 DEFAULTS = dict(root='data/synthetic', output_dir='data/demo', train_images=600, val_images=120, epochs=8,
                 base_lr=0.02, batch_size=8, crop_size=81, workers=1)

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from errors import Stopped
-from utils import IGNORE_INDEX, ConfusionMatrix, Pace, class_map
+from errors import Stopped, UserError
+from utils import IGNORE_INDEX, ConfusionMatrix, Pace, class_map, first_non_finite
 
 log = logging.getLogger(__name__)
 
@@ -312,3 +312,24 @@ def validate(runner, batches, num_classes: int, stop=None) -> float:
     """Validation during training: the protocol's mean IoU (percent) of the model as it is now."""
     confusion, _ = evaluate(runner, batches, num_classes, stop=stop)
     return confusion.mean_iou()
+
+
+def restore_optimizer(optimizer, scaler, checkpoint: dict, path: str) -> None:
+    if checkpoint.get('optimizer') is None:
+        log.warning('%s holds no optimizer state; momentum starts from zero', path)
+        return
+    momentum = {f'{name} of parameter {index}': value
+                for index, state in (checkpoint['optimizer'].get('state') or {}).items()
+                for name, value in state.items() if isinstance(value, torch.Tensor)}
+    bad = first_non_finite(momentum)
+    if bad is not None:
+        raise UserError(f'{path} has non-finite values (NaN or infinity) in its optimizer state ({bad}): it was '
+                        f'written by a run that diverged, or is damaged. Resume from an earlier checkpoint.')
+    try:
+        optimizer.load_state_dict(checkpoint['optimizer'])
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise UserError(f'the optimizer state in {path} does not fit this run ({e}); it was trained with other '
+                        f'options (e.g. --freeze_bn). Resume with the same flags.') from None
+    keep_fused(optimizer)
+    if checkpoint.get('scaler') and scaler.is_enabled():
+        scaler.load_state_dict(checkpoint['scaler'])

@@ -7,7 +7,6 @@ import importlib
 import math
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable
 
@@ -39,49 +38,6 @@ class Interrupted(Exception):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Exit statuses and command lines
-
-
-def exit_status(run: Callable[[], object], out_of_memory_advice: str | None = None) -> int:
-    """Call `run()` and return the process's exit status: 0, or after a failure the user can fix or an interruption,
-    one message on stderr (from rank 0) and 1 or 128 + the signal, instead of a traceback. Memory that ran out
-    where no closer handler named the work is a message too, with `out_of_memory_advice` (the flags to lower)."""
-    try:
-        try:
-            run()
-        except (RuntimeError, MemoryError) as e:
-            if out_of_memory_advice is None or not out_of_memory(e):
-                raise
-            raise UserError(f'out of memory ({first_line(e)}): {out_of_memory_advice}.') from None
-    except UserError as e:
-        if _reports():
-            print(f'error: {e.for_user()}', file=sys.stderr)
-        return 1
-    except Interrupted as e:
-        if _reports():
-            print(str(e), file=sys.stderr)
-        return 128 + (e.signum or signal.SIGINT)
-    except KeyboardInterrupt:
-        print('interrupted', file=sys.stderr)
-        return 128 + signal.SIGINT
-    return 0
-
-
-def _reports() -> bool:
-    """Whether this process prints the failure: rank 0, or any process when the environment cannot tell."""
-    import utils  # utils raises UserError, so it imports this module
-    try:
-        return utils.dist_info().is_main
-    except UserError:
-        return True
-
-
-def run_command(parser: argparse.ArgumentParser, run: Callable, argv=None,
-                out_of_memory_advice: str | None = None) -> int:
-    """A script's command line: parse, log to stdout, run; its exit status as `exit_status` gives it."""
-    import utils
-    args = parser.parse_args(argv)
-    utils.setup_logging()
-    return exit_status(lambda: run(args), out_of_memory_advice)
 
 
 def number(kind: type, minimum, inclusive: bool = True, maximum=None) -> Callable:

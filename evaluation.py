@@ -10,12 +10,9 @@ import time
 
 import torch
 
-import checkpoints
-import deeplab
 import engine
 import errors
 import files
-import hub
 import imagenet
 import inference
 import pascal
@@ -23,6 +20,7 @@ import plots
 import quantize
 import runs
 import utils
+import weights
 from checkpoints import epoch_path
 from errors import Interrupted, UserError
 from runs import dataset_inputs, dataset_of, eval_loader, model_for
@@ -34,14 +32,14 @@ def run(args, rt: runs.Runtime) -> float:
     """Evaluate the checkpoint the flags name with the original's protocol; returns the mean IoU (percent)."""
     info, execution = rt.dist, rt.execution
     path = args.checkpoint or epoch_path(args, args.epochs)
-    if not os.path.exists(path) and not hub.is_reference(path):
+    if not os.path.exists(path) and not weights.is_published(path):
         found = sorted(glob.glob(os.path.join(args.output_dir, f'deeplab_{args.backbone}_*.pth')))
         listing = ('checkpoints there for this backbone: ' + ', '.join(os.path.basename(f) for f in found)
                    if found else f'no checkpoint for {args.backbone} is in {args.output_dir}/')
         raise UserError(f'the checkpoint {path} does not exist ({listing}). Check --exp, --epochs, --backbone and '
                         f'--dataset, download a released checkpoint into {args.output_dir}/ (README), or pass '
                         f'--checkpoint PATH.')
-    checkpoint = checkpoints.load(path)
+    checkpoint = weights.read(path)
     dataset = dataset_of(args, 'val', pascal.eval_transforms(args.crop_size))
     multi_scale = engine.MultiScale(args.eval_scales or [1.0], args.flip) if args.eval_scales or args.flip else None
     folders = {False: os.path.join(args.output_dir, 'val')}
@@ -59,7 +57,7 @@ def run(args, rt: runs.Runtime) -> float:
     files.refuse_overwrite(outputs, {**dataset_inputs(dataset), **files.inputs_of(path, 'the checkpoint evaluated'),
                                      **files.inputs_of(args.class_names, '--class_names')})
     model = model_for(args, dataset.num_classes, checkpoint)
-    deeplab.load_weights(model, checkpoint['state_dict'], path)
+    weights.load_weights(model, checkpoint['state_dict'], path)
     model = execution.prepare(model)
     net = int8_model(args, model, execution.device) if args.quantize else torch.compile(model) if args.compile \
         else model
@@ -179,7 +177,7 @@ def report(confusion, confusion_ms, class_names, args, path, seconds, count) -> 
 
 
 def chart_path(args, checkpoint: str) -> str:
-    return os.path.join(args.output_dir, os.path.basename(hub.stem(checkpoint)) + '_iou.png')
+    return os.path.join(args.output_dir, os.path.basename(weights.stem(checkpoint)) + '_iou.png')
 
 
 def _side_by_side(class_names, iou, iou_ms) -> str:

@@ -26,11 +26,11 @@ import checkpoints
 import deeplab
 import errors
 import files
-import hub
 import inference
 import pascal
 import quantize
 import utils
+import weights
 from errors import UserError
 
 log = logging.getLogger('export')
@@ -185,8 +185,7 @@ def check(model: deeplab.DeepLabV3, path: str, height: int, width: int) -> dict 
 
 
 def run(args) -> None:
-    output = args.output or (os.path.basename(hub.stem(args.checkpoint)) if args.checkpoint.startswith(hub.PREFIX)
-                             else hub.stem(args.checkpoint)) + '.onnx'
+    output = args.output or weights.stem(args.checkpoint) + '.onnx'  # hf://org/name: name.onnx
     files.check_name_fits(output, '--output')
     outputs = {output: '--output'}
     calibration = []
@@ -211,7 +210,7 @@ def run(args) -> None:
     checked = 0 if args.no_check else inference.BYTES_PER_PIXEL * (args.height + 32) * (args.width + 31)
     errors.refuse_if_huge(example + checked, torch.device('cpu'), f'exporting with a {args.width}x{args.height} '
                           f'example' + ('' if args.no_check else ' and checking it'), '--height and --width')
-    model = deeplab.model_from_checkpoint(args.checkpoint, args.backbone, args.output_stride, args.model).eval()
+    model = weights.model_from_checkpoint(args.checkpoint, args.backbone, args.output_stride, args.model).eval()
     # Read before anything is written: images that cannot be read are a message, not a half-done export.
     images = quantize.load_calibration(calibration, args.calibration, args.height, args.width,
                                        f'--calibration_input {args.calibration_input}') if calibration else []
@@ -295,7 +294,7 @@ def staged_files(paths: list[str], flag: str):
 
 
 def cli(argv=None) -> int:
-    return errors.run_command(get_args_parser(), run, argv, 'lower --height and --width')
+    return utils.run_command(get_args_parser(), run, argv, 'lower --height and --width')
 
 
 if __name__ == '__main__':

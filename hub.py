@@ -9,36 +9,29 @@ A published model is `model.safetensors` (the weights, no pickle), `config.json`
 model, classes and their names, output stride, norm options, input normalisation, the evaluation crop, the format
 version) and `README.md` (a model card with the Hub's metadata). Wherever a checkpoint is accepted (main.py
 --checkpoint and --init, predict.py, export.py, benchmark.py), `hf://org/name[@revision]` or such a folder is too;
-from Python, `deeplab.from_pretrained("org/name")`. Downloads go through huggingface_hub's cache, revisions and
+from Python, `weights.from_pretrained("org/name")`. Downloads go through huggingface_hub's cache, revisions and
 offline mode (HF_HUB_OFFLINE=1); huggingface_hub and safetensors are optional (requirements-extras.txt).
 """
 import argparse
-import importlib
 import json
 import logging
 import os
-import re
 import shutil
 import sys
 import tempfile
 
-import torch
-
-import checkpoints
+import deeplab
 import errors
 import files
 import imagenet
-import pascal
+import published
+import utils
+import weights
 from errors import UserError, few
+from published import CARD, CONFIG, EVAL_CROP, FILES, FORMAT, VERSION, WEIGHTS
 
 log = logging.getLogger('hub')
 
-FORMAT = 'vovnet-deeplabv3-hub'
-VERSION = 1
-WEIGHTS, CONFIG, CARD = 'model.safetensors', 'config.json', 'README.md'
-FILES = (WEIGHTS, CONFIG, CARD)
-PREFIX = 'hf://'
-EVAL_CROP = 513  # the original's evaluation canvas
 ORIGINAL_REPO = 'https://github.com/stigma0617/VoVNet-DeepLabV3'
 # The original's released checkpoints (file name -> mean IoU on VOC 2012 val its README reports, not measured here).
 RELEASED = {f'deeplab_{b}_pascal_v3_bn_lr7e-3_epoch50.pth': miou for b, miou in (
@@ -47,285 +40,11 @@ RELEASED = {f'deeplab_{b}_pascal_v3_bn_lr7e-3_epoch50.pth': miou for b, miou in 
 
 
 def _hub(purpose: str):
-    """huggingface_hub with the submodules this module reaches through it (`utils`, `errors`, `constants`,
-    `file_download`) imported by name: the package loads them lazily, so in a fresh process `hf.errors` alone is an
-    AttributeError."""
-    hf = errors.require('huggingface_hub', purpose)
-    for name in ('utils', 'errors', 'constants', 'file_download'):
-        importlib.import_module(f'huggingface_hub.{name}')
-    return hf
+    return published._hub(purpose)
 
 
 def _safetensors(purpose: str):
-    errors.require('safetensors', purpose)
-    import safetensors.torch
-    return safetensors.torch
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Reading: hf://org/name[@revision] or a folder
-
-
-def is_reference(path: str | None) -> bool:
-    """Whether `path` names a published model: `hf://...`, or a folder holding config.json."""
-    return bool(path) and (str(path).startswith(PREFIX) or os.path.isfile(os.path.join(str(path), CONFIG)))
-
-
-def stem(reference: str) -> str:
-    """A file-name stem for the outputs of a model named `reference`: a checkpoint's name without its extension,
-    a folder's name, or for hf://org/name@rev `name@rev`."""
-    if reference.startswith(PREFIX):
-        return reference[len(PREFIX):].rstrip('/').split('/')[-1]
-    name = os.path.normpath(reference)
-    return name if os.path.isdir(reference) else os.path.splitext(name)[0]
-
-
-def parse(reference: str) -> tuple[str, str | None]:
-    """(repository id, revision or None) of `hf://org/name[@revision]`, by huggingface_hub's own parser."""
-    hf = _hub(f'loading {reference}')
-    try:
-        uri = hf.utils.parse_hf_uri(reference)
-    except (ValueError, hf.errors.HFValidationError) as e:
-        raise UserError(f'{reference} is not a model on the Hub: {e} Write hf://org/name or hf://org/name@revision.') \
-            from None
-    if uri.type != 'model' or uri.path_in_repo:
-        what = f'a {uri.type}' + (', a path in it' if uri.path_in_repo else '')
-        raise UserError(f'{reference} is not a model repository ({what}); write hf://org/name or '
-                        f'hf://org/name@revision.')
-    return uri.id, uri.revision
-
-
-def download(reference: str) -> dict[str, str]:
-    """The local paths of config.json and model.safetensors of `hf://org/name[@revision]`, from huggingface_hub's
-    cache or downloaded into it."""
-    hf = _hub(f'loading {reference}')
-    repo, revision = parse(reference)
-    where = f'{repo}' + (f' at revision {revision}' if revision else '')
-    paths = {}
-    for name in (CONFIG, WEIGHTS):
-        try:
-            paths[name] = hf.hf_hub_download(repo, name, revision=revision)
-        except hf.errors.RevisionNotFoundError:
-            raise UserError(f'the Hub repository {repo} has no revision {revision!r}: give a branch, tag or commit '
-                            f'it has (hf://{repo}@main).') from None
-        except hf.errors.RepositoryNotFoundError:
-            raise UserError(f'the Hub has no model repository {repo} (or it is private or gated and this machine is '
-                            f'not logged in: hf auth login, or set HF_TOKEN).') from None
-        except hf.errors.LocalEntryNotFoundError:
-            offline = hf.constants.is_offline_mode()
-            raise UserError(f'{name} of {where} is not in the Hugging Face cache ({hf.constants.HF_HUB_CACHE}) and '
-                            + ('HF_HUB_OFFLINE is set' if offline else 'the Hub could not be reached')
-                            + ': download it once with a network (or unset HF_HUB_OFFLINE), or give a local folder '
-                              'written by hub.py save.') from None
-        except hf.errors.EntryNotFoundError:
-            raise UserError(f'{where} has no {name}: it is not a model published by hub.py (which writes '
-                            f'{", ".join(FILES)}).') from None
-        except hf.errors.HfHubHTTPError as e:
-            raise UserError(f'the Hub refused {name} of {where}: {errors.first_line(e)}') from None
-        except network_errors() as e:
-            raise UserError(f'could not reach the Hub ({hf.constants.ENDPOINT}) for {name} of {where} '
-                            f'({errors.first_line(e)}), and it is not in the cache ({hf.constants.HF_HUB_CACHE}): '
-                            f'check the network (or HF_ENDPOINT), or give a local folder written by hub.py save.') \
-                from None
-    return paths
-
-
-def network_errors() -> tuple[type[BaseException], ...]:
-    """The exceptions of a Hub that cannot be reached: OSError (ConnectionError, huggingface_hub's
-    OfflineModeIsEnabled) and the transport errors of the HTTP client huggingface_hub uses (httpx, or httpx2 in
-    its 2.x releases), which are not OSErrors."""
-    found = [OSError]
-    for client in ('httpx2', 'httpx', 'requests'):
-        module = sys.modules.get(client)  # imported by huggingface_hub itself when it uses it
-        if client == 'requests' and module is not None:
-            found.append(module.exceptions.RequestException)
-        elif module is not None and hasattr(module, 'TransportError'):
-            found.append(module.TransportError)
-    return tuple(found)
-
-
-def _local(folder: str) -> dict[str, str]:
-    missing = [name for name in (CONFIG, WEIGHTS) if not os.path.isfile(os.path.join(folder, name))]
-    if missing:
-        raise UserError(f'the model folder {folder} has no {" and no ".join(missing)}: give a folder written by '
-                        f'hub.py save ({", ".join(FILES)}).')
-    return {name: os.path.join(folder, name) for name in (CONFIG, WEIGHTS)}
-
-
-# The fields of config.json besides the model arguments (checkpoints.MODEL_ARGS), each read here or refused.
-CONFIG_FIELDS = ('format', 'format_version', 'class_names', 'input', 'crop_size', 'training', 'source', 'evaluation')
-
-
-def _field(source: str, field: str, value, wanted: str) -> UserError:
-    return UserError(f'{CONFIG} of {source}: {field} is {value!r}, where it must be {wanted}. The folder is damaged or '
-                     f'was not written by hub.py save; use another copy of it.')
-
-
-def read_config(path: str, source: str) -> dict:
-    """config.json, every field checked (its type, range and count), naming the file and the field: this format,
-    a version this code reads, model arguments it can build from, the class names, the input normalisation this
-    project computes with, and the records of the training, the source checkpoint and the evaluation."""
-    import deeplab
-    if os.path.isdir(path):
-        raise UserError(f'{CONFIG} of {source} is a folder, not a file: the folder is damaged or was not written by '
-                        f'hub.py save.')
-    try:
-        with open(path, encoding='utf-8') as f:
-            config = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f'{CONFIG} of {source} is not valid JSON ({e}): the folder is damaged or was not written by '
-                        f'hub.py save.') from None
-    except OSError as e:
-        raise UserError(f'{CONFIG} of {source} cannot be read ({errors.first_line(e)}).') from None
-    if not isinstance(config, dict) or config.get('format') != FORMAT:
-        raise UserError(f'{CONFIG} of {source} is not the config of a model written by hub.py save (its "format" '
-                        f'is {config.get("format") if isinstance(config, dict) else None!r}, not {FORMAT!r}).')
-    version = config.get('format_version')
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise _field(source, 'format_version', version, f'a whole number from 1 to {VERSION}')
-    if version > VERSION:
-        raise UserError(f'{source} is in format version {version}, newer than this code reads ({VERSION}): '
-                        f'update this repository (git pull).')
-    unknown = [k for k in config if k not in CONFIG_FIELDS and k not in checkpoints.MODEL_ARGS]
-    if unknown:
-        raise UserError(f'{CONFIG} of {source} has fields this code does not read {few(unknown)}: it was written by '
-                        f'another program or a newer version of this one; update this repository (git pull).')
-    missing = [k for k in ('backbone', 'num_classes', 'output_stride') if k not in config]
-    if missing:
-        raise UserError(f'{CONFIG} of {source} lacks {" and ".join(missing)}: the folder is damaged or was not '
-                        f'written by hub.py save.')
-    args = model_args(config)
-    problem = checkpoints.model_args_problem(args)
-    if problem is not None:
-        raise UserError(f'{CONFIG} of {source}: {problem}. The folder is damaged or was not written by hub.py save; '
-                        f'use another copy of it.')
-    if args['backbone'] not in deeplab.SPECS:
-        raise UserError(f'{CONFIG} of {source} names the backbone {args["backbone"]!r}, which this code does not '
-                        f'have ({", ".join(deeplab.BACKBONES)}).')
-    names = config.get('class_names')
-    if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) and n for n in names)):
-        raise _field(source, 'class_names', names, 'a list of names (strings), one per class')
-    if names is not None and len(names) != args['num_classes']:
-        raise UserError(f'{CONFIG} of {source} lists {len(names)} class names for {args["num_classes"]} classes '
-                        f'(num_classes).')
-    _check_input(config.get('input'), source)
-    crop = config.get('crop_size', EVAL_CROP)
-    if not isinstance(crop, int) or isinstance(crop, bool) or not 32 <= crop <= 8192:
-        raise _field(source, 'crop_size', crop, 'the evaluation canvas, a whole number of pixels from 32 to 8192')
-    for key in ('training', 'source', 'evaluation'):
-        if not isinstance(config.get(key), (dict, type(None))):
-            raise _field(source, key, config[key], 'an object (a record), or null')
-    metrics = config.get('evaluation') or {}
-    if 'mean_iou' in metrics and (not isinstance(metrics['mean_iou'], (int, float)) or isinstance(
-            metrics['mean_iou'], bool) or not 0 <= metrics['mean_iou'] <= 100):
-        raise _field(source, 'evaluation.mean_iou', metrics['mean_iou'], 'a mean IoU from 0 to 100')
-    return config
-
-
-def _check_input(spec, source: str) -> None:
-    """The input normalisation: the models of this project compute on ImageNet's mean and std (pascal.MEAN, STD),
-    which evaluation and prediction apply; a config asking for another is refused, not silently ignored."""
-    if spec is None:
-        return
-    if not isinstance(spec, dict) or set(spec) - {'mean', 'std', 'note'}:
-        raise _field(source, 'input', spec, 'an object of mean, std (and a note)')
-    for key, expected in (('mean', pascal.MEAN), ('std', pascal.STD)):
-        value = spec.get(key)
-        if not (isinstance(value, list) and len(value) == 3 and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
-            raise _field(source, f'input.{key}', value, 'three numbers, one per RGB channel')
-        if any(abs(v - e) > 1e-6 for v, e in zip(value, expected)):
-            raise UserError(f'{CONFIG} of {source}: input.{key} is {value}, but this project normalises images with '
-                            f'ImageNet\'s {key} {list(expected)} in evaluation and prediction, so the model would be '
-                            f'fed other inputs than it asks for. Re-save the model with hub.py save.')
-
-
-def model_args(config: dict) -> dict:
-    return {k: config[k] for k in checkpoints.MODEL_ARGS if k in config}
-
-
-def cache_entry(reference: str, path: str) -> str | None:
-    """huggingface_hub's cache folder of the repository whose file `path` is (.../models--org--name), or None for
-    a file outside the cache."""
-    snapshot = os.path.dirname(path)  # .../models--org--name/snapshots/<commit>/config.json
-    if not reference.startswith(PREFIX) or os.path.basename(os.path.dirname(snapshot)) != 'snapshots':
-        return None
-    return os.path.dirname(os.path.dirname(snapshot))
-
-
-def read(reference: str) -> dict:
-    """A published model as checkpoints.load gives a checkpoint: its state dict, model arguments, class names,
-    and `config`. Every field of the config is checked, and the weights against it (every tensor, its shape, finite
-    values). A damaged file in huggingface_hub's cache is named by its cache entry, with the command that clears
-    it (the cache would otherwise serve the same file again)."""
-    paths = download(reference) if reference.startswith(PREFIX) else _local(reference)
-    entry = cache_entry(reference, paths[CONFIG])
-    try:
-        config = read_config(paths[CONFIG], reference)
-        st = _safetensors(f'reading {reference}')
-        try:
-            state_dict = st.load_file(paths[WEIGHTS])
-        except Exception as e:  # safetensors' own error types: a truncated or foreign file
-            again = 'download it again' if entry else 'save it again'
-            raise UserError(f'{WEIGHTS} of {reference} cannot be read as safetensors ({errors.first_line(e)}): the '
-                            f'file is damaged; {again}.') from None
-        check_fit(state_dict, model_args(config), reference)
-    except UserError as e:
-        if entry is None:
-            raise
-        repo = parse(reference)[0]
-        raise UserError(f'{e.for_user()} It is in the Hugging Face cache, {entry}, which would serve it again: '
-                        f'remove it (hf cache rm model/{repo}, or delete that folder), then load it again to download '
-                        f'it anew.') from None
-    snapshot = os.path.dirname(paths[CONFIG])
-    training = config.get('training') or {}
-    return {'state_dict': state_dict, 'revision': os.path.basename(snapshot) if entry else None,
-            'model_args': model_args(config), 'class_names': config.get('class_names'),
-            'dataset': training.get('dataset'), 'config': config, 'initial_weights': training.get('initial_weights')}
-
-
-def check_fit(state_dict: dict[str, torch.Tensor], args: dict, source: str) -> None:
-    """The weights must be exactly those of the model the config describes: name the first that is not."""
-    import deeplab
-    try:
-        with torch.random.fork_rng(devices=[]), torch.device('meta'):  # names and shapes only: no memory, no init
-            expected = deeplab.build_model(**args).state_dict()
-    except (ValueError, RuntimeError, UserError) as e:  # e.g. GroupNorm groups that do not divide the channels
-        message = e.for_user() if isinstance(e, UserError) else errors.first_line(e)
-        for option, flag in deeplab.OPTION_FLAGS.items():  # the builder speaks of flags; the file has fields
-            message = message.replace(flag, option)
-        raise UserError(f'{CONFIG} of {source} describes a model that cannot be built '
-                        f'({", ".join(f"{k}={v!r}" for k, v in args.items())}): {message}') from None
-    for name, tensor in expected.items():
-        if name not in state_dict:
-            raise UserError(f'{WEIGHTS} of {source} does not fit its {CONFIG}: it has no {name} (the config describes '
-                            f'{deeplab.describe(args["backbone"], args["num_classes"], args.get("model"))}).')
-        if state_dict[name].shape != tensor.shape:
-            raise UserError(f'{WEIGHTS} of {source} does not fit its {CONFIG}: {name} has shape '
-                            f'{tuple(state_dict[name].shape)}, the model {tuple(tensor.shape)}.')
-    extra = [k for k in state_dict if k not in expected]
-    if extra:
-        raise UserError(f'{WEIGHTS} of {source} does not fit its {CONFIG}: {len(extra)} tensors the model does not '
-                        f'have {few(extra)}.')
-    checkpoints.check_weights(state_dict, f'{WEIGHTS} of {source}')
-
-
-def from_pretrained(reference: str, device: str | torch.device = 'cpu'):
-    """The published model `org/name`, `hf://org/name[@revision]` or a local folder, in eval mode, with its
-    `class_names`, `mean` and `std` (the input normalisation) as attributes."""
-    import deeplab
-    repo_like = re.fullmatch(r'[\w.-]+/[\w.-]+(@.+)?', reference)
-    if not reference.startswith(PREFIX) and not os.path.isdir(reference) and repo_like:
-        reference = PREFIX + reference
-    checkpoint = read(reference)
-    model = deeplab.build_model(**checkpoint['model_args'])
-    deeplab.load_weights(model, checkpoint['state_dict'], reference)
-    config = checkpoint['config']
-    model.class_names = checkpoint['class_names']
-    model.mean, model.std = pascal.MEAN, pascal.STD  # the config's, which read_config holds to these
-    model.crop_size = config.get('crop_size', EVAL_CROP)  # the canvas of its evaluation protocol
-    model.config = config
-    return model.to(device).eval()
+    return published._safetensors(purpose)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -342,8 +61,8 @@ def original_format(checkpoint: dict) -> bool:
 def make_config(checkpoint: dict, model, path: str, metrics: dict | None) -> dict:
     recorded = checkpoint.get('args') or {}
     names = checkpoint.get('class_names') or (metrics or {}).get('class_names')
-    if names is None and model.num_classes == len(pascal.VOC_CLASSES):
-        names = list(pascal.VOC_CLASSES)
+    if names is None and model.num_classes == len(utils.VOC_CLASSES):
+        names = list(utils.VOC_CLASSES)
     training = {k: recorded[k] for k in ('dataset', 'data_root', 'epochs', 'batch_size', 'base_lr', 'last_mult',
                                          'crop_size', 'output_stride', 'amp', 'freeze_bn', 'seed') if k in recorded}
     if 'epoch' in checkpoint:
@@ -355,12 +74,12 @@ def make_config(checkpoint: dict, model, path: str, metrics: dict | None) -> dic
     released = original_format(checkpoint)
     if released:
         training.setdefault('dataset', 'pascal')
-        training.setdefault('data_root', pascal.DEFAULT_ROOTS['pascal'])
+        training.setdefault('data_root', utils.DEFAULT_ROOTS['pascal'])
     if training.get('dataset'):
         training['dataset_name'] = describe_dataset(training['dataset'], training.get('data_root'), names)[1]
     return {'format': FORMAT, 'format_version': VERSION, **model.model_args,
             'model': model.name, 'class_names': names,
-            'input': {'mean': list(pascal.MEAN), 'std': list(pascal.STD),
+            'input': {'mean': list(utils.MEAN), 'std': list(utils.STD),
                       'note': 'RGB scaled to [0, 1], then (x - mean) / std'},
             'crop_size': EVAL_CROP, 'training': training,
             'source': {'checkpoint': os.path.basename(path), 'sha256': files.sha256_file(path),
@@ -374,9 +93,9 @@ def describe_dataset(dataset: str, data_root: str | None, class_names) -> tuple[
     classes, never as VOC."""
     if dataset == 'cityscapes':
         return 'cityscapes', 'Cityscapes'
-    root = data_root or pascal.DEFAULT_ROOTS.get(dataset or 'pascal')
+    root = data_root or utils.DEFAULT_ROOTS.get(dataset or 'pascal')
     folder = os.path.basename(os.path.normpath(root)) if root else 'unknown'
-    if dataset == 'pascal' and folder.lower() == 'vocdevkit' and list(class_names or []) == list(pascal.VOC_CLASSES):
+    if dataset == 'pascal' and folder.lower() == 'vocdevkit' and list(class_names or []) == list(utils.VOC_CLASSES):
         return 'pascal-voc-2012', 'PASCAL VOC 2012'
     names = f': {", ".join(class_names[:6])}{", ..." if len(class_names) > 6 else ""}' if class_names else ''
     return 'custom', f'a custom dataset ({folder}/, {len(class_names or [])} classes{names})'
@@ -496,7 +215,7 @@ def model_card(config: dict, license_: str) -> str:
             lines += [f'Best validation mean IoU during training: {training["best_validation_miou"]:.2f}.', '']
     lines += ['## Use', '', '```bash',
               'python predict.py --checkpoint hf://ORG/NAME --input photos/ --output masks/', '```', '', '```python',
-              'from deeplab import from_pretrained', 'model = from_pretrained("ORG/NAME")  # eval mode; '
+              'from weights import from_pretrained', 'model = from_pretrained("ORG/NAME")  # eval mode; '
               'model.class_names, model.mean, model.std', '```', '',
               f'Inputs: RGB in [0, 1], normalised with mean {config["input"]["mean"]} and std '
               f'{config["input"]["std"]}; the logits come at the input size.', '']
@@ -505,10 +224,9 @@ def model_card(config: dict, license_: str) -> str:
 
 def save(checkpoint_path: str, output: str, metrics_path: str | None = None, license_: str = 'unknown') -> None:
     """Write the folder of `checkpoint_path` (this project's or the original's) to `output`, all files or none."""
-    import deeplab
     _hub('hub.py save (the model card)')
     st = _safetensors('hub.py save')
-    if is_reference(checkpoint_path):
+    if weights.is_published(checkpoint_path):
         raise UserError(f'{checkpoint_path} is already a published model; copy the folder, or push it.')
     files.check_name_fits(os.path.join(output, WEIGHTS), '--output')
     if os.path.isdir(output) and os.listdir(output):
@@ -516,8 +234,8 @@ def save(checkpoint_path: str, output: str, metrics_path: str | None = None, lic
     files.refuse_overwrite({os.path.join(output, n): '--output' for n in FILES},
                            {checkpoint_path: 'the checkpoint (--checkpoint)', metrics_path: '--metrics'})
     metrics = read_metrics(metrics_path) if metrics_path else None
-    checkpoint = checkpoints.load(checkpoint_path)
-    model = deeplab.model_from_checkpoint(checkpoint_path)
+    checkpoint = weights.read(checkpoint_path)
+    model = weights.model_from_checkpoint(checkpoint_path)
     if metrics:
         check_metrics(metrics, metrics_path, checkpoint, checkpoint_path, model)
     config = make_config(checkpoint, model, checkpoint_path, metrics)
@@ -544,7 +262,7 @@ def push(folder: str, repo: str, private: bool = False, message: str | None = No
             raise hf.errors.HFValidationError('it must be org/name')
     except hf.errors.HFValidationError as e:
         raise UserError(f'--repo {repo!r} is not a Hub repository name ({e}); write org/name.') from None
-    read(folder)  # what is published must load back
+    published.read(folder)  # what is published must load back
     if not os.path.isfile(os.path.join(folder, CARD)):
         raise UserError(f'the model folder {folder} has no {CARD} (the model card); write it with hub.py save.')
     if hf.constants.is_offline_mode():
@@ -569,7 +287,7 @@ def push(folder: str, repo: str, private: bool = False, message: str | None = No
     except hf.errors.HfHubHTTPError as e:
         raise UserError(f'the Hub refused the upload to {repo}: {errors.first_line(e)} (check the token\'s write '
                         f'access to {repo.split("/")[0]}).') from None
-    except network_errors() as e:
+    except published.network_errors() as e:
         raise UserError(f'could not reach the Hub ({hf.constants.ENDPOINT}) to upload {folder} to {repo} '
                         f'({errors.first_line(e)}): check the network (or HF_ENDPOINT), then push again.') from None
     url = getattr(commit, 'commit_url', None) or f'https://huggingface.co/{repo}'
@@ -605,7 +323,7 @@ def run(args) -> None:
 
 
 def cli(argv=None) -> int:
-    return errors.run_command(get_args_parser(), run, argv, 'free memory')
+    return utils.run_command(get_args_parser(), run, argv, 'free memory')
 
 
 if __name__ == '__main__':

@@ -129,7 +129,9 @@ def load_file(model: nn.Module, family: str, path: str, num_groups: int | None, 
     """
     state = read_weights(path, WHAT)
     head = sorted({k.split('.')[0] for k in state if k.startswith(HEAD)})
-    if head:
+    own = model.state_dict()
+    fits = any(k in own and own[k].shape == v.shape for k, v in state.items() if not k.startswith(HEAD))
+    if head and fits:  # this backbone's trained model (one of another backbone is "none of the weights" below)
         raise UserError(f'{path} holds a whole trained segmentation model (its {" and ".join(head)} tensors), not '
                         f'ImageNet weights of a backbone: --pretrained_path would keep its backbone and drop the rest. '
                         f'To start from every layer of it, pass --init {path} instead of --pretrained_path.')
@@ -143,7 +145,6 @@ def load_file(model: nn.Module, family: str, path: str, num_groups: int | None, 
     if num_groups is not None and fmt in ('pytorchcv', 'timm'):
         raise UserError(f'{path} holds {fmt}\'s BatchNorm ImageNet weights, which a --groups (GroupNorm) model '
                         f'cannot start from: drop --groups, or pass GroupNorm weights or --scratch.')
-    own = model.state_dict()
     if fmt == 'pytorchcv':
         _load_strict(model, from_pytorchcv(state, name, own, path), path)
     elif fmt == 'timm':
@@ -226,6 +227,12 @@ def _load_lenient(model: nn.Module, state_dict: dict, path: str) -> None:
     if unexpected:
         log.warning('%d tensors of %s match nothing in %s and were ignored: %s',
                     len(unexpected), path, model.backbone_name, few(unexpected))
+
+
+def load_library(model: nn.Module, family: str) -> dict:
+    """The backbone's ImageNet weights from where its family gets them when no file is given (LIBRARY_LOADERS);
+    returns the record."""
+    return LIBRARY_LOADERS[family](model)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -398,3 +405,7 @@ _LEGACY_DENSENET_KEY = re.compile(
 def _rename_legacy_densenet_keys(state_dict):
     return {_LEGACY_DENSENET_KEY.sub(r'\1\2', k): v for k, v in state_dict.items()}
 
+
+# Where each backbone family's ImageNet weights come from when no file is given.
+LIBRARY_LOADERS = {'vovnet': load_vovnet, 'ese_vovnet': load_timm, 'resnet': load_torchvision,
+                   'densenet': load_torchvision}

@@ -14,7 +14,6 @@ import itertools
 import logging
 import math
 import os
-import random
 import signal
 import sys
 import time
@@ -28,7 +27,6 @@ import engine
 import errors
 import evaluation
 import files
-import hub
 import imagenet
 import inference
 import pascal
@@ -36,6 +34,7 @@ import plots
 import quantize
 import runs
 import utils
+import weights
 from checkpoints import epoch_path, log_folder, run_file, run_name
 from errors import Interrupted, UserError
 from runs import dataset_inputs, dataset_of, eval_loader, loader_of, model_for, unwrap
@@ -173,44 +172,6 @@ class TooFewImages(UserError):
     """The training set cannot fill one batch."""
 
 
-def sync_batchnorm(args, info: utils.DistInfo, cuda: bool) -> bool:
-    """SyncBatchNorm: on by default for BatchNorm models trained by several processes on GPUs."""
-    return (info.distributed and cuda and args.sync_bn is not False
-            and deeplab.uses_batchnorm(args.backbone, args.groups))
-
-
-def batchnorm_per_process(args, info: utils.DistInfo, cuda: bool) -> bool:
-    """Whether training normalises each process's images on their own (BatchNorm, training, not synchronised):
-    then each process needs 2 images or more in every batch."""
-    return (deeplab.uses_batchnorm(args.backbone, args.groups) and not args.freeze_bn
-            and not sync_batchnorm(args, info, cuda))
-
-
-def scales_gradients(args) -> bool:
-    """Whether training runs under a gradient scaler: fp16's small range needs one, bf16 and fp32 none."""
-    return args.amp == 'fp16'
-
-
-def default_workers(info: utils.DistInfo, gpu: bool = False) -> int:
-    """The original's 4 data-loading processes, or fewer where the CPUs this process may use, shared among the
-    processes torchrun started on this machine, are fewer (more would only compete for them). Training on a GPU,
-    where the CPUs do nothing but load data, all of this process's share but one (for the process itself), up to
-    16: a GPU step of a few tens of milliseconds outruns 4 loaders."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
-    share = cpus // info.local_world_size
-    return max(1, min(16, share - 1) if gpu else min(4, share))
-
-
-def initial_seed(seed: int | None) -> int:
-    """The run's seed: `--seed`, or one drawn at random and the same on every process (each shards the same
-    permutation of the training set; seeds of their own would have them see overlapping shards)."""
-    return seed if seed is not None else utils.from_main_process(random.SystemRandom().randrange(2 ** 31))
-
-
-def uses_cuda(args) -> bool:
-    return (args.device or ('cuda' if torch.cuda.is_available() else 'cpu')).startswith('cuda')
-
-
 def check_args(args, info: utils.DistInfo) -> None:
     """Flag combinations argparse cannot check alone; each a clear message."""
     output_stride = args.output_stride or 16
@@ -222,11 +183,11 @@ def check_args(args, info: utils.DistInfo) -> None:
     if args.batch_size % info.world_size:
         raise UserError(f'--batch_size {args.batch_size} is the total over all processes and must divide among '
                         f'the {info.world_size} started by torchrun; use a multiple of {info.world_size}.')
-    cuda = uses_cuda(args)
+    cuda = runs.uses_cuda(args)
     if args.sync_bn and not cuda:
         raise UserError('--sync_bn needs CUDA GPUs: PyTorch\'s SyncBatchNorm does not run on the CPU. Drop it, or '
                         'run on GPUs.')
-    if args.train and batchnorm_per_process(args, info, cuda) and args.batch_size // info.world_size < 2:
+    if args.train and runs.batchnorm_per_process(args, info, cuda) and args.batch_size // info.world_size < 2:
         groups = '' if deeplab.uses_batchnorm(args.backbone, num_groups=1) else ', --groups'
         raise UserError(f'with BatchNorm each process needs at least 2 images per batch (the ASPP\'s image-pooling '
                         f'branch normalises one value per image): raise --batch_size, or use --freeze_bn{groups}.')
@@ -267,26 +228,9 @@ def check_args(args, info: utils.DistInfo) -> None:
     if args.init and not args.train:
         raise UserError('--init starts a training run from a trained model: add --train, or use --checkpoint to '
                         'evaluate it.')
-    if args.resume and hub.is_reference(args.resume):
+    if args.resume and weights.is_published(args.resume):
         raise UserError(f'--resume {args.resume} is a published model, which holds no optimizer state or schedule to '
                         f'continue: fine-tune from it with --init instead.')
-
-
-def check_memory(args, info: utils.DistInfo) -> None:
-    """A --crop_size or --batch_size far beyond the CPU's memory, refused before any work (on GPUs, running out is
-    an exception that is turned into a message)."""
-    if not (args.device or ('cuda' if torch.cuda.is_available() else 'cpu')).startswith('cpu'):
-        return  # an unknown --device is init_distributed's message
-    device = torch.device('cpu')
-    pixels = args.crop_size ** 2 * (2 if args.output_stride == 8 else 1)  # stride 8: about twice the memory
-    size = f'{args.crop_size}x{args.crop_size}'
-    if args.train:
-        per_process = args.batch_size // info.world_size
-        errors.refuse_if_huge(engine.BYTES_PER_PIXEL * pixels * per_process * info.local_world_size, device,
-                              f'training on {per_process} crops of {size} per process', '--batch_size or --crop_size')
-    else:
-        errors.refuse_if_huge(inference.BYTES_PER_PIXEL * pixels * info.local_world_size, device,
-                              f'evaluating on a {size} canvas', '--crop_size')
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -296,11 +240,11 @@ def check_memory(args, info: utils.DistInfo) -> None:
 def train(args, rt: runs.Runtime) -> None:
     """Data, model, optimizer, resume, loop."""
     info, execution, device = rt.dist, rt.execution, rt.execution.device
-    resume = checkpoints.load(args.resume, what='the checkpoint to resume') if args.resume else None
-    init = checkpoints.load(args.init, what='--init') if args.init else None
+    resume = weights.read(args.resume, what='the checkpoint to resume') if args.resume else None
+    init = weights.read(args.init, what='--init') if args.init else None
     if init is not None and args.model is None:  # the model of the one fine-tuned, and its file names
-        args.model = deeplab.recorded_args(init).get('model')
-    state = checkpoints.start_state(args, resume, draw_seed=lambda: initial_seed(None))
+        args.model = weights.recorded_args(init).get('model')
+    state = checkpoints.start_state(args, resume, draw_seed=lambda: runs.initial_seed(None))
     torch.manual_seed(state.seed + info.rank)
     outputs = training_outputs(args, state.epoch)
 
@@ -308,7 +252,7 @@ def train(args, rt: runs.Runtime) -> None:
     dataset = dataset_of(args, 'train', pascal.train_transforms(args.crop_size), seed=state.seed)
     per_process = args.batch_size // info.world_size
     sampler = pascal.TrainSampler(len(dataset), per_process, state.seed, info.rank, info.world_size,
-                                  drop_single=batchnorm_per_process(args, info, device.type == 'cuda'))
+                                  drop_single=runs.batchnorm_per_process(args, info, device.type == 'cuda'))
     iterations = state.batches_per_epoch = sampler.batches_per_epoch  # this process's batches per epoch
     if iterations == 0:
         smallest = 'two' if sampler.drop_single else 'one'
@@ -327,18 +271,18 @@ def train(args, rt: runs.Runtime) -> None:
     # Model and optimizer
     model = model_for(args, dataset.num_classes, resume or init, resume=resume is not None)
     if init is not None:
-        state.initial_weights = deeplab.fine_tune_from(model, init, args.init)
+        state.initial_weights = weights.fine_tune_from(model, init, args.init)
     elif resume is None:
         state.initial_weights = (imagenet.SCRATCH if args.scratch
-                                 else deeplab.initialize(model, args.pretrained_path))
+                                 else weights.initialize(model, args.pretrained_path))
     model = execution.prepare(model)
-    if sync_batchnorm(args, info, device.type == 'cuda'):
+    if runs.sync_batchnorm(args, info, device.type == 'cuda'):
         model = deeplab.convert_sync_batchnorm(model)
     optimizer = engine.make_optimizer(model, args.base_lr, args.freeze_bn)
-    scaler = torch.amp.GradScaler(device.type, enabled=scales_gradients(args))
+    scaler = torch.amp.GradScaler(device.type, enabled=runs.scales_gradients(args))
     if resume is not None:
-        deeplab.load_weights(model, resume['state_dict'], args.resume)
-        checkpoints.restore_optimizer(optimizer, scaler, resume, args.resume)
+        weights.load_weights(model, resume['state_dict'], args.resume)
+        engine.restore_optimizer(optimizer, scaler, resume, args.resume)
         if 'rng' in resume:
             checkpoints.set_rng_state(resume['rng'], device)
         state.iteration = checkpoints.resume_iteration(resume, state, iterations, args.resume)
@@ -464,8 +408,8 @@ def main(args) -> float | None:
     utils.setup_logging(info.is_main)
     check_args(args, info)  # before joining a process group, so that a bad flag cannot leave the others waiting
     if args.workers is None:
-        args.workers = default_workers(info, gpu=args.train and uses_cuda(args))
-    check_memory(args, info)
+        args.workers = runs.default_workers(info, gpu=args.train and runs.uses_cuda(args))
+    runs.check_memory(args, info)
     with files.output_folder(args.output_dir, '--output_dir'):
         info, device = utils.init_distributed(args.device, args.gpu)
         try:
@@ -480,7 +424,7 @@ def main(args) -> float | None:
 
 def cli(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
-    return errors.exit_status(lambda: main(args), 'lower --batch_size or --crop_size')
+    return utils.exit_status(lambda: main(args), 'lower --batch_size or --crop_size')
 
 
 if __name__ == '__main__':

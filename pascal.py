@@ -23,21 +23,11 @@ from torch.utils.data import DataLoader, Dataset
 
 import errors
 from errors import Stopped, UserError
-from utils import IGNORE_INDEX
+from utils import CITYSCAPES_CLASSES, DATASETS, DEFAULT_ROOTS, IGNORE_INDEX, MEAN, STD, VOC_CLASSES  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-VOC_CLASSES = ('background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair', 'cow',
-               'diningtable', 'dog', 'horse', 'motorbike', 'person', 'pottedplant', 'sheep', 'sofa', 'train',
-               'tvmonitor')
-CITYSCAPES_CLASSES = ('road', 'sidewalk', 'building', 'wall', 'fence', 'pole', 'traffic light', 'traffic sign',
-                      'vegetation', 'terrain', 'sky', 'person', 'rider', 'car', 'truck', 'bus', 'train', 'motorcycle',
-                      'bicycle')
-DATASETS = ('pascal', 'cityscapes')
-DEFAULT_ROOTS = {'pascal': 'data/VOCdevkit', 'cityscapes': 'data/cityscapes'}
 VOC_LISTS = {'train': 'train_aug.txt', 'val': 'val.txt'}
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
 SCALE_RANGE = (0.5, 2.0)
 
 

@@ -25,6 +25,7 @@ import inference
 import pascal
 import quantize
 import utils
+import weights
 from errors import Interrupted, UserError
 
 log = logging.getLogger('predict')
@@ -177,7 +178,7 @@ def predict(args, inputs: list[str], device: torch.device) -> int:
                for stem in stems.values() for name in (f'{stem}.png', f'{stem}_overlay.jpg')}
     files.refuse_overwrite(outputs, {**{path: 'an input image' for path in inputs},
                                      **files.inputs_of(args.checkpoint, 'the checkpoint (--checkpoint)')})
-    model = deeplab.model_from_checkpoint(args.checkpoint, args.backbone, args.output_stride, args.model)
+    model = weights.model_from_checkpoint(args.checkpoint, args.backbone, args.output_stride, args.model)
     model = execution.prepare(model).eval()
     if args.quantize:
         model = int8_model(model, work, args.crop_size, args.calibration, f'--input {args.input}')
@@ -234,7 +235,7 @@ def predict(args, inputs: list[str], device: torch.device) -> int:
 
 
 def cli(argv=None) -> int:
-    return errors.run_command(get_args_parser(), run, argv, 'lower --batch_size, --crop_size or --window_above')
+    return utils.run_command(get_args_parser(), run, argv, 'lower --batch_size, --crop_size or --window_above')
 
 
 if __name__ == '__main__':

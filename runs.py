@@ -1,15 +1,19 @@
 """What a run of main.py is made of, shared by training and evaluation: this process and its device (`Runtime`),
 the dataset and loaders the flags name, and the run's model."""
 import os
+import random
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 import deeplab
+import engine
+import errors
 import inference
 import pascal
 import utils
+import weights
 
 
 def dataset_of(args, split: str, transforms, **kwargs) -> pascal.SegmentationDataset:
@@ -39,7 +43,7 @@ def model_for(args, num_classes: int, checkpoint: dict | None = None, resume: bo
     fixed = {'num_classes': num_classes, **({'output_stride': args.output_stride} if args.output_stride else {})}
     if checkpoint is None:
         return deeplab.build_model(**flags, **fixed)
-    recorded = deeplab.recorded_args(checkpoint)
+    recorded = weights.recorded_args(checkpoint)
     if resume:
         return deeplab.build_model(**{**recorded, **flags, **fixed})
     return deeplab.build_model(**{**flags, **recorded, 'backbone': args.backbone,
@@ -77,3 +81,58 @@ def dataset_inputs(*datasets) -> dict[str, str]:
             found[dataset.source] = 'the dataset\'s list file'
         found.update({path: 'a file of the dataset' for pair in dataset.samples for path in pair})
     return found
+
+
+def sync_batchnorm(args, info: utils.DistInfo, cuda: bool) -> bool:
+    """SyncBatchNorm: on by default for BatchNorm models trained by several processes on GPUs."""
+    return (info.distributed and cuda and args.sync_bn is not False
+            and deeplab.uses_batchnorm(args.backbone, args.groups))
+
+
+def batchnorm_per_process(args, info: utils.DistInfo, cuda: bool) -> bool:
+    """Whether training normalises each process's images on their own (BatchNorm, training, not synchronised):
+    then each process needs 2 images or more in every batch."""
+    return (deeplab.uses_batchnorm(args.backbone, args.groups) and not args.freeze_bn
+            and not sync_batchnorm(args, info, cuda))
+
+
+def scales_gradients(args) -> bool:
+    """Whether training runs under a gradient scaler: fp16's small range needs one, bf16 and fp32 none."""
+    return args.amp == 'fp16'
+
+
+def default_workers(info: utils.DistInfo, gpu: bool = False) -> int:
+    """The original's 4 data-loading processes, or fewer where the CPUs this process may use, shared among the
+    processes torchrun started on this machine, are fewer (more would only compete for them). Training on a GPU,
+    where the CPUs do nothing but load data, all of this process's share but one (for the process itself), up to
+    16: a GPU step of a few tens of milliseconds outruns 4 loaders."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    share = cpus // info.local_world_size
+    return max(1, min(16, share - 1) if gpu else min(4, share))
+
+
+def initial_seed(seed: int | None) -> int:
+    """The run's seed: `--seed`, or one drawn at random and the same on every process (each shards the same
+    permutation of the training set; seeds of their own would have them see overlapping shards)."""
+    return seed if seed is not None else utils.from_main_process(random.SystemRandom().randrange(2 ** 31))
+
+
+def uses_cuda(args) -> bool:
+    return (args.device or ('cuda' if torch.cuda.is_available() else 'cpu')).startswith('cuda')
+
+
+def check_memory(args, info: utils.DistInfo) -> None:
+    """A --crop_size or --batch_size far beyond the CPU's memory, refused before any work (on GPUs, running out is
+    an exception that is turned into a message)."""
+    if not (args.device or ('cuda' if torch.cuda.is_available() else 'cpu')).startswith('cpu'):
+        return  # an unknown --device is init_distributed's message
+    device = torch.device('cpu')
+    pixels = args.crop_size ** 2 * (2 if args.output_stride == 8 else 1)  # stride 8: about twice the memory
+    size = f'{args.crop_size}x{args.crop_size}'
+    if args.train:
+        per_process = args.batch_size // info.world_size
+        errors.refuse_if_huge(engine.BYTES_PER_PIXEL * pixels * per_process * info.local_world_size, device,
+                              f'training on {per_process} crops of {size} per process', '--batch_size or --crop_size')
+    else:
+        errors.refuse_if_huge(inference.BYTES_PER_PIXEL * pixels * info.local_world_size, device,
+                              f'evaluating on a {size} canvas', '--crop_size')

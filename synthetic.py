@@ -14,9 +14,9 @@ import sys
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from errors import exit_status, number
+from errors import number
 from files import atomic_write, save_image, write_error
-from utils import IGNORE_INDEX, voc_palette
+from utils import IGNORE_INDEX, exit_status, voc_palette
 
 NUM_OBJECT_CLASSES = 20
 # Saturated colours, one per class, at least 100 apart in RGB (farthest-point picks among colours with a

@@ -1,22 +1,36 @@
 """What a research repository's utils promise: the confusion matrix and mean IoU, class maps and the VOC palette;
 torchrun's environment and the process group; logging and progress lines. Errors are in errors.py, files
 written safely in files.py, checkpoints in checkpoints.py."""
+import argparse
 import contextlib
 import io
 import logging
 import os
+import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from errors import UserError
+from errors import Interrupted, UserError, first_line, out_of_memory
 
 IGNORE_INDEX = 255
+# What the models, the data and the published models' configs all read: ImageNet's input normalisation, the
+# datasets and their class names.
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+VOC_CLASSES = ('background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair', 'cow',
+               'diningtable', 'dog', 'horse', 'motorbike', 'person', 'pottedplant', 'sheep', 'sofa', 'train',
+               'tvmonitor')
+CITYSCAPES_CLASSES = ('road', 'sidewalk', 'building', 'wall', 'fence', 'pole', 'traffic light', 'traffic sign',
+                      'vegetation', 'terrain', 'sky', 'person', 'rider', 'car', 'truck', 'bus', 'train', 'motorcycle',
+                      'bicycle')
+DATASETS = ('pascal', 'cityscapes')
+DEFAULT_ROOTS = {'pascal': 'data/VOCdevkit', 'cityscapes': 'data/cityscapes'}
 log = logging.getLogger(__name__)
 
 
@@ -188,12 +202,21 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
+def first_non_finite(state_dict: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding a NaN or an infinity, or None."""
+    for name, tensor in state_dict.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            return name
+    return None
+
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Logging and progress
 
 
 PROJECT_LOGGERS = ('main', 'engine', 'deeplab', 'imagenet', 'vovnet', 'pascal', 'utils', 'files', 'checkpoints',
-                   'plots', 'predict', 'export', 'benchmark', 'demo', 'hub')
+                   'plots', 'predict', 'export', 'benchmark', 'demo', 'hub', 'weights', 'published', 'quantize')
 
 
 def setup_logging(is_main: bool = True) -> None:
@@ -305,3 +328,48 @@ class Progress:
         on (the first holds compilation and the loaders' start), validation and checkpoints left out; None
         before two windows."""
         return self.steady_images / self.steady_seconds if self.steady_seconds > 0 else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Exit statuses and command lines
+
+
+def exit_status(run: Callable[[], object], out_of_memory_advice: str | None = None) -> int:
+    """Call `run()` and return the process's exit status: 0, or after a failure the user can fix or an interruption,
+    one message on stderr (from rank 0) and 1 or 128 + the signal, instead of a traceback. Memory that ran out
+    where no closer handler named the work is a message too, with `out_of_memory_advice` (the flags to lower)."""
+    try:
+        try:
+            run()
+        except (RuntimeError, MemoryError) as e:
+            if out_of_memory_advice is None or not out_of_memory(e):
+                raise
+            raise UserError(f'out of memory ({first_line(e)}): {out_of_memory_advice}.') from None
+    except UserError as e:
+        if _reports():
+            print(f'error: {e.for_user()}', file=sys.stderr)
+        return 1
+    except Interrupted as e:
+        if _reports():
+            print(str(e), file=sys.stderr)
+        return 128 + (e.signum or signal.SIGINT)
+    except KeyboardInterrupt:
+        print('interrupted', file=sys.stderr)
+        return 128 + signal.SIGINT
+    return 0
+
+
+def _reports() -> bool:
+    """Whether this process prints the failure: rank 0, or any process when the environment cannot tell."""
+    try:
+        return dist_info().is_main
+    except UserError:
+        return True
+
+
+def run_command(parser: argparse.ArgumentParser, run: Callable, argv=None,
+                out_of_memory_advice: str | None = None) -> int:
+    """A script's command line: parse, log to stdout, run; its exit status as `exit_status` gives it."""
+    args = parser.parse_args(argv)
+    setup_logging()
+    return exit_status(lambda: run(args), out_of_memory_advice)

@@ -83,6 +83,16 @@ def run_cli(capsys):
     return run
 
 
+@pytest.fixture
+def run_process(tmp_path):
+    """Run a script (`main.py`, `predict.py`, ...) as the README does: a fresh Python process with nothing imported
+    beforehand, in `cwd` (default: the test's folder); returns (exit status, stdout, stderr) as run_cli does."""
+    def run(script, *argv, cwd=None, **env):
+        result = command([script, *argv], str(cwd or tmp_path), **env)
+        return result.returncode, result.stdout, result.stderr
+    return run
+
+
 def train_in(folder, argv) -> None:
     """Run main.py's command line with `folder` as the working directory (for module-scoped fixtures, which
     cannot use monkeypatch); the run must succeed."""

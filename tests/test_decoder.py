@@ -15,6 +15,7 @@ import checkpoints
 import deeplab
 import engine
 import errors
+import weights
 
 DECODER_KEYS = {'decoder.project.0.weight', 'decoder.fuse.0.weight', 'decoder.fuse.3.weight',
                 'decoder.classifier.weight', 'decoder.classifier.bias'}
@@ -60,9 +61,9 @@ def test_the_decoder_takes_each_backbones_stride_4_features_and_gives_logits_at_
     v3_keys, plus_keys = set(v3.state_dict()), set(plus.state_dict())
     assert v3_keys - plus_keys == {'aspp.conv3.weight', 'aspp.conv3.bias'}
     assert {k for k in plus_keys - v3_keys if not k.startswith(NORMS)} == DECODER_KEYS
-    assert deeplab.identify(plus.state_dict()) == (backbone, 5)
-    assert deeplab.identify_model(plus.state_dict()) == 'deeplabv3plus'
-    assert deeplab.identify_model(v3.state_dict()) == 'deeplabv3'
+    assert weights.identify(plus.state_dict()) == (backbone, 5)
+    assert weights.identify_model(plus.state_dict()) == 'deeplabv3plus'
+    assert weights.identify_model(v3.state_dict()) == 'deeplabv3'
 
 
 def test_deeplabv3_is_unchanged_by_the_model_option():
@@ -117,39 +118,39 @@ def test_imagenet_weights_fill_the_backbone_and_leave_the_decoder_as_initialised
     torch.manual_seed(1)
     random_init = deeplab.build_model('vovnet39', model='deeplabv3plus')
     torch.manual_seed(1)
-    model = deeplab.build_model('vovnet39', model='deeplabv3plus', pretrained=True, pretrained_path=str(path))
+    model = weights.build('vovnet39', model='deeplabv3plus', pretrained=True, pretrained_path=str(path))
     assert torch.equal(model.stage4.OSA4_2.concat[0].weight, source.stage4.OSA4_2.concat[0].weight)
     for name, tensor in model.decoder.state_dict().items():
         assert torch.equal(tensor, random_init.decoder.state_dict()[name]), name
-    # A DeepLabV3+ state dict offered as ImageNet weights gives its backbone only.
+    # A DeepLabV3+ state dict offered as ImageNet weights is a trained model: refused, pointing to --init (it
+    # would have kept its backbone and dropped its decoder without a word).
     plus = randomize(deeplab.build_model('vovnet39', model='deeplabv3plus'), seed=9)
     torch.save(plus.state_dict(), tmp_path / 'plus.pth')
-    again = deeplab.build_model('vovnet39', model='deeplabv3plus', pretrained=True,
-                                pretrained_path=str(tmp_path / 'plus.pth'))
-    assert torch.equal(again.stage2.OSA2_1.concat[0].weight, plus.stage2.OSA2_1.concat[0].weight)
-    assert not torch.equal(again.decoder.classifier.weight, plus.decoder.classifier.weight)
+    with pytest.raises(errors.UserError, match=r'whole trained segmentation model \(its aspp and decoder tensors\)'
+                                               r'.*--init'):
+        weights.build('vovnet39', model='deeplabv3plus', pretrained=True, pretrained_path=str(tmp_path / 'plus.pth'))
 
 
 def test_weights_of_one_model_are_refused_by_the_other_with_the_flag_to_pass():
     v3, plus = deeplab.vovnet39(), deeplab.build_model('vovnet39', model='deeplabv3plus')
     with pytest.raises(errors.UserError, match=r'v3\.pth holds a DeepLabV3 model \(it has no decoder\), but a '
                                                r'DeepLabV3\+ was asked for: pass --model deeplabv3'):
-        deeplab.load_weights(plus, v3.state_dict(), 'v3.pth')
+        weights.load_weights(plus, v3.state_dict(), 'v3.pth')
     with pytest.raises(errors.UserError, match=r'plus\.pth holds a DeepLabV3\+ model \(it has the DeepLabV3\+ '
                                                r'decoder .*pass --model deeplabv3plus'):
-        deeplab.load_weights(v3, {f'module.{k}': v for k, v in plus.state_dict().items()}, 'plus.pth')
+        weights.load_weights(v3, {f'module.{k}': v for k, v in plus.state_dict().items()}, 'plus.pth')
 
 
 def test_recorded_model_rebuilds_and_an_unknown_one_is_refused(tmp_path):
     plus = randomize(deeplab.build_model('vovnet39', num_classes=4, model='deeplabv3plus'), seed=2)
     path = tmp_path / 'plus.pth'
     torch.save({'state_dict': plus.state_dict()}, path)  # no record: the keys tell
-    rebuilt = deeplab.model_from_checkpoint(str(path)).eval()
+    rebuilt = weights.model_from_checkpoint(str(path)).eval()
     x = torch.randn(1, 3, 65, 71)
     with torch.no_grad():
         assert torch.equal(rebuilt(x), plus.eval()(x))
     with pytest.raises(errors.UserError, match='holds a DeepLabV3\\+ model .*pass --model deeplabv3plus'):
-        deeplab.model_from_checkpoint(str(path), model='deeplabv3')
+        weights.model_from_checkpoint(str(path), model='deeplabv3')
     torch.save({'state_dict': plus.state_dict(), 'model_args': {**plus.model_args, 'model': 'deeplabv4'}}, path)
     with pytest.raises(errors.UserError, match="model='deeplabv4'.*damaged"):
         checkpoints.load(str(path))
@@ -164,9 +165,10 @@ CKPT = 'data/deeplab_vovnet39_pascal_v3plus_p_epoch{}.pth'
 
 @pytest.mark.slow
 def test_deeplabv3plus_trains_resumes_evaluates_predicts_and_exports(synthetic_root, tmp_path, monkeypatch,
-                                                                      run_cli):
+                                                                      run_cli, run_process):
     monkeypatch.chdir(tmp_path)
-    status, out, err = run_cli(*TRAIN, '--epochs', '1', '--data_root', synthetic_root)
+    # The README's training and evaluation commands of DeepLabV3+ run as fresh processes, as a user's.
+    status, out, err = run_process('main.py', *TRAIN, '--epochs', '1', '--data_root', synthetic_root)
     assert status == 0, err
     assert 'training deeplab_vovnet39_pascal_v3plus_p' in out
     checkpoint = torch.load(CKPT.format(1), weights_only=True)
@@ -188,7 +190,7 @@ def test_deeplabv3plus_trains_resumes_evaluates_predicts_and_exports(synthetic_r
     # Evaluation by name (the training command without --train), and by file without --model: the same figure.
     evaluate = ['--exp', 'p', '--epochs', '2', '--backbone', 'vovnet39', '--crop_size', '65', '--workers', '0',
                 '--data_root', synthetic_root]
-    status, out, err = run_cli(*evaluate, '--model', 'deeplabv3plus')
+    status, out, err = run_process('main.py', *evaluate, '--model', 'deeplabv3plus')
     assert status == 0, err
     by_name = re.search(r'^Mean IoU: (\d+\.\d\d)$', out, re.M).group(1)
     status, out, err = run_cli(*evaluate, '--checkpoint', CKPT.format(2), '--no-save_predictions')

@@ -16,6 +16,7 @@ from PIL import Image
 import deeplab
 import errors
 import hub
+import weights
 
 hf = pytest.importorskip('huggingface_hub')
 pytest.importorskip('safetensors')
@@ -108,14 +109,14 @@ def test_save_then_load_gives_bit_identical_logits_from_a_folder_and_from_the_hu
     assert config['class_names'] == [f'c{i}' for i in range(6)] and config['format_version'] == hub.VERSION
     assert config['input']['mean'] == [0.485, 0.456, 0.406] and config['crop_size'] == 513
     expected = logits(source)
-    local = deeplab.from_pretrained(str(folder))
+    local = weights.from_pretrained(str(folder))
     assert torch.equal(logits(local), expected) and not local.training
     assert local.class_names == [f'c{i}' for i in range(6)] and local.std == (0.229, 0.224, 0.225)
     downloads = fake_hub('org/model', folder)
     for reference in ('org/model', 'hf://org/model', 'hf://org/model@main'):
-        assert torch.equal(logits(deeplab.from_pretrained(reference)), expected)
+        assert torch.equal(logits(weights.from_pretrained(reference)), expected)
     assert len(downloads) == 2  # config and weights, once: then huggingface_hub's cache
-    assert deeplab.model_from_checkpoint('hf://org/model').name == model
+    assert weights.model_from_checkpoint('hf://org/model').name == model
 
 
 def test_revisions_resolve_through_the_cache_and_offline_mode_reads_it(tmp_path, fake_hub, monkeypatch):
@@ -123,17 +124,17 @@ def test_revisions_resolve_through_the_cache_and_offline_mode_reads_it(tmp_path,
     second = randomize(deeplab.build_model('vovnet39', num_classes=3), seed=2)
     fake_hub('org/m', save(tmp_path, first, 'a.pth'), tag='v1')
     fake_hub('org/m', save(tmp_path, second, 'b.pth'))  # a later commit on main
-    assert torch.equal(logits(deeplab.from_pretrained('hf://org/m@v1')), logits(first))
-    assert torch.equal(logits(deeplab.from_pretrained('hf://org/m')), logits(second))
+    assert torch.equal(logits(weights.from_pretrained('hf://org/m@v1')), logits(first))
+    assert torch.equal(logits(weights.from_pretrained('hf://org/m')), logits(second))
     snapshots = os.listdir(fake_hub.cache / 'models--org--m' / 'snapshots')
     assert len(snapshots) == 2 and all(re.fullmatch('[0-9a-f]{40}', s) for s in snapshots)
     from huggingface_hub import constants
     monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
-    assert torch.equal(logits(deeplab.from_pretrained('hf://org/m@v1')), logits(first))
+    assert torch.equal(logits(weights.from_pretrained('hf://org/m@v1')), logits(first))
     with pytest.raises(errors.UserError, match=r'config.json of org/m at revision v2 is not in the Hugging Face '
                                                rf'cache \({re.escape(str(fake_hub.cache))}\) and HF_HUB_OFFLINE is '
                                                r'set'):
-        deeplab.from_pretrained('hf://org/m@v2')
+        weights.from_pretrained('hf://org/m@v2')
 
 
 def test_a_released_checkpoint_converts_with_the_originals_reported_figure_labelled_as_reported(tmp_path):
@@ -155,7 +156,7 @@ def test_a_released_checkpoint_converts_with_the_originals_reported_figure_label
     assert 'reported by the original' in result.metric_name
     assert 'as reported by the original work' in card.text and 'not measured' in card.text
     assert 'checkpoint of the original work' in card.text and config['source']['sha256'] in card.text
-    assert torch.equal(logits(deeplab.from_pretrained(str(tmp_path / 'out'))), logits(model))
+    assert torch.equal(logits(weights.from_pretrained(str(tmp_path / 'out'))), logits(model))
 
 
 @pytest.mark.slow
@@ -222,7 +223,7 @@ def test_fine_tuning_keeps_every_weight_but_a_classifier_of_another_size(tmp_pat
     torch.manual_seed(0)
     model = deeplab.build_model('vovnet39', num_classes=3, model='deeplabv3plus')
     fresh = model.decoder.classifier.weight.clone()
-    record = deeplab.fine_tune_from(model, checkpoint, 'five.pth')
+    record = weights.fine_tune_from(model, checkpoint, 'five.pth')
     assert record['classifier'] == 'reinitialised' and record['classes'] == 5
     for name, tensor in model.state_dict().items():
         if name.startswith('decoder.classifier.'):
@@ -230,12 +231,12 @@ def test_fine_tuning_keeps_every_weight_but_a_classifier_of_another_size(tmp_pat
         assert torch.equal(tensor, trained.state_dict()[name]), name
     assert torch.equal(model.decoder.classifier.weight, fresh)
     same = deeplab.build_model('vovnet39', num_classes=5, model='deeplabv3plus')
-    deeplab.fine_tune_from(same, checkpoint, 'five.pth')
+    weights.fine_tune_from(same, checkpoint, 'five.pth')
     assert torch.equal(same.decoder.classifier.weight, trained.decoder.classifier.weight)
     with pytest.raises(errors.UserError, match='pass --model deeplabv3plus'):
-        deeplab.fine_tune_from(deeplab.build_model('vovnet39', num_classes=5), checkpoint, 'five.pth')
+        weights.fine_tune_from(deeplab.build_model('vovnet39', num_classes=5), checkpoint, 'five.pth')
     with pytest.raises(errors.UserError, match='pass --backbone vovnet39'):
-        deeplab.fine_tune_from(deeplab.build_model('resnet50', model='deeplabv3plus'), checkpoint, 'five.pth')
+        weights.fine_tune_from(deeplab.build_model('resnet50', model='deeplabv3plus'), checkpoint, 'five.pth')
 
 
 def test_push_uploads_the_three_files_through_hfapi_with_the_cards_commands_naming_the_repo(tmp_path, monkeypatch,
@@ -348,11 +349,11 @@ def test_without_huggingface_hub_the_hub_is_a_one_line_pip_install(tmp_path, mon
     monkeypatch.setitem(__import__('sys').modules, 'huggingface_hub', None)
     with pytest.raises(errors.UserError, match=r'needs huggingface_hub, which is not installed: pip install '
                                                r'huggingface_hub'):
-        deeplab.from_pretrained('hf://org/m')
+        weights.from_pretrained('hf://org/m')
     status, _, err = run_cli('save', '--checkpoint', tmp_path / 'ckpt.pth', '--output', tmp_path / 'o', module='hub')
     assert status == 1 and 'pip install huggingface_hub' in err and not os.path.exists(tmp_path / 'o')
     monkeypatch.setitem(__import__('sys').modules, 'safetensors', None)
     monkeypatch.setitem(__import__('sys').modules, 'safetensors.torch', None)
     with pytest.raises(errors.UserError, match='needs safetensors, which is not installed: pip install safetensors'):
-        deeplab.from_pretrained(str(folder))
-    assert deeplab.model_from_checkpoint(str(tmp_path / 'ckpt.pth')).num_classes == 4  # .pth files need neither
+        weights.from_pretrained(str(folder))
+    assert weights.model_from_checkpoint(str(tmp_path / 'ckpt.pth')).num_classes == 4  # .pth files need neither

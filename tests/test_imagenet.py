@@ -14,6 +14,7 @@ import deeplab
 import errors
 import imagenet
 import vovnet
+import weights
 
 
 def pytorchcv_model(name, seed=0):
@@ -46,7 +47,7 @@ def test_pytorchcv_weights_give_its_features_bit_for_bit_at_stride_32_and_its_te
     with torch.no_grad():
         assert torch.equal(ours32(x), theirs.features[:-1](x))  # all but the classifier's 7x7 pooling
     for output_stride in (16, 8):
-        model = deeplab.build_model(name, output_stride=output_stride, pretrained=True,
+        model = weights.build(name, output_stride=output_stride, pretrained=True,
                                     pretrained_path=str(tmp_path / 'cv.pth'))
         ours = model.state_dict()
         assert all(torch.equal(ours[k], state[v]) for k, v in names.items()), output_stride
@@ -68,7 +69,7 @@ def test_a_pytorchcv_file_with_a_missing_or_misshapen_tensor_is_refused(damage, 
         message = 'is it the other depth'
     torch.save(state, tmp_path / 'cv.pth')
     with pytest.raises(errors.UserError) as e:
-        deeplab.vovnet39(pretrained=True, pretrained_path=str(tmp_path / 'cv.pth'))
+        weights.vovnet39(pretrained=True, pretrained_path=str(tmp_path / 'cv.pth'))
     assert message in str(e.value) and str(tmp_path / 'cv.pth') in str(e.value)
 
 
@@ -116,7 +117,7 @@ def test_the_originals_file_wins_over_pytorchcv(pytorchcv_serves, tmp_path, monk
     os.makedirs('data/pretrained')
     torch.save({k: v for k, v in source.state_dict().items() if not k.startswith('aspp.')},
                'data/pretrained/vovnet39_statedict_norm.pth')
-    model = deeplab.vovnet39(pretrained=True)
+    model = weights.vovnet39(pretrained=True)
     assert torch.equal(model.stage4.OSA4_2.concat[0].weight, source.stage4.OSA4_2.concat[0].weight)
     record = model.initial_weights
     assert record['source'] == 'original file' and record['file'] == 'data/pretrained/vovnet39_statedict_norm.pth'
@@ -127,7 +128,7 @@ def test_offline_or_without_pytorchcv_the_message_says_what_was_tried_and_what_t
                                                                                     monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(errors.UserError) as e:
-        deeplab.vovnet57(pretrained=True)
+        weights.vovnet57(pretrained=True)
     message = str(e.value)
     for needle in ('data/pretrained/vovnet57_statedict_norm.pth does not exist', 'could not be fetched from '
                    'https://github.com/osmr/imgclsmob/releases/download/', 'Failed to resolve',
@@ -137,7 +138,7 @@ def test_offline_or_without_pytorchcv_the_message_says_what_was_tried_and_what_t
     monkeypatch.setitem(sys.modules, 'pytorchcv.models', None)
     monkeypatch.setitem(sys.modules, 'pytorchcv.models.common', None)
     with pytest.raises(errors.UserError) as e:
-        deeplab.vovnet39(pretrained=True)
+        weights.vovnet39(pretrained=True)
     assert 'pip install pytorchcv' in str(e.value) and '--scratch' in str(e.value)
     assert '\n' not in str(e.value)
 
@@ -156,7 +157,7 @@ def test_ese_vovnet_is_timms_network_bit_for_bit_at_stride_32_and_dilated_at_16_
     with torch.no_grad():
         assert torch.equal(backbone(x), theirs.forward_features(x))
     for output_stride, size in ((16, 16), (8, 32)):  # 257 -> 129 -> 65 (stem), then 3x3/2 ceil-mode pools
-        model = deeplab.build_model(name, output_stride=output_stride, pretrained=True,
+        model = weights.build(name, output_stride=output_stride, pretrained=True,
                                     pretrained_path=str(tmp_path / 'timm.pth')).eval()
         ours = model.state_dict()
         assert all(torch.equal(ours[k], v) for k, v in state.items() if not k.startswith('head.'))
@@ -171,23 +172,23 @@ def test_ese_vovnet_is_timms_network_bit_for_bit_at_stride_32_and_dilated_at_16_
 def test_ese_vovnet_starts_from_timms_hub_weights_and_then_from_the_hub_cache(timm_hub_serves, tmp_path):
     theirs = timm_model('ese_vovnet39b', seed=5)
     downloads = timm_hub_serves('timm/ese_vovnet39b.ra_in1k', theirs.state_dict())
-    model = deeplab.ese_vovnet39b(pretrained=True)
+    model = weights.ese_vovnet39b(pretrained=True)
     ours = model.state_dict()
     assert all(torch.equal(ours[k], v) for k, v in theirs.state_dict().items() if not k.startswith('head.'))
     record = model.initial_weights
     assert record['source'] == 'timm' and record['model'] == 'ese_vovnet39b.ra_in1k'
     assert record['sha256'] == hashlib.sha256(open(record['file'], 'rb').read()).hexdigest()
     assert downloads == ['model.safetensors']
-    deeplab.ese_vovnet39b(pretrained=True)  # from the cache, without asking the hub
+    weights.ese_vovnet39b(pretrained=True)  # from the cache, without asking the hub
     assert downloads == ['model.safetensors']
     with pytest.raises(errors.UserError, match='timm has no GroupNorm ImageNet weights'):
-        deeplab.ese_vovnet39b(pretrained=True, num_groups=32)
+        weights.ese_vovnet39b(pretrained=True, num_groups=32)
 
 
 @pytest.mark.slow
 def test_ese_vovnet_offline_or_without_timm_is_a_clear_message(offline, tmp_path, monkeypatch, run_cli):
     with pytest.raises(errors.UserError) as e:
-        deeplab.ese_vovnet57b(pretrained=True)
+        weights.ese_vovnet57b(pretrained=True)
     message = str(e.value)
     for needle in ('ese_vovnet57b.ra4_e3600_r256_in1k', 'https://huggingface.co/timm/ese_vovnet57b.ra4_e3600_r256_in1k',
                    'check your connection', str(offline / 'huggingface'), '--pretrained_path', '--scratch'):
@@ -205,12 +206,12 @@ def test_ese_vovnet_offline_or_without_timm_is_a_clear_message(offline, tmp_path
 def test_imagenet_files_for_another_family_or_with_non_finite_values_are_refused(tmp_path):
     torch.save(timm_model('ese_vovnet39b').state_dict(), tmp_path / 'timm.pth')
     with pytest.raises(errors.UserError, match='holds timm ImageNet weights, which fit --backbone ese_vovnet39b'):
-        deeplab.vovnet39(pretrained=True, pretrained_path=str(tmp_path / 'timm.pth'))
+        weights.vovnet39(pretrained=True, pretrained_path=str(tmp_path / 'timm.pth'))
     torch.save(pytorchcv_model('vovnet39').state_dict(), tmp_path / 'cv.pth')
     with pytest.raises(errors.UserError, match='holds pytorchcv ImageNet weights, which fit --backbone vovnet39'):
-        deeplab.ese_vovnet39b(pretrained=True, pretrained_path=str(tmp_path / 'cv.pth'))
-    for path, key, build in (('cv.pth', 'features.stage4.unit1.branches.branch2.bn.running_var', deeplab.vovnet39),
-                             ('timm.pth', 'stages.1.blocks.0.attn.fc.weight', deeplab.ese_vovnet39b)):
+        weights.ese_vovnet39b(pretrained=True, pretrained_path=str(tmp_path / 'cv.pth'))
+    for path, key, build in (('cv.pth', 'features.stage4.unit1.branches.branch2.bn.running_var', weights.vovnet39),
+                             ('timm.pth', 'stages.1.blocks.0.attn.fc.weight', weights.ese_vovnet39b)):
         state = torch.load(tmp_path / path, weights_only=True)
         state[key][0] = float('nan')
         torch.save(state, tmp_path / path)
@@ -223,7 +224,7 @@ def test_a_timm_model_safetensors_file_is_accepted_by_pretrained_path(tmp_path):
     from safetensors.torch import save_file
     theirs = timm_model('ese_vovnet57b', seed=2)
     save_file({k: v.contiguous() for k, v in theirs.state_dict().items()}, tmp_path / 'model.safetensors')
-    model = deeplab.ese_vovnet57b(pretrained=True, pretrained_path=str(tmp_path / 'model.safetensors'))
+    model = weights.ese_vovnet57b(pretrained=True, pretrained_path=str(tmp_path / 'model.safetensors'))
     assert torch.equal(model.stages[2].blocks[3].conv_mid[4].conv.weight,
                        theirs.stages[2].blocks[3].conv_mid[4].conv.weight)
     assert model.initial_weights['format'] == 'timm'
@@ -300,8 +301,8 @@ def test_a_pytorchcv_cache_file_that_fails_its_checksum_offline_is_named_as_dama
     import requests
     from pytorchcv.models.common import model_store
     sha1, urls = pytorchcv_serves(pytorchcv_model('vovnet39').state_dict())
-    deeplab.vovnet39(pretrained=True)  # downloads it into pytorchcv's cache
-    cached = deeplab.vovnet39(pretrained=True).initial_weights['file']
+    weights.vovnet39(pretrained=True)  # downloads it into pytorchcv's cache
+    cached = weights.vovnet39(pretrained=True).initial_weights['file']
     with open(cached, 'r+b') as f:  # a bit flipped on disk
         f.seek(1000)
         byte = f.read(1)
@@ -312,7 +313,7 @@ def test_a_pytorchcv_cache_file_that_fails_its_checksum_offline_is_named_as_dama
         raise requests.exceptions.ConnectionError('Max retries exceeded')
     monkeypatch.setattr(model_store, '_download', offline)
     with pytest.raises(errors.UserError) as e:
-        deeplab.vovnet39(pretrained=True)
+        weights.vovnet39(pretrained=True)
     message = str(e.value)
     for needle in (cached, 'damaged', sha1, 'Delete that file', '--pretrained_path', '--scratch'):
         assert needle in message, (needle, message)
@@ -324,7 +325,7 @@ def test_a_damaged_timm_file_in_the_hub_cache_is_named(timm_hub_serves, damage):
     from safetensors.torch import load_file, save_file
     theirs = timm_model('ese_vovnet39b')
     timm_hub_serves('timm/ese_vovnet39b.ra_in1k', theirs.state_dict())
-    cached = deeplab.ese_vovnet39b(pretrained=True).initial_weights['file']
+    cached = weights.ese_vovnet39b(pretrained=True).initial_weights['file']
     blob = os.path.realpath(cached)
     if damage == 'truncated':
         data = open(blob, 'rb').read()
@@ -335,7 +336,7 @@ def test_a_damaged_timm_file_in_the_hub_cache_is_named(timm_hub_serves, damage):
         tensors[key] = tensors[key][:, :2].contiguous() if damage == 'wrong_shape' else tensors[key].long()
         save_file(tensors, blob)
     with pytest.raises(errors.UserError) as e:
-        deeplab.ese_vovnet39b(pretrained=True)
+        weights.ese_vovnet39b(pretrained=True)
     message = str(e.value)
     for needle in (cached, 'damaged', 'Delete that file', '--pretrained_path'):
         assert needle in message, (needle, message)
@@ -348,8 +349,8 @@ def test_a_damaged_timm_file_in_the_hub_cache_is_named(timm_hub_serves, damage):
 @pytest.mark.slow
 def test_a_damaged_torchvision_file_in_the_hub_cache_is_named(offline, damage):
     import torchvision
-    weights = torchvision.models.get_model_weights('resnet50').IMAGENET1K_V1
-    cached = os.path.join(str(offline), 'torch', 'hub', 'checkpoints', os.path.basename(weights.url))
+    resnet_weights = torchvision.models.get_model_weights('resnet50').IMAGENET1K_V1
+    cached = os.path.join(str(offline), 'torch', 'hub', 'checkpoints', os.path.basename(resnet_weights.url))
     os.makedirs(os.path.dirname(cached))
     state = torchvision.models.resnet50().state_dict()
     if damage == 'int64':
@@ -361,7 +362,7 @@ def test_a_damaged_torchvision_file_in_the_hub_cache_is_named(offline, damage):
         data = open(cached, 'rb').read()
         open(cached, 'wb').write(data[:len(data) // 2])
     with pytest.raises(errors.UserError) as e:
-        deeplab.resnet50(pretrained=True)
+        weights.resnet50(pretrained=True)
     message = str(e.value)
     for needle in (cached, 'damaged', 'Delete that file', '--pretrained_path'):
         assert needle in message, (needle, message)

@@ -14,7 +14,9 @@ from test_metrics import original_inter_and_union
 import checkpoints
 import deeplab
 import pascal
+import runs
 import utils
+import weights
 
 CKPT = 'data/deeplab_vovnet39_pascal_v3_t_epoch1.pth'
 TRAIN = ['--train', '--exp', 't', '--epochs', '1', '--backbone', 'vovnet39', '--scratch', '--crop_size', '65',
@@ -39,7 +41,7 @@ def test_training_writes_the_checkpoint_under_the_original_name_at_the_last_epoc
     assert not any(k.startswith('module.') for k in checkpoint['state_dict'])
     assert len(checkpoint['optimizer']['param_groups']) == 2
     model = deeplab.vovnet39()
-    deeplab.load_weights(model, checkpoint['state_dict'], str(path))
+    weights.load_weights(model, checkpoint['state_dict'], str(path))
     assert sorted(os.listdir(trained / 'data')) == ['deeplab_vovnet39_pascal_v3_t_epoch1.pth', 'logs']
 
 
@@ -139,5 +141,5 @@ def test_default_workers_are_the_originals_4_or_the_cpus_each_process_has(monkey
     for cpus, processes, expected in [(16, 1, 4), (2, 1, 2), (2, 4, 1), (16, 8, 2), (1, 1, 1)]:
         monkeypatch.setattr(os, 'sched_getaffinity', lambda pid, n=cpus: set(range(n)), raising=False)
         monkeypatch.setenv('LOCAL_WORLD_SIZE', str(processes))
-        assert main.default_workers(utils.dist_info()) == expected, (cpus, processes)
+        assert runs.default_workers(utils.dist_info()) == expected, (cpus, processes)
     assert main.get_args_parser().parse_args(['--exp', 'x', '--workers', '3']).workers == 3  # explicit: kept

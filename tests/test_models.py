@@ -9,6 +9,7 @@ from torch import nn
 import checkpoints
 import deeplab
 import errors
+import weights
 
 DATA = os.path.join(os.path.dirname(__file__), 'data')
 PARAMS = {'vovnet39': 29_513_621, 'vovnet57': 43_553_621, 'resnet50': 39_048_533, 'resnet101': 58_040_661,
@@ -228,7 +229,7 @@ def test_released_checkpoint_loads_and_gives_the_same_logits(backbone, released_
     assert all(k.startswith('module.') for k in checkpoint['state_dict'])
     assert any(k.endswith('num_batches_tracked') for k in checkpoint['state_dict'])
     model = deeplab.build_model(backbone).eval()
-    deeplab.load_weights(model, checkpoint['state_dict'], str(path))
+    weights.load_weights(model, checkpoint['state_dict'], str(path))
     x = torch.randn(1, 3, 65, 65)
     with torch.no_grad():
         assert torch.equal(model(x), source(x))
@@ -238,7 +239,7 @@ def test_a_bare_state_dict_loads_too(tmp_path):
     source = randomize(deeplab.vovnet39(num_classes=3), seed=2)
     torch.save(source.state_dict(), tmp_path / 'bare.pth')
     model = deeplab.vovnet39(num_classes=3)
-    deeplab.load_weights(model, checkpoints.load(str(tmp_path / 'bare.pth'))['state_dict'], 'bare.pth')
+    weights.load_weights(model, checkpoints.load(str(tmp_path / 'bare.pth'))['state_dict'], 'bare.pth')
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), source.state_dict().values()))
 
 
@@ -248,13 +249,13 @@ def test_a_checkpoint_is_rebuilt_at_the_output_stride_it_was_trained_with(tmp_pa
     source = randomize(deeplab.vovnet39(output_stride=8), seed=4).eval()
     torch.save({'state_dict': source.state_dict(), 'model_args': {'backbone': 'vovnet39', 'output_stride': 8}},
                tmp_path / 'os8.pth')
-    model = deeplab.model_from_checkpoint(str(tmp_path / 'os8.pth'))
+    model = weights.model_from_checkpoint(str(tmp_path / 'os8.pth'))
     assert model.output_stride == 8
     with torch.no_grad():
         assert torch.equal(model.eval()(x), source(x))
-    assert deeplab.model_from_checkpoint(str(tmp_path / 'os8.pth'), output_stride=16).output_stride == 16
+    assert weights.model_from_checkpoint(str(tmp_path / 'os8.pth'), output_stride=16).output_stride == 16
     released = released_checkpoint(randomize(deeplab.vovnet39(), seed=5))  # records no stride: the original's 16
-    assert deeplab.model_from_checkpoint(str(released)).output_stride == 16
+    assert weights.model_from_checkpoint(str(released)).output_stride == 16
 
 
 def released_state(model):
@@ -267,24 +268,24 @@ def released_state(model):
 def test_a_checkpoint_of_another_backbone_is_refused_with_what_it_holds(held, wanted):
     model = deeplab.build_model(wanted)
     with pytest.raises(errors.UserError) as e:
-        deeplab.load_weights(model, released_state(deeplab.build_model(held)), 'x.pth')
+        weights.load_weights(model, released_state(deeplab.build_model(held)), 'x.pth')
     assert f'x.pth holds a DeepLabV3-{held} with 21 classes' in str(e.value)
     assert f'--backbone {held}' in str(e.value)
 
 
 def test_a_checkpoint_with_another_class_count_is_refused():
     with pytest.raises(errors.UserError, match='19 classes.*21 classes'):
-        deeplab.load_weights(deeplab.vovnet39(), released_state(deeplab.vovnet39(num_classes=19)), 'x.pth')
+        weights.load_weights(deeplab.vovnet39(), released_state(deeplab.vovnet39(num_classes=19)), 'x.pth')
 
 
 def test_a_group_norm_checkpoint_offered_to_a_batchnorm_model_says_so():
     with pytest.raises(errors.UserError, match='--groups'):
-        deeplab.load_weights(deeplab.vovnet39(), released_state(deeplab.vovnet39(num_groups=16)), 'x.pth')
+        weights.load_weights(deeplab.vovnet39(), released_state(deeplab.vovnet39(num_groups=16)), 'x.pth')
 
 
 def test_weights_that_are_not_a_deeplab_state_dict_are_refused():
     with pytest.raises(errors.UserError, match='holds no DeepLabV3 weights'):
-        deeplab.load_weights(deeplab.vovnet39(), {'conv.weight': torch.zeros(1)}, 'x.pth')
+        weights.load_weights(deeplab.vovnet39(), {'conv.weight': torch.zeros(1)}, 'x.pth')
 
 
 # --- ImageNet initialisation
@@ -308,7 +309,7 @@ def test_vovnet_imagenet_weights_load_with_or_without_prefix_and_classifier(tmp_
     source, state = imagenet_vovnet_state(prefix=prefix, classifier=classifier)
     path = tmp_path / 'vovnet39_statedict_norm.pth'
     torch.save({'state_dict': state} if wrapped else state, path)
-    model = deeplab.vovnet39(pretrained=True, pretrained_path=str(path))
+    model = weights.vovnet39(pretrained=True, pretrained_path=str(path))
     ours, theirs = model.state_dict(), source.state_dict()
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs if not k.startswith('aspp.'))
     assert not any(torch.equal(ours[k], theirs[k]) for k in theirs if k.startswith('aspp.') and k.endswith('weight'))
@@ -319,13 +320,13 @@ def test_vovnet_imagenet_weights_load_with_or_without_prefix_and_classifier(tmp_
 def test_imagenet_weights_default_path_and_missing_file_message(tmp_path, monkeypatch, offline):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(errors.UserError) as e:
-        deeplab.vovnet57(pretrained=True)
+        weights.vovnet57(pretrained=True)
     message = str(e.value)
     assert 'data/pretrained/vovnet57_statedict_norm.pth' in message and '--scratch' in message
     _, state = imagenet_vovnet_state()
     os.makedirs('data/pretrained')
     torch.save(state, 'data/pretrained/vovnet39_statedict_norm.pth')
-    deeplab.vovnet39(pretrained=True)
+    weights.vovnet39(pretrained=True)
 
 
 @pytest.mark.slow
@@ -334,32 +335,32 @@ def test_imagenet_weights_that_do_not_fit_are_reported_not_merged_silently(tmp_p
     del state['stem.stem_1/conv.weight']
     state['extra.weight'] = torch.zeros(3)
     torch.save(state, tmp_path / 'w.pth')
-    deeplab.vovnet39(pretrained=True, pretrained_path=str(tmp_path / 'w.pth'))
+    weights.vovnet39(pretrained=True, pretrained_path=str(tmp_path / 'w.pth'))
     assert '1 backbone tensors are not in' in caplog.text and 'stem.stem_1/conv.weight' in caplog.text
     assert '1 tensors of' in caplog.text and 'extra.weight' in caplog.text
     torch.save(deeplab.resnet50().state_dict(), tmp_path / 'r.pth')
     with pytest.raises(errors.UserError, match='none of the weights of vovnet39'):
-        deeplab.vovnet39(pretrained=True, pretrained_path=str(tmp_path / 'r.pth'))
+        weights.vovnet39(pretrained=True, pretrained_path=str(tmp_path / 'r.pth'))
 
 
 @pytest.mark.slow
 def test_torchvision_imagenet_weights_come_from_the_hub_cache_or_a_clear_error(tmp_path, monkeypatch):
     import torchvision
     monkeypatch.setenv('TORCH_HOME', str(tmp_path))
-    weights = torchvision.models.ResNet50_Weights.IMAGENET1K_V1
+    resnet_weights = torchvision.models.ResNet50_Weights.IMAGENET1K_V1
 
     def offline(*args, **kwargs):
         raise OSError('network unreachable')
     monkeypatch.setattr(torch.hub, 'download_url_to_file', offline)
     with pytest.raises(errors.UserError) as e:
-        deeplab.resnet50(pretrained=True)
-    cached = os.path.join(str(tmp_path), 'hub', 'checkpoints', os.path.basename(weights.url))
-    assert cached in str(e.value) and weights.url in str(e.value) and '--scratch' in str(e.value)
+        weights.resnet50(pretrained=True)
+    cached = os.path.join(str(tmp_path), 'hub', 'checkpoints', os.path.basename(resnet_weights.url))
+    assert cached in str(e.value) and resnet_weights.url in str(e.value) and '--scratch' in str(e.value)
 
     imagenet = randomize(torchvision.models.resnet50(), seed=4)
     os.makedirs(os.path.dirname(cached), exist_ok=True)
     torch.save(imagenet.state_dict(), cached)
-    model = deeplab.resnet50(pretrained=True)
+    model = weights.resnet50(pretrained=True)
     assert torch.equal(model.layer3[2].conv2.weight, imagenet.layer3[2].conv2.weight)
     assert torch.equal(model.bn1.running_var, imagenet.bn1.running_var)
 
@@ -378,9 +379,9 @@ def test_densenet_imagenet_weights_in_torchvisions_legacy_key_format_load(tmp_pa
     assert 'features.denseblock1.denselayer1.norm.1.weight' in legacy
     os.makedirs(tmp_path / 'hub' / 'checkpoints')
     torch.save(legacy, tmp_path / 'hub' / 'checkpoints' / os.path.basename(url))
-    model = deeplab.densenet201(pretrained=True)
+    model = weights.densenet201(pretrained=True)
     assert torch.equal(model.features.denseblock4.denselayer7.conv2.weight,
                        imagenet.features.denseblock4.denselayer7.conv2.weight)
     torch.save({'features.conv0.weight': torch.zeros(1)}, tmp_path / 'hub' / 'checkpoints' / os.path.basename(url))
     with pytest.raises(errors.UserError, match='do not fit torchvision.s densenet201.*delete'):
-        deeplab.densenet201(pretrained=True)
+        weights.densenet201(pretrained=True)

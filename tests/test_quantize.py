@@ -17,6 +17,7 @@ import deeplab
 import engine
 import inference
 import quantize
+import runs
 import utils
 
 EVAL = ['--exp', 'q', '--epochs', '1', '--backbone', 'vovnet39', '--crop_size', '65', '--workers', '0']
@@ -92,16 +93,16 @@ def test_calibration_images_are_the_same_ones_every_run_and_on_the_canvas():
 
 @pytest.mark.slow
 def test_int8_evaluation_agrees_with_fp32_and_gives_the_same_masks_twice(checkpoint, synthetic_root, tmp_path,
-                                                                          run_cli, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+                                                                          run_process):
+    """README's int8 evaluation command, each run a fresh process as a user's."""
     common = [*EVAL, '--checkpoint', checkpoint, '--data_root', synthetic_root]
     results = {}
     for name, flags in (('fp32', []), ('int8', ['--quantize', 'int8', '--calibration', '4']),
                         ('again', ['--quantize', 'int8', '--calibration', '4'])):
-        status, out, err = run_cli(*common, '--output_dir', name, '--json', f'{name}.json', *flags)
+        status, out, err = run_process('main.py', *common, '--output_dir', name, '--json', f'{name}.json', *flags)
         assert status == 0, err
         assert 'Traceback' not in out + err
-        results[name] = masks(f'{name}/val'), json.load(open(f'{name}.json'))
+        results[name] = masks(tmp_path / name / 'val'), json.load(open(tmp_path / f'{name}.json'))
         if name != 'fp32':
             assert 'int8 (PT2E, torchao X86InductorQuantizer): calibrated on 4 images of the training list' in out
             assert 'compiled in' in out
@@ -113,7 +114,8 @@ def test_int8_evaluation_agrees_with_fp32_and_gives_the_same_masks_twice(checkpo
 
 
 @pytest.mark.slow
-def test_int8_prediction_agrees_with_fp32_and_puts_large_images_in_windows(checkpoint, tmp_path, run_cli):
+def test_int8_prediction_agrees_with_fp32_and_puts_large_images_in_windows(checkpoint, tmp_path, run_cli,
+                                                                           run_process):
     photos = tmp_path / 'photos'
     photos.mkdir()
     rng = np.random.default_rng(0)
@@ -122,7 +124,7 @@ def test_int8_prediction_agrees_with_fp32_and_puts_large_images_in_windows(check
     common = ['--checkpoint', checkpoint, '--backbone', 'vovnet39', '--input', photos, '--crop_size', '65']
     status, out, err = run_cli(*common, '--output', tmp_path / 'fp32', '--amp', 'off', '--slide', module='predict')
     assert status == 0, err
-    status, out, err = run_cli(*common, '--output', tmp_path / 'int8', '--quantize', 'int8', module='predict')
+    status, out, err = run_process('predict.py', *common, '--output', tmp_path / 'int8', '--quantize', 'int8')
     assert status == 0, err
     assert 'calibrated on 3 inputs' in out and 'int8' in out and '(150x70, windows)' in out
     fp32, int8 = masks(tmp_path / 'fp32'), masks(tmp_path / 'int8')
@@ -160,12 +162,13 @@ def test_int8_is_refused_clearly_without_torchao_on_cuda_and_beside_amp(checkpoi
 
 
 @pytest.mark.slow
-def test_export_writes_an_int8_onnx_model_and_reports_both_latencies(checkpoint, synthetic_root, tmp_path, run_cli):
+def test_export_writes_an_int8_onnx_model_and_reports_both_latencies(checkpoint, synthetic_root, tmp_path,
+                                                                      run_process):
     pytest.importorskip('onnxruntime')
     images = os.path.join(synthetic_root, 'VOC2012', 'JPEGImages')
-    status, out, err = run_cli('--checkpoint', checkpoint, '--backbone', 'vovnet39', '--output', tmp_path / 'm.onnx',
-                               '--height', '65', '--width', '65', '--quantize', 'int8', '--calibration_input', images,
-                               '--calibration', '6', module='export')
+    status, out, err = run_process('export.py', '--checkpoint', checkpoint, '--backbone', 'vovnet39', '--output',
+                                   tmp_path / 'm.onnx', '--height', '65', '--width', '65', '--quantize', 'int8',
+                                   '--calibration_input', images, '--calibration', '6')
     assert status == 0, err
     assert os.path.getsize(tmp_path / 'm_int8.onnx') < os.path.getsize(tmp_path / 'm.onnx') / 3  # int8 weights
     lines = {os.path.basename(line.split(':')[0]): line for line in out.splitlines() if 'ONNX Runtime' in line
@@ -275,9 +278,8 @@ def test_sustained_images_per_second_leaves_the_first_window_and_the_time_betwee
 
 
 def test_training_on_a_gpu_loads_data_with_the_cpus_of_each_process_but_one(monkeypatch):
-    import main
     monkeypatch.delenv('LOCAL_WORLD_SIZE', raising=False)
     for cpus, processes, expected in [(16, 1, 15), (64, 1, 16), (16, 8, 1), (2, 1, 1), (1, 1, 1)]:
         monkeypatch.setattr(os, 'sched_getaffinity', lambda pid, n=cpus: set(range(n)), raising=False)
         monkeypatch.setenv('LOCAL_WORLD_SIZE', str(processes))
-        assert main.default_workers(utils.dist_info(), gpu=True) == expected, (cpus, processes)
+        assert runs.default_workers(utils.dist_info(), gpu=True) == expected, (cpus, processes)

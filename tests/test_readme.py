@@ -40,7 +40,7 @@ def test_predict_loads_hf_reference_from_the_cache_offline(workspace):
 
 def test_from_pretrained_in_python_loads_org_name_from_the_cache(workspace):
     folder, commit = workspace
-    code = ('from deeplab import from_pretrained\n'
+    code = ('from weights import from_pretrained\n'
             'import torch\n'
             'model = from_pretrained("org/m")\n'
             'print(model.training, model.num_classes, model.class_names[1], model.mean, model.config["backbone"])\n'

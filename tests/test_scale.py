@@ -9,11 +9,11 @@ import sys
 import pytest
 import torch
 
-import checkpoints
 import deeplab
 import engine
 import main
 import pascal
+import runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN = os.path.join(ROOT, 'main.py')
@@ -85,9 +85,9 @@ def test_without_seed_every_process_shards_the_same_random_permutation(tmp_path)
     # Each process drawing its own seed would shuffle the training set its own way: their shards would overlap
     # and miss images. The seed main.py draws is rank 0's on every process, and so is the permutation.
     script = tmp_path / 'seeds.py'
-    script.write_text('import json, main, pascal, utils\n'
+    script.write_text('import json, pascal, runs, utils\n'
                       'info, _ = utils.init_distributed("cpu")\n'
-                      'seed = main.initial_seed(None)\n'
+                      'seed = runs.initial_seed(None)\n'
                       'shard = list(pascal.TrainSampler(10, 1, seed, info.rank, info.world_size))\n'
                       'with open(f"rank{info.rank}.json", "w") as f:\n'
                       '    json.dump({"seed": seed, "shard": shard}, f)\n'
@@ -161,7 +161,7 @@ def _sgd_run(optimizer_class, steps, resume=None):
                                 lr=0.01, momentum=0.9, weight_decay=0.01)  # decay large enough to be seen
     if resume is not None:
         model.load_state_dict(resume[0])
-        checkpoints.restore_optimizer(optimizer, None, {'optimizer': copy.deepcopy(resume[1])}, 'x.pth')
+        engine.restore_optimizer(optimizer, None, {'optimizer': copy.deepcopy(resume[1])}, 'x.pth')
     g = torch.Generator().manual_seed(1)
     for step in range(steps):
         for group, lr in zip(optimizer.param_groups, (0.01, 0.1)):
@@ -238,7 +238,7 @@ def test_main_fuses_sgd_also_under_the_fp16_gradient_scaler_which_then_reads_not
     # .item(), a host-device synchronisation on a GPU).
     w = torch.nn.Parameter(torch.ones(4))
     optimizer = engine.sgd([{'params': [w]}], lr=0.1, momentum=0.9, weight_decay=0.0)
-    scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** 10, enabled=main.scales_gradients(args))
+    scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** 10, enabled=runs.scales_gradients(args))
     reads = []
     monkeypatch.setattr(torch.Tensor, 'item', lambda t: reads.append(t) or float('nan'))
     for coefficient in (float('inf'), 1.0):

@@ -11,6 +11,7 @@ from PIL import Image
 
 import deeplab
 import files
+import weights
 
 TRAIN = ['--train', '--exp', 'x', '--backbone', 'vovnet39', '--scratch', '--crop_size', '65', '--batch_size', '4',
          '--workers', '0', '--seed', '3', '--base_lr', '0.01']
@@ -25,7 +26,7 @@ def run3(synthetic_root, tmp_path_factory):
     return folder
 
 
-def weights(path):
+def state_of(path):
     return torch.load(path, weights_only=True)['state_dict']
 
 
@@ -52,8 +53,8 @@ def test_resuming_from_an_intermediate_epoch_gives_the_uninterrupted_weights(run
                                '--resume', run3 / 'data' / 'deeplab_vovnet39_pascal_v3_x_epoch1.pth')
     assert status == 0, err
     assert 'resuming from' in out and 'at epoch 2, iteration 2' in out
-    assert_same_weights(weights('data/deeplab_vovnet39_pascal_v3_x_epoch3.pth'),
-                        weights(run3 / 'data' / 'deeplab_vovnet39_pascal_v3_x_epoch3.pth'))
+    assert_same_weights(state_of('data/deeplab_vovnet39_pascal_v3_x_epoch3.pth'),
+                        state_of(run3 / 'data' / 'deeplab_vovnet39_pascal_v3_x_epoch3.pth'))
     resumed = torch.load('data/deeplab_vovnet39_pascal_v3_x_epoch3.pth', weights_only=True)
     assert resumed['iteration'] == 6 and resumed['epoch'] == 3
 
@@ -183,7 +184,8 @@ def test_output_stride_8_trains_and_evaluates(synthetic_root, tmp_path, monkeypa
 
 
 @pytest.mark.slow
-def test_a_custom_dataset_with_its_own_classes(voc_copy, tmp_path, monkeypatch, run_cli):
+def test_a_custom_dataset_with_its_own_classes(voc_copy, tmp_path, monkeypatch, run_process):
+    """The README's custom-dataset commands, as fresh processes."""
     masks = voc_copy / 'VOC2012' / 'SegmentationClassAug'
     for name in os.listdir(masks):
         m = np.asarray(Image.open(masks / name))
@@ -193,9 +195,9 @@ def test_a_custom_dataset_with_its_own_classes(voc_copy, tmp_path, monkeypatch, 
     monkeypatch.chdir(tmp_path)
     common = ['--exp', 'mine', '--backbone', 'vovnet39', '--epochs', '1', '--crop_size', '65', '--workers', '0',
               '--data_root', voc_copy, '--num_classes', '4', '--class_names', names]
-    status, _, err = run_cli('--train', '--scratch', '--batch_size', '4', *common)
+    status, _, err = run_process('main.py', '--train', '--scratch', '--batch_size', '4', *common)
     assert status == 0, err
-    status, out, err = run_cli(*common)
+    status, out, err = run_process('main.py', *common)
     assert status == 0, err
     assert all(f'IoU {n}: ' in out for n in ('sky', 'road', 'car', 'tree')) and 'IoU aeroplane' not in out
 
@@ -254,7 +256,7 @@ def test_predicted_masks_equal_the_evaluation_protocol(small_checkpoint, tmp_pat
     status, _, err = run_cli('--checkpoint', small_checkpoint, '--input', str(tmp_path / 'in' / '*.png'),
                              '--output', tmp_path / 'out', '--crop_size', '65', '--amp', 'off', module='predict')
     assert status == 0, err
-    model = deeplab.model_from_checkpoint(str(small_checkpoint)).eval()
+    model = weights.model_from_checkpoint(str(small_checkpoint)).eval()
     x, _ = pascal.eval_transforms(65)(image, Image.new('L', image.size), None)
     with torch.no_grad():
         expected = model(x[None]).argmax(1)[0, :40, :60].numpy()
@@ -306,14 +308,15 @@ def test_predict_refuses_a_backbone_that_contradicts_the_checkpoint(small_checkp
 
 
 @pytest.mark.slow
-def test_onnx_export_matches_pytorch_argmax_on_every_pixel(small_checkpoint, tmp_path, run_cli):
+def test_onnx_export_matches_pytorch_argmax_on_every_pixel(small_checkpoint, tmp_path, run_process):
+    """The README's export command, in a fresh process."""
     ort = pytest.importorskip('onnxruntime')
     output = tmp_path / 'model.onnx'
-    status, out, err = run_cli('--checkpoint', small_checkpoint, '--output', output, '--height', '65',
-                               '--width', '65', module='export')
+    status, out, err = run_process('export.py', '--checkpoint', small_checkpoint, '--output', output, '--height',
+                                   '65', '--width', '65')
     assert status == 0, err
     assert re.search(r'argmax agreement 100\.0000%', out), out
-    model = deeplab.model_from_checkpoint(str(small_checkpoint)).eval()
+    model = weights.model_from_checkpoint(str(small_checkpoint)).eval()
     session = ort.InferenceSession(str(output), providers=['CPUExecutionProvider'])
     for h, w in ((65, 65), (80, 97), (129, 70)):  # dynamic height and width
         x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(h))
@@ -357,10 +360,11 @@ def test_export_without_onnxruntime_says_it_did_not_check(small_checkpoint, tmp_
 
 
 @pytest.mark.slow
-def test_the_demo_generates_trains_evaluates_and_reports_the_evaluations_mean_iou(tmp_path, run_cli):
+def test_the_demo_generates_trains_evaluates_and_reports_the_evaluations_mean_iou(tmp_path, run_process):
+    """The quick start's command, in a fresh process as a user runs it (smaller)."""
     flags = ['--root', tmp_path / 'synthetic', '--output_dir', tmp_path / 'demo', '--train_images', '8',
              '--val_images', '4', '--epochs', '1', '--batch_size', '4', '--crop_size', '65', '--workers', '0']
-    status, out, err = run_cli(*flags, module='demo')
+    status, out, err = run_process('demo.py', *flags)
     assert status == 0, err
     assert 'generating 8 + 4 synthetic images' in out
     miou = re.search(r'^Mean IoU: (\d+\.\d\d)$', out, re.M).group(1)
@@ -369,7 +373,7 @@ def test_the_demo_generates_trains_evaluates_and_reports_the_evaluations_mean_io
     assert os.path.isfile(tmp_path / 'demo' / 'deeplab_vovnet39_pascal_v3_demo_epoch1.pth')
     # A second run keeps the dataset it finds, and says so when other sizes were asked for.
     flags[flags.index('--val_images') + 1] = '6'
-    status, out, err = run_cli(*flags, module='demo')
+    status, out, err = run_process('demo.py', *flags)
     assert status == 0, err
     assert 'using the dataset already in' in out and '8 + 4 images' in out and 'generating' not in out
     assert 'on 4 synthetic validation images' in out

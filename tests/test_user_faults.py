@@ -19,6 +19,7 @@ import deeplab
 import errors
 import inference
 import quantize
+import weights
 
 EVAL = ['--exp', 't', '--epochs', '1', '--backbone', 'vovnet39', '--data_root', 'voc', *USER_SMALL]
 
@@ -150,12 +151,12 @@ def model_folder(tmp_path_factory):
 
 
 @pytest.mark.parametrize('field,value,phrases', [
-    ('num_classes', -3, ('num_classes is -3', 'from 1 to 255')),
-    ('num_classes', 10 ** 30, ('num_classes is 1000000000000000000000000000000',)),
-    ('output_stride', 32, ('output_stride is 32', '8 or 16')),
-    ('num_groups', 0, ('num_groups is 0', 'positive number of GroupNorm groups')),
+    ('num_classes', -3, ('num_classes=-3', 'from 1 to 255')),
+    ('num_classes', 10 ** 30, ('num_classes=1000000000000000000000000000000',)),
+    ('output_stride', 32, ('output_stride=32', '8 or 16')),
+    ('num_groups', 0, ('num_groups=0', 'positive number of GroupNorm groups')),
     ('num_groups', 7, ('cannot be built', 'num_groups=7')),
-    ('weight_std', 'yes', ("weight_std is 'yes'", 'true/false')),
+    ('weight_std', 'yes', ("weight_std='yes'", 'true/false')),
     ('format_version', '1', ("format_version is '1'", 'whole number')),
     ('format_version', 0, ('format_version is 0',)),
     ('class_names', ['a', 'b'], ('2 class names for 3 classes',)),
@@ -174,7 +175,7 @@ def test_each_config_field_is_checked_naming_the_file_and_the_field(model_folder
     config[field] = value
     (folder / 'config.json').write_text(json.dumps(config))
     with pytest.raises(errors.UserError) as e:
-        deeplab.from_pretrained(str(folder))
+        weights.from_pretrained(str(folder))
     message = e.value.for_user()
     assert f'config.json of {folder}' in message or f'{folder} is in format' in message, message
     for phrase in phrases:
@@ -188,7 +189,7 @@ def test_a_folder_where_config_json_should_be_a_file_is_a_message(model_folder, 
     os.unlink(folder / 'model.safetensors')
     os.mkdir(folder / 'model.safetensors')
     with pytest.raises(errors.UserError, match='has no model.safetensors'):
-        deeplab.from_pretrained(str(folder))
+        weights.from_pretrained(str(folder))
 
 
 @pytest.mark.parametrize('field,value,phrase', [
@@ -210,7 +211,7 @@ def test_stray_decoder_tensors_in_a_deeplabv3_checkpoint_are_named_without_group
     state = {**v3.state_dict(), **{k: v for k, v in v3plus.state_dict().items() if k.startswith('decoder.project')}}
     torch.save({'state_dict': state, 'model_args': v3.model_args}, tmp_path / 'c.pth')
     with pytest.raises(errors.UserError) as e:
-        deeplab.model_from_checkpoint(str(tmp_path / 'c.pth'))
+        weights.model_from_checkpoint(str(tmp_path / 'c.pth'))
     message = e.value.for_user()
     assert 'tensors of two models' in message and 'decoder.project' in message and '--groups' not in message
 
