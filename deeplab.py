@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 import vovnet
@@ -305,6 +304,7 @@ def _ese_vovnet_body(name: str, output_stride: int, num_groups: int | None, beta
 def _resnet_body(name: str, output_stride: int, num_groups: int | None, beta: bool) -> nn.Sequential:
     norm = (functools.partial(nn.BatchNorm2d, momentum=RESNET_BN_MOMENTUM) if num_groups is None
             else functools.partial(_group_norm, num_groups))
+    import torchvision  # here, not at the top: it imports torch._dynamo, a second of every process's start
     net = getattr(torchvision.models, name)(norm_layer=norm,
                                             replace_stride_with_dilation=[False, output_stride == 8, True])
     vovnet.init_weights(net)
@@ -320,6 +320,7 @@ def _resnet_body(name: str, output_stride: int, num_groups: int | None, beta: bo
 
 
 def _densenet_body(name: str, output_stride: int, num_groups: int | None, beta: bool) -> nn.Sequential:
+    import torchvision
     features = getattr(torchvision.models, name)().features
     # The last transition keeps the resolution and the last block is dilated (output stride 16); at output
     # stride 8 the one before too.

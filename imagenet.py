@@ -19,7 +19,6 @@ import re
 import zipfile
 
 import torch
-import torchvision
 from torch import nn
 
 import vovnet
@@ -393,6 +392,7 @@ def _load_torchvision_state(model: nn.Module, state: dict, weights, name: str, c
 
 def _torchvision_file(name: str):
     """torchvision's ImageNet weights of `name` and their file in the hub cache."""
+    import torchvision  # here: it imports torch._dynamo, a second of every process's start
     weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
     return weights, os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(weights.url))
 

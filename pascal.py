@@ -17,7 +17,6 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.functional as TF
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
@@ -149,7 +148,12 @@ class ToTensor:
         self.mean, self.std = list(mean), list(std)
 
     def __call__(self, image, mask, rng):
-        image = TF.normalize(TF.to_tensor(image), self.mean, self.std)
+        # torchvision's to_tensor and normalize, step by step (the same arithmetic, so the same floats), without
+        # importing torchvision, which imports torch._dynamo: a second of every process's start.
+        pixels = torch.from_numpy(np.array(image.convert('RGB'), np.uint8)).permute(2, 0, 1).contiguous()
+        mean = torch.as_tensor(self.mean, dtype=torch.float32).view(-1, 1, 1)
+        std = torch.as_tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
+        image = pixels.to(torch.float32).div(255).sub_(mean).div_(std)
         return image, torch.from_numpy(np.asarray(mask, dtype=np.int64).copy())
 
 

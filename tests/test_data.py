@@ -181,3 +181,13 @@ def test_synthetic_refuses_sizes_it_cannot_generate_before_writing_anything(flag
         synthetic.main(['--root', str(tmp_path / 'out'), *flags])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
     assert not os.path.exists(tmp_path / 'out')
+
+
+def test_to_tensor_is_torchvisions_to_tensor_and_normalize_bit_for_bit():
+    """pascal.ToTensor does what torchvision's to_tensor + normalize did, without importing torchvision at start."""
+    import torchvision.transforms.functional as TF
+    rng = np.random.default_rng(0)
+    for shape in [(37, 53, 3), (130, 97, 3), (1, 1, 3)]:
+        image = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), 'RGB')
+        ours = pascal.ToTensor()(image, Image.new('L', image.size), None)[0]
+        assert torch.equal(ours, TF.normalize(TF.to_tensor(image), list(pascal.MEAN), list(pascal.STD)))

@@ -111,6 +111,7 @@ def test_weight_standardisation_spares_the_decoders_classifier_only():
                                                      model.aspp.conv2, model.layer1[0].conv1))
 
 
+@pytest.mark.slow
 def test_imagenet_weights_fill_the_backbone_and_leave_the_decoder_as_initialised(tmp_path):
     source = randomize(deeplab.vovnet39(), seed=8)
     path = tmp_path / 'vovnet39_imagenet.pth'

@@ -94,7 +94,7 @@ def logits(model, seed=0):
         return model.eval()(x)
 
 
-@pytest.mark.parametrize('backbone,model', [('vovnet39', 'deeplabv3'),
+@pytest.mark.parametrize('backbone,model', [pytest.param('vovnet39', 'deeplabv3', marks=pytest.mark.slow),
                                             pytest.param('ese_vovnet39b', 'deeplabv3', marks=pytest.mark.slow),
                                             pytest.param('vovnet39', 'deeplabv3plus', marks=pytest.mark.slow)])
 def test_save_then_load_gives_bit_identical_logits_from_a_folder_and_from_the_hub(backbone, model, tmp_path,
@@ -119,6 +119,7 @@ def test_save_then_load_gives_bit_identical_logits_from_a_folder_and_from_the_hu
     assert weights.model_from_checkpoint('hf://org/model').name == model
 
 
+@pytest.mark.slow
 def test_revisions_resolve_through_the_cache_and_offline_mode_reads_it(tmp_path, fake_hub, monkeypatch):
     first = randomize(deeplab.build_model('vovnet39', num_classes=3), seed=1)
     second = randomize(deeplab.build_model('vovnet39', num_classes=3), seed=2)
@@ -327,6 +328,7 @@ def test_a_damaged_model_folder_is_a_message_and_exit_status_1_with_nothing_writ
     assert not os.path.exists(tmp_path / 'm.onnx') and not os.path.exists(tmp_path / 'masks')  # not even the folder
 
 
+@pytest.mark.slow
 def test_hub_references_that_do_not_resolve_are_messages(tmp_path, fake_hub, run_cli):
     folder = save(tmp_path, deeplab.build_model('vovnet39', num_classes=4))
     fake_hub('org/m', folder)

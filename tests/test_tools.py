@@ -114,6 +114,7 @@ def test_a_run_stopped_after_the_last_batch_of_an_epoch_resumes_at_the_next_one(
     assert (resumed['epoch'], resumed['iteration']) == (3, 12)
 
 
+@pytest.mark.slow
 def test_metrics_log_and_curves_after_training(run3):
     folder = run3 / 'data' / 'logs' / 'deeplab_vovnet39_pascal_v3_x'
     rows = [json.loads(line) for line in open(folder / 'metrics.jsonl')]

@@ -45,6 +45,7 @@ def refused_in_process(result, *phrases):
 # --- No output over an input, nor over another output of the same run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('target,phrases', [
     ('voc/VOC2012/list/val.txt', ("the dataset's list file", '--json')),
     ('data/deeplab_vovnet39_pascal_v3_t_epoch1_iou.png', ('twice, as --output_dir and as --json',)),
@@ -60,6 +61,7 @@ def test_json_never_lands_on_an_input_or_another_output(user_workspace, target, 
     assert tree(folder) == before
 
 
+@pytest.mark.slow
 def test_export_never_writes_over_a_file_of_the_model_folder_it_reads(user_workspace, run_cli, monkeypatch):
     folder, _ = user_workspace
     monkeypatch.chdir(folder)
@@ -87,6 +89,7 @@ def evaluation(user_workspace, tmp_path):
     return tmp_path / 'ckpt.pth', metrics
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('changes,phrases', [
     ({'model': 'deeplabv3plus', 'checkpoint_sha256': None}, ('its model is deeplabv3plus', "checkpoint's deeplabv3")),
     ({'checkpoint_sha256': '0' * 64, 'checkpoint': 'other.pth'}, ('evaluation of another file (other.pth',)),
@@ -102,6 +105,7 @@ def test_hub_save_refuses_the_metrics_of_another_model(evaluation, changes, phra
     assert not os.path.exists(tmp_path / 'out')
 
 
+@pytest.mark.slow
 def test_a_card_names_the_users_dataset_and_the_precision_it_was_measured_in(evaluation, tmp_path, run_cli):
     checkpoint, metrics = evaluation
     int8 = metrics(precision='int8 (PT2E, 4 calibration images)')
@@ -125,6 +129,7 @@ def test_a_five_class_custom_dataset_is_not_called_voc(tmp_path, run_cli):
     assert 'a custom dataset (streets/, 5 classes: sky, road, car, tree, person)' in card
 
 
+@pytest.mark.slow
 def test_a_trained_model_given_as_imagenet_weights_points_to_init(user_workspace, run_cli, monkeypatch):
     folder, _ = user_workspace
     monkeypatch.chdir(folder)
@@ -219,6 +224,7 @@ def test_stray_decoder_tensors_in_a_deeplabv3_checkpoint_are_named_without_group
 # --- Exports: all or nothing
 
 
+@pytest.mark.slow
 def test_int8_export_with_unreadable_calibration_images_writes_nothing(user_workspace, tmp_path, run_cli):
     folder, _ = user_workspace
     bad = tmp_path / 'bad'
@@ -231,6 +237,7 @@ def test_int8_export_with_unreadable_calibration_images_writes_nothing(user_work
     assert sorted(os.listdir(tmp_path)) == ['bad']
 
 
+@pytest.mark.slow
 def test_an_int8_export_that_onnx_runtime_would_reject_is_refused_before_any_work(user_workspace, tmp_path,
                                                                                    run_cli):
     folder, _ = user_workspace
@@ -284,6 +291,7 @@ def test_int8_windows_of_images_of_any_width_run_one_compilation_of_the_canvas()
     assert counters['stats']['unique_graphs'] == compiled
 
 
+@pytest.mark.slow
 def test_int8_prediction_of_unreadable_inputs_names_input_and_the_files(user_workspace, tmp_path, run_cli):
     pytest.importorskip('torchao')
     folder, _ = user_workspace
