@@ -93,13 +93,16 @@ def test_calibration_images_are_the_same_ones_every_run_and_on_the_canvas():
 
 @pytest.mark.slow
 def test_int8_evaluation_agrees_with_fp32_and_gives_the_same_masks_twice(checkpoint, synthetic_root, tmp_path,
-                                                                          run_process):
-    """README's int8 evaluation command, each run a fresh process as a user's."""
+                                                                          run_cli, run_process, monkeypatch):
+    """The README's int8 evaluation command runs once as a fresh process, as a user's; the runs it is compared with
+    in this process."""
+    monkeypatch.chdir(tmp_path)
     common = [*EVAL, '--checkpoint', checkpoint, '--data_root', synthetic_root]
     results = {}
     for name, flags in (('fp32', []), ('int8', ['--quantize', 'int8', '--calibration', '4']),
                         ('again', ['--quantize', 'int8', '--calibration', '4'])):
-        status, out, err = run_process('main.py', *common, '--output_dir', name, '--json', f'{name}.json', *flags)
+        run = (lambda *a: run_process('main.py', *a)) if name == 'int8' else run_cli
+        status, out, err = run(*common, '--output_dir', name, '--json', f'{name}.json', *flags)
         assert status == 0, err
         assert 'Traceback' not in out + err
         results[name] = masks(tmp_path / name / 'val'), json.load(open(tmp_path / f'{name}.json'))
@@ -162,13 +165,12 @@ def test_int8_is_refused_clearly_without_torchao_on_cuda_and_beside_amp(checkpoi
 
 
 @pytest.mark.slow
-def test_export_writes_an_int8_onnx_model_and_reports_both_latencies(checkpoint, synthetic_root, tmp_path,
-                                                                      run_process):
+def test_export_writes_an_int8_onnx_model_and_reports_both_latencies(checkpoint, synthetic_root, tmp_path, run_cli):
     pytest.importorskip('onnxruntime')
     images = os.path.join(synthetic_root, 'VOC2012', 'JPEGImages')
-    status, out, err = run_process('export.py', '--checkpoint', checkpoint, '--backbone', 'vovnet39', '--output',
-                                   tmp_path / 'm.onnx', '--height', '65', '--width', '65', '--quantize', 'int8',
-                                   '--calibration_input', images, '--calibration', '6')
+    status, out, err = run_cli('--checkpoint', checkpoint, '--backbone', 'vovnet39', '--output', tmp_path / 'm.onnx',
+                               '--height', '65', '--width', '65', '--quantize', 'int8', '--calibration_input', images,
+                               '--calibration', '6', module='export')
     assert status == 0, err
     assert os.path.getsize(tmp_path / 'm_int8.onnx') < os.path.getsize(tmp_path / 'm.onnx') / 3  # int8 weights
     lines = {os.path.basename(line.split(':')[0]): line for line in out.splitlines() if 'ONNX Runtime' in line

@@ -55,7 +55,9 @@ def script(module, args, cwd, file_size=None, memory_above=None, env=None, **kwa
     code = textwrap.dedent(f'''
         import resource, sys
         sys.path.insert(0, {ROOT!r})
-        import torch, {module}
+        # torch._dynamo too: every training run imports it (the optimizer's first parameter group), so that the
+        # memory above is the same for evaluation and training, whatever the module imports at its start.
+        import torch, torch._dynamo, {module}
         memory_above = {memory_above!r}
         if memory_above is not None:
             size = int(next(l for l in open('/proc/self/status') if l.startswith('VmSize')).split()[1]) << 10
