@@ -210,12 +210,16 @@ def run(args) -> None:
     checked = 0 if args.no_check else inference.BYTES_PER_PIXEL * (args.height + 32) * (args.width + 31)
     errors.refuse_if_huge(example + checked, torch.device('cpu'), f'exporting with a {args.width}x{args.height} '
                           f'example' + ('' if args.no_check else ' and checking it'), '--height and --width')
-    model = weights.model_from_checkpoint(args.checkpoint, args.backbone, args.output_stride, args.model).eval()
-    # Read before anything is written: images that cannot be read are a message, not a half-done export.
-    images = quantize.load_calibration(calibration, args.calibration, args.height, args.width,
-                                       f'--calibration_input {args.calibration_input}') if calibration else []
-    with staged_files(list(outputs), '--output') as staged:
-        write(args, model, output, staged, images)
+    for path in outputs:  # before any work: a folder, or a folder that takes no file, fails only when written
+        if os.path.isdir(path):
+            raise UserError(f'--output {path} is a folder; give a file name, e.g. {os.path.join(path, "model.onnx")}.')
+    with files.output_folder(os.path.dirname(os.path.abspath(output)), '--output'):
+        model = weights.model_from_checkpoint(args.checkpoint, args.backbone, args.output_stride, args.model).eval()
+        # Read before anything is written: images that cannot be read are a message, not a half-done export.
+        images = quantize.load_calibration(calibration, args.calibration, args.height, args.width,
+                                           f'--calibration_input {args.calibration_input}') if calibration else []
+        with staged_files(list(outputs), '--output') as staged:
+            write(args, model, output, staged, images)
     if args.quantize:
         for r in compare(model, [output, int8_path(output)], images[:4]):
             log.info('%s: ONNX Runtime %.1f ms per %dx%d image, argmax agreement with PyTorch fp32 %.2f%% (%s)',
