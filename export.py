@@ -218,8 +218,9 @@ def run(args) -> None:
         # Read before anything is written: images that cannot be read are a message, not a half-done export.
         images = quantize.load_calibration(calibration, args.calibration, args.height, args.width,
                                            f'--calibration_input {args.calibration_input}') if calibration else []
-        with staged_files(list(outputs), '--output') as staged:
+        with files.staged_files(list(outputs), '--output') as staged:
             write(args, model, output, staged, images)
+        log.info('wrote %s', ', '.join(outputs))
     if args.quantize:
         for r in compare(model, [output, int8_path(output)], images[:4]):
             log.info('%s: ONNX Runtime %.1f ms per %dx%d image, argmax agreement with PyTorch fp32 %.2f%% (%s)',
@@ -267,34 +268,6 @@ def write(args, model, output: str, staged: dict[str, str], images: list[torch.T
                         f'written. Export without --quantize, or with another --opset.') from None
     log.info('quantized %s (int8 QDQ by ONNX Runtime, calibrated on %s in %.1f s)', int8_path(output),
              utils.plural(len(images), 'image'), time.perf_counter() - start)
-
-
-@contextlib.contextmanager
-def staged_files(paths: list[str], flag: str):
-    """Temporary paths beside `paths` to write them at; all renamed into place when the block succeeds, all
-    removed when it fails (or is stopped), so that an export leaves every file it writes or none."""
-    staged = {}
-    for path in paths:
-        folder, name = os.path.split(os.path.abspath(path))
-        staged[path] = os.path.join(folder, f'.{name[:64]}.{os.getpid()}.partial{os.path.splitext(name)[1]}')
-    placed = []
-    try:
-        yield staged
-        for path, tmp in staged.items():
-            os.replace(tmp, path)
-            placed.append(path)
-        log.info('wrote %s', ', '.join(paths))
-    except BaseException as e:
-        for path in placed:  # all or none
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-        if isinstance(e, OSError):
-            raise files.write_error(paths[0], e, flag) from None
-        raise
-    finally:
-        for tmp in staged.values():
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
 
 
 def cli(argv=None) -> int:

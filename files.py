@@ -223,6 +223,33 @@ def staged_folder(final: str, flag: str | None = None):
         raise write_error(final, e, flag) from None
 
 
+@contextlib.contextmanager
+def staged_files(paths: list[str], flag: str):
+    """Temporary paths beside `paths` to write them at; all renamed into place when the block succeeds, all
+    removed when it fails (or is stopped), so that an export leaves every file it writes or none."""
+    staged = {}
+    for path in paths:
+        folder, name = os.path.split(os.path.abspath(path))
+        staged[path] = os.path.join(folder, f'.{name[:64]}.{os.getpid()}.partial{os.path.splitext(name)[1]}')
+    placed = []
+    try:
+        yield staged
+        for path, tmp in staged.items():
+            os.replace(tmp, path)
+            placed.append(path)
+    except BaseException as e:
+        for path in placed:  # all or none
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        if isinstance(e, OSError):
+            raise write_error(paths[0], e, flag) from None
+        raise
+    finally:
+        for tmp in staged.values():
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
 def save_image(image, path: str, flag: str | None = None) -> None:
     """Save a PIL image atomically, in the format its extension names. It is encoded in memory first: given a
     real file, Pillow's JPEG encoder writes to its descriptor from C and ignores a failed write (seen on a full
