@@ -175,6 +175,7 @@ def refuse_overwrite(outputs, inputs: dict[str, str]) -> None:
             for identity in identities(path):
                 known.setdefault(identity, (path, what))
     pairs = list(outputs.items()) if isinstance(outputs, dict) else list(outputs)
+    written = {}
     for path, flag in pairs:
         for identity in identities(path):
             if identity in known:
@@ -182,9 +183,6 @@ def refuse_overwrite(outputs, inputs: dict[str, str]) -> None:
                 same = '' if os.path.abspath(source) == os.path.abspath(path) else f' ({source})'
                 raise UserError(f'this command would write {path}, which is {what}{same}: an output must not '
                                 f'overwrite an input. Choose another {flag}; nothing was written.')
-    written = {}
-    for path, flag in pairs:
-        for identity in identities(path):
             if identity in written and written[identity][0] != path:
                 first, other = written[identity]
                 raise UserError(f'this command would write {path} ({flag}) where it also writes {first} ({other}): '

@@ -39,14 +39,6 @@ RELEASED = {f'deeplab_{b}_pascal_v3_bn_lr7e-3_epoch50.pth': miou for b, miou in 
     ('vovnet57', 77.4))}
 
 
-def _hub(purpose: str):
-    return published._hub(purpose)
-
-
-def _safetensors(purpose: str):
-    return published._safetensors(purpose)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Writing: save a checkpoint as a folder, push a folder
 
@@ -58,7 +50,7 @@ def original_format(checkpoint: dict) -> bool:
             and all(k.startswith('module.') for k in checkpoint['state_dict']))
 
 
-def make_config(checkpoint: dict, model, path: str, metrics: dict | None) -> dict:
+def make_config(checkpoint: dict, model, path: str, sha256: str, metrics: dict | None) -> dict:
     recorded = checkpoint.get('args') or {}
     names = checkpoint.get('class_names') or (metrics or {}).get('class_names')
     if names is None and model.num_classes == len(utils.VOC_CLASSES):
@@ -82,7 +74,7 @@ def make_config(checkpoint: dict, model, path: str, metrics: dict | None) -> dic
             'input': {'mean': list(utils.MEAN), 'std': list(utils.STD),
                       'note': 'RGB scaled to [0, 1], then (x - mean) / std'},
             'crop_size': EVAL_CROP, 'training': training,
-            'source': {'checkpoint': os.path.basename(path), 'sha256': files.sha256_file(path),
+            'source': {'checkpoint': os.path.basename(path), 'sha256': sha256,
                        'original_release': released},
             'evaluation': metrics}
 
@@ -105,13 +97,14 @@ def _shown(value) -> str:
     return few(map(str, value), 4) if isinstance(value, list) else str(value)
 
 
-def check_metrics(metrics: dict, metrics_path: str, checkpoint: dict, checkpoint_path: str, model) -> None:
+def check_metrics(metrics: dict, metrics_path: str, checkpoint: dict, checkpoint_path: str, sha256: str,
+                  model) -> None:
     """The evaluation given to a card must be of this model: the same checkpoint file when it names one (its
     sha256), else the same model, backbone, classes, output stride and training dataset; a UserError naming what
     differs otherwise."""
     where = f'--metrics {metrics_path}'
     sha = metrics.get('checkpoint_sha256')
-    if sha and sha != files.sha256_file(checkpoint_path):
+    if sha and sha != sha256:
         raise UserError(f'{where} is the evaluation of another file ({metrics.get("checkpoint")}, sha256 '
                         f'{sha[:12]}...) than --checkpoint {checkpoint_path}: evaluate this checkpoint with main.py '
                         f'--json and give that file.')
@@ -147,7 +140,7 @@ def read_metrics(path: str) -> dict:
 
 def model_card(config: dict, license_: str) -> str:
     """README.md: the Hub's YAML metadata, then what the model is, its training, its evaluation, how to load it."""
-    hf = _hub('writing the model card')
+    hf = published.require_hub('writing the model card')
     title = {'deeplabv3': 'DeepLabV3', 'deeplabv3plus': 'DeepLabV3+'}[config['model']]
     name = f'{title} {config["backbone"]}'
     training, source, metrics = config['training'], config['source'], config.get('evaluation')
@@ -224,8 +217,8 @@ def model_card(config: dict, license_: str) -> str:
 
 def save(checkpoint_path: str, output: str, metrics_path: str | None = None, license_: str = 'unknown') -> None:
     """Write the folder of `checkpoint_path` (this project's or the original's) to `output`, all files or none."""
-    _hub('hub.py save (the model card)')
-    st = _safetensors('hub.py save')
+    published.require_hub('hub.py save (the model card)')
+    st = published.require_safetensors('hub.py save')
     if weights.is_published(checkpoint_path):
         raise UserError(f'{checkpoint_path} is already a published model; copy the folder, or push it.')
     files.check_name_fits(os.path.join(output, WEIGHTS), '--output')
@@ -235,10 +228,11 @@ def save(checkpoint_path: str, output: str, metrics_path: str | None = None, lic
                            {checkpoint_path: 'the checkpoint (--checkpoint)', metrics_path: '--metrics'})
     metrics = read_metrics(metrics_path) if metrics_path else None
     checkpoint = weights.read(checkpoint_path)
-    model = weights.model_from_checkpoint(checkpoint_path)
+    model = weights.model_from_checkpoint(checkpoint_path, checkpoint=checkpoint)  # the file is read once
+    sha256 = files.sha256_file(checkpoint_path)
     if metrics:
-        check_metrics(metrics, metrics_path, checkpoint, checkpoint_path, model)
-    config = make_config(checkpoint, model, checkpoint_path, metrics)
+        check_metrics(metrics, metrics_path, checkpoint, checkpoint_path, sha256, model)
+    config = make_config(checkpoint, model, checkpoint_path, sha256, metrics)
     card = model_card(config, license_)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     with files.staged_folder(output, '--output') as staging:
@@ -255,7 +249,7 @@ def save(checkpoint_path: str, output: str, metrics_path: str | None = None, lic
 
 def push(folder: str, repo: str, private: bool = False, message: str | None = None) -> str:
     """Upload a folder written by `save` to the Hub model repository `repo` (created if missing); returns its URL."""
-    hf = _hub('hub.py push')
+    hf = published.require_hub('hub.py push')
     try:
         hf.utils.validate_repo_id(repo)
         if repo.count('/') != 1:

@@ -23,7 +23,7 @@ WEIGHTS, CONFIG, CARD = 'model.safetensors', 'config.json', 'README.md'
 FILES = (WEIGHTS, CONFIG, CARD)
 PREFIX = 'hf://'
 EVAL_CROP = 513  # the original's evaluation canvas
-def _hub(purpose: str):
+def require_hub(purpose: str):
     """huggingface_hub with the submodules this module reaches through it (`utils`, `errors`, `constants`,
     `file_download`) imported by name: the package loads them lazily, so in a fresh process `hf.errors` alone is an
     AttributeError."""
@@ -33,7 +33,7 @@ def _hub(purpose: str):
     return hf
 
 
-def _safetensors(purpose: str):
+def require_safetensors(purpose: str):
     errors.require('safetensors', purpose)
     import safetensors.torch
     return safetensors.torch
@@ -59,7 +59,7 @@ def stem(reference: str) -> str:
 
 def parse(reference: str) -> tuple[str, str | None]:
     """(repository id, revision or None) of `hf://org/name[@revision]`, by huggingface_hub's own parser."""
-    hf = _hub(f'loading {reference}')
+    hf = require_hub(f'loading {reference}')
     try:
         uri = hf.utils.parse_hf_uri(reference)
     except (ValueError, hf.errors.HFValidationError) as e:
@@ -75,7 +75,7 @@ def parse(reference: str) -> tuple[str, str | None]:
 def download(reference: str) -> dict[str, str]:
     """The local paths of config.json and model.safetensors of `hf://org/name[@revision]`, from huggingface_hub's
     cache or downloaded into it."""
-    hf = _hub(f'loading {reference}')
+    hf = require_hub(f'loading {reference}')
     repo, revision = parse(reference)
     where = f'{repo}' + (f' at revision {revision}' if revision else '')
     paths = {}
@@ -238,7 +238,7 @@ def read(reference: str) -> dict:
     entry = cache_entry(reference, paths[CONFIG])
     try:
         config = read_config(paths[CONFIG], reference)
-        st = _safetensors(f'reading {reference}')
+        st = require_safetensors(f'reading {reference}')
         try:
             state_dict = st.load_file(paths[WEIGHTS])
         except Exception as e:  # safetensors' own error types: a truncated or foreign file

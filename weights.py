@@ -140,11 +140,12 @@ def recorded_args(checkpoint: dict) -> dict:
 
 
 def model_from_checkpoint(path: str, backbone: str | None = None, output_stride: int | None = None,
-                          model: str | None = None) -> DeepLabV3:
+                          model: str | None = None, checkpoint: dict | None = None) -> DeepLabV3:
     """Rebuild and load the model a checkpoint holds: `build_model(**recorded_args)`, at `output_stride` when given
     (the weights fit either). `backbone` is needed only when nothing tells, and must agree with it when given;
-    `model` (deeplabv3 or deeplabv3plus), when given, must agree with it."""
-    checkpoint = read(path)
+    `model` (deeplabv3 or deeplabv3plus), when given, must agree with it. `checkpoint`: what `read(path)` gave,
+    when the caller has read it already."""
+    checkpoint = checkpoint if checkpoint is not None else read(path)
     args = recorded_args(checkpoint)
     if model and args.get('model', 'deeplabv3') != model:
         raise UserError(model_mismatch(args.get('model', 'deeplabv3'), model, path))
