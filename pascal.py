@@ -508,4 +508,15 @@ class Batches:
             self.done += 1
 
     def close(self) -> None:
-        self._iterator = None  # shut the workers down now
+        """Shut the workers down now. A worker killed by the signal that stopped the loop (SIGTERM to the process
+        group: `kill -- -PGID`, a scheduler's cancel) makes PyTorch's SIGCHLD handler raise while they are joined;
+        the loop has ended already, so that is no error of its own (left to `__del__`, it printed a traceback)."""
+        iterator, self._iterator = self._iterator, None
+        shutdown = getattr(iterator, '_shutdown_workers', None)  # absent without workers
+        if shutdown is None:
+            return
+        try:
+            shutdown()
+        except RuntimeError as e:
+            if 'DataLoader worker (pid' not in str(e):
+                raise

@@ -25,6 +25,7 @@ from PIL import Image
 import checkpoints
 import deeplab
 import engine
+import pascal
 
 pytestmark = pytest.mark.slow  # faults produced for real: processes, signals, mounts
 
@@ -431,6 +432,31 @@ def test_a_signal_during_evaluation_publishes_nothing_and_leaves_no_staging_fold
     assert f'evaluation stopped by signal {int(signum)} after' in err and 'nothing was published' in err
     assert 'Traceback' not in out + err
     assert leftovers(tmp_path) == [] and not os.path.exists(tmp_path / 'data' / 'val')
+
+
+class DiesWhileShutDown(torch.utils.data.Dataset):
+    """Item 1 kills its worker with SIGTERM after a while: the loop has taken item 0 and is shutting the workers
+    down, as when a process group's SIGTERM reaches a worker after its main process stopped."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        if index == 1:
+            time.sleep(0.5)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return torch.tensor(index)
+
+
+def test_a_worker_killed_while_the_loop_shuts_its_workers_down_is_no_error(monkeypatch):
+    unraisable = []
+    monkeypatch.setattr(sys, 'unraisablehook', unraisable.append)
+    loader = torch.utils.data.DataLoader(DiesWhileShutDown(), batch_size=1, num_workers=1)
+    batches = pascal.Batches(loader)
+    assert int(next(iter(batches))) == 0
+    worker = batches._iterator._workers[0]
+    batches.close()
+    assert worker.exitcode == -signal.SIGTERM and unraisable == []  # killed during the join, and nothing printed
 
 
 def test_a_signal_during_prediction_leaves_whole_files_only(tmp_path):
