@@ -15,6 +15,19 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 torch.set_num_threads(2)
 
 
+def _memory_backed_temp_root(minimum_free: int = 8 << 30) -> None:
+    """Test folders in memory (/dev/shm) where it has room: training tests write checkpoints of ~230 MB, each
+    through fsync, and the disk's flushes cost more than the training steps. PYTEST_DEBUG_TEMPROOT keeps pytest's
+    numbered folders (runs side by side do not clobber each other); a root chosen by the user is left alone."""
+    if os.environ.get('PYTEST_DEBUG_TEMPROOT') or not os.path.isdir('/dev/shm'):
+        return
+    if shutil.disk_usage('/dev/shm').free >= minimum_free and os.access('/dev/shm', os.W_OK):
+        os.environ['PYTEST_DEBUG_TEMPROOT'] = '/dev/shm'
+
+
+_memory_backed_temp_root()
+
+
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Random weights and running statistics everywhere, as a trained checkpoint would have. The ASPP's
     running variances are small, so that its BN eps (0.0003 vs 1e-5) visibly changes the logits."""

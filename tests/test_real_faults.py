@@ -548,12 +548,15 @@ def test_benchmark_refuses_conflicting_or_empty_lists(flags, message, tmp_path, 
     (dict(WORLD_SIZE='2', RANK='5', LOCAL_RANK='0', LOCAL_WORLD_SIZE='2', MASTER_ADDR='127.0.0.1',
           MASTER_PORT='29512'), 'RANK=5 and WORLD_SIZE=2 do not make a process group'),
 ])
-def test_a_distributed_environment_torchrun_did_not_set_is_a_message(env, message, synthetic_root, tmp_path):
+def test_a_distributed_environment_torchrun_did_not_set_is_a_message(env, message, synthetic_root, tmp_path,
+                                                                      monkeypatch, run_cli):
+    monkeypatch.chdir(tmp_path)  # the environment is read when the command runs: no process of its own is needed
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     for module, args in (('main', TRAIN + ['--data_root', str(synthetic_root)]),
                          ('predict', ['--checkpoint', 'x.pth', '--input', str(tmp_path), '--output', 'out'])):
-        result = script(module, args, tmp_path, env=env)
-        assert_clean_failure(result, message)
-    assert not os.path.exists(tmp_path / 'data')
+        assert_clean_failure(run_cli(*args, module=module), message)
+    assert not os.path.exists(tmp_path / 'data') and not torch.distributed.is_initialized()
 
 
 def test_a_class_names_file_of_the_wrong_length_names_the_file_and_the_flag(synthetic_root, tmp_path, monkeypatch,
