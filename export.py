@@ -184,6 +184,15 @@ def check(model: deeplab.DeepLabV3, path: str, height: int, width: int) -> dict 
                 argmax_agreement=float((got.argmax(1) == expected.argmax(1)).mean() * 100))
 
 
+def newest_opset() -> int | None:
+    """The newest opset the installed ONNX package defines (None without it: the exporter then says)."""
+    try:
+        import onnx
+    except ImportError:
+        return None
+    return onnx.defs.onnx_opset_version()
+
+
 def run(args) -> None:
     output = args.output or weights.stem(args.checkpoint) + '.onnx'  # hf://org/name: name.onnx
     files.check_name_fits(output, '--output')
@@ -204,6 +213,11 @@ def run(args) -> None:
         files.check_name_fits(int8_path(output), '--output')
     elif args.calibration_input:
         raise UserError('--calibration_input calibrates --quantize int8: add --quantize int8, or drop it.')
+    newest = newest_opset()
+    if newest is not None and args.opset > newest:  # refused before the model is built and traced
+        raise UserError(f'PyTorch {torch.__version__} cannot export opset {args.opset}: the installed ONNX defines '
+                        f'opsets up to {newest}. Use an opset from {MIN_OPSET} up to {newest} (default '
+                        f'{DYNAMO_MIN_OPSET}).')
     files.refuse_overwrite(outputs, {**files.inputs_of(args.checkpoint, 'the checkpoint (--checkpoint)'),
                                      **{path: 'a calibration image (--calibration_input)' for path in calibration}})
     example = 3 * 4 * args.height * args.width  # traced on the example; checked on a slightly larger input
