@@ -10,6 +10,7 @@ import time
 
 import torch
 
+import deployed
 import engine
 import errors
 import files
@@ -39,7 +40,8 @@ def run(args, rt: runs.Runtime) -> float:
         raise UserError(f'the checkpoint {path} does not exist ({listing}). Check --exp, --epochs, --backbone and '
                         f'--dataset, download a released checkpoint into {args.output_dir}/ (README), or pass '
                         f'--checkpoint PATH.')
-    checkpoint = weights.read(path)
+    exported = deployed.kind(path) is not None  # an .onnx or OpenVINO .xml file: run by its runtime
+    checkpoint = None if exported else weights.read(path)
     dataset = dataset_of(args, 'val', pascal.eval_transforms(args.crop_size))
     multi_scale = engine.MultiScale(args.eval_scales or [1.0], args.flip) if args.eval_scales or args.flip else None
     folders = {False: os.path.join(args.output_dir, 'val')}
@@ -56,17 +58,24 @@ def run(args, rt: runs.Runtime) -> float:
         outputs.append((args.json, '--json'))
     files.refuse_overwrite(outputs, {**dataset_inputs(dataset), **files.inputs_of(path, 'the checkpoint evaluated'),
                                      **files.inputs_of(args.class_names, '--class_names')})
-    model = model_for(args, dataset.num_classes, checkpoint)
-    weights.load_weights(model, checkpoint['state_dict'], path)
-    model = execution.prepare(model)
-    net = int8_model(args, model, execution.device) if args.quantize else torch.compile(model) if args.compile \
-        else model
+    if exported:
+        model = net = runs.exported_model(path, args, execution.device, dataset.num_classes, args.backbone)
+        execution = inference.Execution(execution.device)  # the runtime's precision, NCHW
+    else:
+        model = model_for(args, dataset.num_classes, checkpoint)
+        weights.load_weights(model, checkpoint['state_dict'], path)
+        model = execution.prepare(model)
+        net = int8_model(args, model, execution.device) if args.quantize else torch.compile(model) if args.compile \
+            else model
     runner = inference.Runner(net, execution, args.crop_size)
 
     log.info('evaluating %s on %s of %s (%s, output stride %d)', path, utils.plural(len(dataset), 'image'),
              args.dataset, execution.device, model.output_stride)
-    log.info('initial weights of its training: %s', imagenet.describe(checkpoint.get('initial_weights')))
-    hint = inference.speed_hint(execution.device)
+    if exported:
+        log.info('the exported model runs in %s, %s', net.runtime, net.precision)
+    else:
+        log.info('initial weights of its training: %s', imagenet.describe(checkpoint.get('initial_weights')))
+    hint = None if exported else inference.speed_hint(execution.device)
     if hint and execution.amp is None and not args.quantize:
         log.info('%s', hint)
     start = time.time()
@@ -149,6 +158,8 @@ def write_json(args, path, dataset, confusion, confusion_ms, model, net) -> None
 
 def precision(args, net) -> str:
     """How the evaluated model computed: fp32 (the protocol), autocast, or int8 with its calibration."""
+    if isinstance(net, deployed.ExportedModel):
+        return f'{net.precision} ({net.runtime})'
     if isinstance(net, quantize.Int8Model):
         return f'int8 (PT2E, {utils.plural(net.images, "calibration image")})'
     return {'off': 'fp32'}.get(args.amp, f'{args.amp} autocast') + (' + channels last' if args.channels_last else '')

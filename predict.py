@@ -19,11 +19,13 @@ from PIL import Image
 
 import checkpoints
 import deeplab
+import deployed
 import errors
 import files
 import inference
 import pascal
 import quantize
+import runs
 import utils
 import weights
 from errors import Interrupted, UserError
@@ -165,8 +167,10 @@ def run(args) -> int:
 
 
 def predict(args, inputs: list[str], device: torch.device) -> int:
-    amp = inference.amp_dtype(args.amp, device)
-    execution = inference.Execution(device, amp, amp is not None if args.channels_last is None else args.channels_last)
+    exported = deployed.kind(args.checkpoint) is not None  # an .onnx or OpenVINO .xml: its runtime's precision
+    amp = None if exported else inference.amp_dtype(args.amp, device)
+    execution = inference.Execution(device, amp, not exported and (amp is not None if args.channels_last is None
+                                                                   else args.channels_last))
     work, skipped = plan(inputs, args)
     if not work:
         raise nothing_read(args, skipped)
@@ -178,13 +182,17 @@ def predict(args, inputs: list[str], device: torch.device) -> int:
                for stem in stems.values() for name in (f'{stem}.png', f'{stem}_overlay.jpg')}
     files.refuse_overwrite(outputs, {**{path: 'an input image' for path in inputs},
                                      **files.inputs_of(args.checkpoint, 'the checkpoint (--checkpoint)')})
-    model = weights.model_from_checkpoint(args.checkpoint, args.backbone, args.output_stride, args.model)
-    model = execution.prepare(model).eval()
-    if args.quantize:
-        model = int8_model(model, work, args.crop_size, args.calibration, f'--input {args.input}')
+    if exported:
+        model = runs.exported_model(args.checkpoint, args, device, backbone=args.backbone)
+        how = f'{model.runtime}, {model.precision}'
+    else:
+        model = weights.model_from_checkpoint(args.checkpoint, args.backbone, args.output_stride, args.model)
+        model = execution.prepare(model).eval()
+        if args.quantize:
+            model = int8_model(model, work, args.crop_size, args.calibration, f'--input {args.input}')
+        how = 'int8' if args.quantize else {None: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16'}[amp]
     runner = inference.Runner(model, execution, args.crop_size)
-    log.info('predicting %s with %s (%s, %s%s)', utils.plural(len(stems), 'image'), args.checkpoint, device,
-             'int8' if args.quantize else {None: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16'}[amp],
+    log.info('predicting %s with %s (%s, %s%s)', utils.plural(len(stems), 'image'), args.checkpoint, device, how,
              ', channels last' if execution.channels_last else '')
     to_tensor = pascal.ToTensor()
     palette = utils.voc_palette()

@@ -8,12 +8,14 @@ import torch
 from torch import nn
 
 import deeplab
+import deployed
 import engine
 import errors
 import inference
 import pascal
 import utils
 import weights
+from errors import UserError
 
 
 def dataset_of(args, split: str, transforms, **kwargs) -> pascal.SegmentationDataset:
@@ -48,6 +50,33 @@ def model_for(args, num_classes: int, checkpoint: dict | None = None, resume: bo
         return deeplab.build_model(**{**recorded, **flags, **fixed})
     return deeplab.build_model(**{**flags, **recorded, 'backbone': args.backbone,
                                   **({'model': chosen} if chosen else {}), **fixed})
+
+
+def exported_model(path: str, args, device: torch.device, num_classes: int | None = None,
+                   backbone: str | None = None) -> deployed.ExportedModel:
+    """An exported file (.onnx, or .xml for OpenVINO) given as --checkpoint: checked, on the CPU, in the precision
+    --amp asks of its runtime (auto: the runtime's default for this CPU; off: f32; bf16: OpenVINO's bf16). It holds
+    one model, of one backbone, stride and class count: flags that ask for another are refused."""
+    if device.type != 'cpu':
+        raise UserError(f'{path} is an exported model, which runs on the CPU (ONNX Runtime or OpenVINO); drop '
+                        f'--device {device.type}, or give the PyTorch checkpoint.')
+    for flag in ('quantize', 'compile'):
+        if getattr(args, flag, None):
+            raise UserError(f'--{flag} applies to PyTorch checkpoints; {path} is an exported model (export.py '
+                            f'--quantize int8 writes its int8 counterpart). Drop --{flag}, or give the checkpoint.')
+    amp = getattr(args, 'amp', 'auto')
+    if amp == 'fp16':
+        raise UserError(f'--amp fp16 runs on CUDA GPUs; {path} runs on the CPU: use --amp off (f32), bf16 or auto.')
+    model = deployed.read(path, num_classes, {'auto': None, 'off': 'f32'}.get(amp, amp),
+                          'the exported model (--checkpoint)')
+    asked = {'--backbone': (backbone, model.backbone_name), '--model': (getattr(args, 'model', None), model.name),
+             '--output_stride': (getattr(args, 'output_stride', None), model.output_stride)}
+    for flag, (wanted, held) in asked.items():
+        if wanted is not None and wanted != held:
+            raise UserError(f'{path} holds a {model.title}-{model.backbone_name} at output stride '
+                            f'{model.output_stride}, but {flag} {wanted} was asked for: pass {flag} {held} (an '
+                            f'exported model is fixed; export the checkpoint again to change it).')
+    return model
 
 
 def unwrap(model: nn.Module) -> deeplab.DeepLabV3:

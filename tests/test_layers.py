@@ -11,7 +11,7 @@ from conftest import ROOT
 LAYERS = {
     'base': {'errors', 'files', 'utils'},
     'models': {'vovnet', 'deeplab'},
-    'weights': {'checkpoints', 'imagenet', 'published', 'weights'},
+    'weights': {'checkpoints', 'imagenet', 'published', 'deployed', 'weights'},
     'ml': {'engine', 'inference', 'quantize', 'pascal', 'synthetic', 'plots'},
     'commands': {'main', 'evaluation', 'runs', 'predict', 'export', 'benchmark', 'demo', 'hub'},
 }
