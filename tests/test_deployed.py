@@ -1,0 +1,217 @@
+"""Exported models (deployed.py): the OpenVINO IR that export.py --format openvino writes (fp32, and int8 through
+NNCF) and the ONNX file, evaluated and predicted with as the checkpoint is (main.py / predict.py --checkpoint FILE),
+and the files and flags they refuse."""
+import glob
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import command, randomize, succeeded
+from PIL import Image
+
+import deeplab
+import deployed
+
+pytest.importorskip('openvino')
+pytest.importorskip('nncf')
+
+EVAL = ['--exp', 'd', '--epochs', '1', '--backbone', 'vovnet39', '--crop_size', '65', '--workers', '0']
+
+
+def masks(folder) -> dict[str, np.ndarray]:
+    return {os.path.basename(f): np.asarray(Image.open(f)) for f in sorted(glob.glob(os.path.join(folder, '*.png')))}
+
+
+def agreement(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys() and a
+    return float(np.mean([(a[k] == b[k]).mean() for k in a]))
+
+
+@pytest.fixture(scope='module')
+def checkpoint(tmp_path_factory):
+    """A VoVNet-39 with random weights whose class maps vary over the image."""
+    folder = tmp_path_factory.mktemp('deployed')
+    model = randomize(deeplab.vovnet39(num_classes=21), seed=7)
+    with torch.no_grad():
+        model.aspp.conv3.bias.copy_(torch.linspace(-1, 1, 21))
+    torch.save({'epoch': 1, 'state_dict': model.state_dict()}, folder / 'vov.pth')
+    return folder / 'vov.pth'
+
+
+@pytest.fixture(scope='module')
+def exported(checkpoint, synthetic_root):
+    """The checkpoint exported by the README's commands as a user runs them (fresh processes): an IR and its int8
+    counterpart, and an ONNX file."""
+    folder = checkpoint.parent
+    images = os.path.join(synthetic_root, 'VOC2012', 'JPEGImages')
+    ir = command(['export.py', '--checkpoint', 'vov.pth', '--format', 'openvino', '--height', '65', '--width', '65',
+                  '--quantize', 'int8', '--calibration_input', images, '--calibration', '8'], str(folder))
+    assert succeeded(ir), ir.stderr[-3000:]
+    onnx = command(['export.py', '--checkpoint', 'vov.pth', '--height', '65', '--width', '65', '--no_check'],
+                   str(folder))
+    assert succeeded(onnx), onnx.stderr[-3000:]
+    return folder, ir.stdout
+
+
+@pytest.mark.slow
+def test_the_ir_export_writes_both_files_with_the_metadata_and_checks_them(exported):
+    folder, out = exported
+    assert sorted(os.listdir(folder)) == ['vov.bin', 'vov.onnx', 'vov.pth', 'vov.xml', 'vov_int8.bin',
+                                          'vov_int8.xml']
+    assert 'OpenVINO' in out and 'vs PyTorch on a 97x96 input' in out and 'argmax agreement 100.0000%' in out
+    int8 = next(line for line in out.splitlines() if line.startswith('vov_int8.xml:'))
+    assert 80 < float(int8.split('fp32 ')[1].split('%')[0]) <= 100
+    assert os.path.getsize(folder / 'vov_int8.bin') < os.path.getsize(folder / 'vov.bin') / 3  # int8 weights
+    for name, precision in (('vov.xml', 'fp32'), ('vov_int8.xml', 'int8 (NNCF, 8 calibration images)'),
+                            ('vov.onnx', 'fp32')):
+        model = deployed.read(str(folder / name))
+        assert (model.name, model.backbone_name, model.num_classes, model.output_stride) == \
+            ('deeplabv3', 'vovnet39', 21, 16)
+        assert model.meta['precision'] == precision and model.meta['checkpoint'] == 'vov.pth'
+        assert model.meta['mean'] == [0.485, 0.456, 0.406] and len(model.meta['checkpoint_sha256']) == 64
+        x = torch.randn(2, 3, 70, 90)
+        assert model(x).shape == (2, 21, 70, 90)  # dynamic batch, height and width
+
+
+@pytest.mark.slow
+def test_each_exported_file_evaluates_to_the_checkpoints_figures(exported, synthetic_root, tmp_path, monkeypatch,
+                                                                  run_cli):
+    folder, _ = exported
+    monkeypatch.chdir(tmp_path)
+    results = {}
+    for name, flags in (('vov.pth', ['--amp', 'off']), ('vov.xml', ['--amp', 'off']), ('vov.onnx', []),
+                        ('vov_int8.xml', []), ('vov.xml#again', ['--amp', 'off'])):
+        out_dir = name.replace('.', '_').replace('#', '_')
+        status, out, err = run_cli(*EVAL, '--checkpoint', folder / name.split('#')[0], '--data_root', synthetic_root,
+                                   '--output_dir', out_dir, '--json', f'{out_dir}.json', *flags)
+        assert status == 0 and 'Traceback' not in out + err, err
+        results[name] = masks(os.path.join(out_dir, 'val')), json.load(open(f'{out_dir}.json'))
+    reference_masks, reference = results['vov.pth']
+    for name in ('vov.xml', 'vov.onnx'):
+        assert agreement(reference_masks, results[name][0]) > 0.999
+        assert abs(results[name][1]['mean_iou'] - reference['mean_iou']) <= 0.1
+    assert results['vov.xml'][1]['precision'].startswith('f32 (OpenVINO')
+    assert results['vov.onnx'][1]['precision'] == 'fp32 (ONNX Runtime)'
+    assert results['vov_int8.xml'][1]['precision'].startswith('int8 (NNCF, 8 calibration images)')
+    assert agreement(reference_masks, results['vov_int8.xml'][0]) > 0.9
+    assert agreement(results['vov.xml#again'][0], results['vov.xml'][0]) == 1.0  # the same masks twice
+    assert results['vov.xml#again'][1]['mean_iou'] == results['vov.xml'][1]['mean_iou']
+
+
+@pytest.mark.slow
+def test_prediction_with_the_ir_gives_the_checkpoints_masks(exported, tmp_path, run_cli):
+    folder, _ = exported
+    photos = tmp_path / 'photos'
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for i, size in enumerate([(60, 50), (150, 70)]):  # the second one larger than the crop: windows
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(photos / f'p{i}.png')
+    common = ['--input', photos, '--crop_size', '65', '--amp', 'off']
+    got = {}
+    for name, checkpoint in (('pth', 'vov.pth'), ('ir', 'vov.xml'), ('onnx', 'vov.onnx')):
+        status, out, err = run_cli('--checkpoint', folder / checkpoint, *common, '--output', tmp_path / name,
+                                   module='predict')
+        assert status == 0 and 'Traceback' not in out + err, err
+        got[name] = masks(tmp_path / name)
+    assert 'OpenVINO' not in out and 'ONNX Runtime, fp32' in out
+    assert got['pth']['p1.png'].shape == got['ir']['p1.png'].shape == (70, 150)
+    assert agreement(got['pth'], got['ir']) > 0.999 and agreement(got['pth'], got['onnx']) > 0.999
+
+
+def refused(result, *needles):
+    status, out, err = result
+    assert status == 1 and 'Traceback' not in out + err, (status, err[-3000:])
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+@pytest.mark.slow
+def test_exported_files_that_cannot_be_run_are_messages_naming_the_file(exported, synthetic_root, tmp_path,
+                                                                        monkeypatch, run_cli):
+    folder, _ = exported
+    monkeypatch.chdir(tmp_path)
+    for name in ('vov.xml', 'vov.bin', 'vov_int8.bin', 'vov.onnx'):
+        shutil.copy(folder / name, name)
+    os.makedirs('no_bin')
+    shutil.copy('vov.xml', 'no_bin/vov.xml')
+    os.makedirs('other_bin')
+    shutil.copy('vov.xml', 'other_bin/vov.xml')
+    shutil.copy('vov_int8.bin', 'other_bin/vov.bin')  # another export's weights
+    os.makedirs('same_size')
+    shutil.copy('vov.xml', 'same_size/vov.xml')
+    weights = bytearray(open('vov.bin', 'rb').read())
+    weights[1000:1004] = b'\x00\x00\x80\x7f'  # one weight changed: the size fits, the content does not
+    open('same_size/vov.bin', 'wb').write(weights)
+    open('page.xml', 'w').write('<html><body>not a model</body></html>')
+    open('text.xml', 'w').write('not XML at all')
+    open('text.onnx', 'w').write('not ONNX at all')
+    import onnx
+    proto = onnx.load('vov.onnx')
+    del proto.metadata_props[:]
+    onnx.save(proto, 'bare.onnx')
+    import openvino as ov
+    ov.save_model(ov.convert_model(torch.nn.Conv2d(3, 21, 1), example_input=torch.zeros(1, 3, 8, 8)), 'bare.xml')
+    cases = [('no_bin/vov.xml', ['no_bin/vov.bin is missing']),
+             ('other_bin/vov.xml', ['other_bin/vov.xml', 'the .bin is damaged or belongs to another export']),
+             ('same_size/vov.xml', ['same_size/vov.bin does not match same_size/vov.xml']),
+             ('page.xml', ['page.xml is not an OpenVINO IR']),
+             ('text.xml', ['text.xml is not an OpenVINO IR']),
+             ('text.onnx', ['text.onnx is not an ONNX model ONNX Runtime']),
+             ('bare.onnx', ['bare.onnx carries no metadata of this project']),
+             ('bare.xml', ['bare.xml carries no metadata of this project']),
+             ('absent.xml', ['absent.xml does not exist'])]
+    photo = tmp_path / 'p.png'
+    Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(photo)
+    for checkpoint, needles in cases:
+        refused(run_cli(*EVAL, '--checkpoint', checkpoint, '--data_root', synthetic_root), *needles)
+        refused(run_cli('--checkpoint', checkpoint, '--input', photo, '--output', 'masks', module='predict'), *needles)
+    # Another class count than the dataset's; flags an exported model cannot follow.
+    five = randomize(deeplab.vovnet39(num_classes=5), seed=1).eval()
+    ir = ov.convert_model(five, example_input=torch.zeros(1, 3, 65, 65), input=[ov.PartialShape([-1, 3, -1, -1])])
+    ir.inputs[0].get_tensor().set_names({'image'})
+    ir.outputs[0].get_tensor().set_names({'logits'})
+    deployed.save_ir(ir, 'five.xml', 'five.bin', deployed.metadata(five, 'five.pth', None, 'fp32'))
+    refused(run_cli(*EVAL, '--checkpoint', 'five.xml', '--data_root', synthetic_root),
+            'five.xml predicts 5 classes, the dataset has 21')
+    for flags, needle in ((['--backbone', 'resnet50'], 'pass --backbone vovnet39'),
+                          (['--output_stride', '8'], 'pass --output_stride 16'),
+                          (['--quantize', 'int8'], '--quantize applies to PyTorch checkpoints'),
+                          (['--amp', 'fp16'], '--amp fp16 runs on CUDA GPUs')):
+        refused(run_cli('--checkpoint', 'vov.xml', '--input', photo, '--output', 'masks', *flags, module='predict'),
+                needle)
+    refused(run_cli(*EVAL, '--checkpoint', 'vov.onnx', '--data_root', synthetic_root, '--amp', 'bf16'),
+            'vov.onnx runs in ONNX Runtime in the precision it was exported in')
+    assert not os.path.exists('masks') and not os.path.exists('data/val')
+
+
+def test_export_refuses_outputs_over_its_inputs_and_names_that_contradict_the_format(checkpoint, tmp_path,
+                                                                                     monkeypatch, run_cli):
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(checkpoint, 'model.bin')  # a checkpoint named as the IR's weights would be
+    refused(run_cli('--checkpoint', 'model.bin', '--output', 'model.xml', module='export'),
+            'model.bin', 'the checkpoint')
+    refused(run_cli('--checkpoint', 'model.bin', '--format', 'openvino', '--output', 'model.onnx', module='export'),
+            'an OpenVINO IR is an .xml file')
+    refused(run_cli('--checkpoint', 'model.bin', '--format', 'onnx', '--output', 'model.xml', module='export'),
+            'pass --format openvino')
+    assert sorted(os.listdir()) == ['model.bin']
+
+
+def test_without_openvino_or_nncf_the_message_is_the_pip_install(checkpoint, tmp_path, monkeypatch, run_cli):
+    monkeypatch.chdir(tmp_path)
+    ir = tmp_path / 'vov.xml'
+    ir.write_text('<?xml version="1.0"?>\n<net name="m" version="11"></net>\n')
+    photo = tmp_path / 'p.png'
+    Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(photo)
+    monkeypatch.setitem(sys.modules, 'nncf', None)  # an import of it fails as when it is not installed
+    refused(run_cli('--checkpoint', checkpoint, '--format', 'openvino', '--quantize', 'int8',
+                    '--calibration_input', photo, module='export'), 'pip install nncf')
+    monkeypatch.setitem(sys.modules, 'openvino', None)
+    refused(run_cli('--checkpoint', checkpoint, '--output', 'm.xml', module='export'), 'pip install openvino')
+    refused(run_cli('--checkpoint', ir, '--input', photo, '--output', 'masks', module='predict'),
+            'pip install openvino')
+    assert sorted(os.listdir()) == ['p.png', 'vov.xml']
