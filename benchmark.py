@@ -45,6 +45,7 @@ import torch
 
 import checkpoints
 import deeplab
+import deployed
 import engine
 import errors
 import files
@@ -67,6 +68,7 @@ class Config:
     compile: bool = False
     fold: bool = False
     int8: bool = False
+    openvino: bool = False  # run by OpenVINO (deployed.py), converted from the model in memory
     grad: bool = False  # the original's evaluation: autograd graph built
 
     @classmethod
@@ -82,8 +84,16 @@ class Config:
         repeated = sorted({t for t in tokens if tokens.count(t) > 1})
         if repeated:
             raise argparse.ArgumentTypeError(f'configuration {text!r} repeats {", ".join(repeated)}')
+        if 'ov' in tokens:
+            others = sorted(set(tokens) - {'ov', 'fp32', 'bf16', 'int8'})
+            if others:
+                raise argparse.ArgumentTypeError(f'configuration {text!r}: OpenVINO (ov) takes a precision only '
+                                                 f'(ov, ov+fp32, ov+bf16, ov+int8), not {", ".join(others)}')
         for token in tokens:
-            if token in PRECISIONS:
+            if token == 'ov':
+                config.openvino = True
+                config.amp = 'default'  # OpenVINO's own for this CPU, unless a precision follows
+            elif token in PRECISIONS:
                 config.amp = token
             elif token == 'cl':
                 config.channels_last = True
@@ -95,7 +105,9 @@ class Config:
                 config.int8 = True
             else:
                 raise argparse.ArgumentTypeError(f'unknown token {token!r} in configuration {text!r}; use fp32, '
-                                                 f'bf16, fp16, int8, cl, compile, fold joined by +')
+                                                 f'bf16, fp16, int8, cl, compile, fold, ov joined by +')
+        if config.openvino and 'fp32' not in tokens and 'bf16' not in tokens:
+            config.amp = 'default'
         return config
 
 
@@ -163,7 +175,25 @@ def build(backbone: str, model_name: str, args, x: torch.Tensor) -> deeplab.Deep
     return model.eval()
 
 
+class OpenVINOModel:
+    """A model converted to OpenVINO in memory, compiled in the configuration's precision: a batch tensor in,
+    logits out, as the PyTorch model (inference.Runner runs it)."""
+
+    def __init__(self, model, config: Config, size: int):
+        ir = deployed.to_openvino(model, size, size)
+        if config.int8:  # NNCF's defaults, on the calibration images of the PyTorch int8 configuration
+            ir = deployed.quantize_openvino(ir, list(sample_batch(size, 4)))
+        self.run, self.precision = deployed.compile_openvino(ir, {'fp32': 'f32', 'bf16': 'bf16'}.get(config.amp))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.run(x.float().contiguous().numpy()))
+
+
 def prepare(model, config: Config, device: torch.device, size: int):
+    if config.openvino:
+        if device.type != 'cpu':
+            raise ValueError('OpenVINO configurations run on the CPU')
+        return OpenVINOModel(model, config, size)
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = config.name != ORIGINAL.name
     if config.int8:  # quantized and compiled: BatchNorm folded, weights frozen (quantize.py)
@@ -308,7 +338,7 @@ def measure_inference(backbone: str, model_name: str, config: Config, args) -> d
     params = deeplab.count_parameters(model)
     gflops = flops(model, x) / args.batch if config.name == ORIGINAL.name else None
     runner = inference.Runner(prepare(model, config, device, args.size),
-                              inference.Execution(device, PRECISIONS[config.amp], config.channels_last), args.size)
+                              inference.Execution(device, PRECISIONS.get(config.amp), config.channels_last), args.size)
     fmt = torch.channels_last if config.channels_last else torch.contiguous_format
     x = x.contiguous(memory_format=fmt)
     context = torch.enable_grad if config.grad else torch.inference_mode
@@ -450,7 +480,17 @@ def check_args(args) -> tuple[torch.device, list[str], list[str], list[Config]]:
     if any(c.int8 for c in configs):
         if device.type != 'cpu':
             raise UserError('int8 configurations run on the CPU (x86 int8 kernels); add --device cpu.')
-        quantize.require()
+        if any(c.int8 and not c.openvino for c in configs):
+            quantize.require()
+    if any(c.openvino for c in configs):
+        if device.type != 'cpu':
+            raise UserError('OpenVINO configurations (ov) run on the CPU; add --device cpu.')
+        if args.mode == 'train':
+            raise UserError('OpenVINO configurations (ov) measure inference; drop them from --configs, or use '
+                            '--mode inference.')
+        deployed.require_openvino('the OpenVINO configurations (ov)')
+        if any(c.openvino and c.int8 for c in configs):
+            errors.require('nncf', 'the OpenVINO int8 configuration (ov+int8)')
     if device.type != 'cuda' and any(c.amp == 'fp16' for c in configs):
         raise UserError('fp16 configurations need CUDA; use bf16 on the CPU.')
     if args.checkpoint:

@@ -10,7 +10,9 @@ normalisation, the precision and the checkpoint the file was exported from; an I
 """
 import contextlib
 import json
+import logging
 import os
+import warnings
 import xml.etree.ElementTree as ElementTree
 
 import numpy as np
@@ -54,6 +56,55 @@ def metadata(model, checkpoint: str, class_names, precision: str) -> dict:
 
 def require_openvino(purpose: str = 'OpenVINO IR (.xml)'):
     return errors.require('openvino', purpose)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# OpenVINO from a PyTorch model (export.py writes it, benchmark.py measures it in memory)
+
+
+def to_openvino(model, height: int, width: int):
+    """The OpenVINO model converted from the PyTorch `model` itself (openvino.convert_model traced on a
+    (1, 3, height, width) example), taking `image` of any batch, height and width and giving `logits`."""
+    ov = require_openvino()
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter('ignore')  # the tracer's notes about the model's Python control flow
+        ir = ov.convert_model(model, example_input=torch.randn(1, 3, height, width),
+                              input=[ov.PartialShape([-1, 3, -1, -1])])
+    ir.inputs[0].get_tensor().set_names({'image'})
+    ir.outputs[0].get_tensor().set_names({'logits'})
+    return ir
+
+
+def quantize_openvino(ir, images: list[torch.Tensor]):
+    """`ir` quantized to int8 by NNCF (`nncf.quantize`, its defaults: MinMax ranges, fast bias correction),
+    calibrated on `images` (3, h, w), normalised as the model's inputs."""
+    nncf = errors.require('nncf', 'int8 OpenVINO quantization')
+    level = logging.getLogger('nncf').level
+    logging.getLogger('nncf').setLevel(logging.ERROR)
+    try:
+        return nncf.quantize(ir, nncf.Dataset(images, lambda image: image[None].numpy()), subset_size=len(images))
+    finally:
+        logging.getLogger('nncf').setLevel(level)
+
+
+def compile_openvino(ir, precision: str | None = None):
+    """`ir` compiled for the CPU in `precision` (f32, bf16; None: OpenVINO's default for this CPU): returns a
+    function from a float array (N, 3, H, W) to the logits, and the precision OpenVINO uses."""
+    ov = require_openvino()
+    core = ov.Core()
+    if precision == 'bf16' and 'BF16' not in core.get_property('CPU', 'OPTIMIZATION_CAPABILITIES'):
+        raise UserError('this CPU has no bf16 units (AVX-512 BF16 or AMX), so OpenVINO would run f32 instead of '
+                        'the bf16 asked for; use --amp off (f32), or leave --amp to OpenVINO\'s default.')
+    compiled = core.compile_model(ir, 'CPU', {'INFERENCE_PRECISION_HINT': precision} if precision else {})
+    request = compiled.create_infer_request()
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return request.infer({0: x})[0].copy()
+    return run, compiled.get_property('INFERENCE_PRECISION_HINT').to_string()
+
+
+def openvino_version() -> str:
+    return require_openvino().get_version().split('-')[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -234,21 +285,10 @@ def _onnx_runner(session):
 
 
 def _openvino_model(path: str, meta: dict, ir, precision: str | None) -> 'ExportedModel':
-    ov = require_openvino()
-    core = ov.Core()
-    if precision == 'bf16' and 'BF16' not in core.get_property('CPU', 'OPTIMIZATION_CAPABILITIES'):
-        raise UserError('this CPU has no bf16 units (AVX-512 BF16 or AMX), so OpenVINO would run f32 instead of '
-                        'the bf16 asked for; use --amp off (f32), or leave --amp to OpenVINO\'s default.')
-    config = {'INFERENCE_PRECISION_HINT': precision} if precision else {}
-    compiled = core.compile_model(ir, 'CPU', config)
-    used = compiled.get_property('INFERENCE_PRECISION_HINT').to_string()  # f32 or bf16
-    request = compiled.create_infer_request()
-
-    def run(x: np.ndarray) -> np.ndarray:
-        return request.infer({0: x})[0].copy()
+    run, used = compile_openvino(ir, precision)
     stored = meta.get('precision', 'fp32')
     shown = used if stored == 'fp32' else f'{stored}, its other layers in {used}'
-    return ExportedModel(path, meta, run, f'OpenVINO {ov.get_version().split("-")[0]}', shown)
+    return ExportedModel(path, meta, run, f'OpenVINO {openvino_version()}', shown)
 
 
 class ExportedModel:

@@ -344,32 +344,23 @@ def write_openvino(args, model, output: str, staged: dict[str, str], images: lis
                    meta: dict) -> None:
     """The OpenVINO IR converted from the model itself (and with --quantize its int8 counterpart, quantized by
     NNCF on `images`), each .xml and .bin at its staged path."""
-    ov = deployed.require_openvino('export.py --format openvino')
     start = time.perf_counter()
-    example = torch.randn(1, 3, args.height, args.width)
     with errors.out_of_memory_is(lambda e: f'out of memory converting with a {args.width}x{args.height} example '
                                            f'({errors.first_line(e)}): lower --height and --width; the IR takes '
-                                           f'any size whatever the example\'s.'), \
-            warnings.catch_warnings(), torch.inference_mode():
-        warnings.simplefilter('ignore')  # the tracer's notes about the model's Python control flow
-        ir = ov.convert_model(model, example_input=example, input=[ov.PartialShape([-1, 3, -1, -1])])
-    ir.inputs[0].get_tensor().set_names({'image'})
-    ir.outputs[0].get_tensor().set_names({'logits'})
+                                           f'any size whatever the example\'s.'):
+        ir = deployed.to_openvino(model, args.height, args.width)
     int8_output = int8_path(output)
     deployed.save_ir(ir, staged[output], staged[deployed.weights_path(output)], meta)
     log.info('exported %s and %s (%s-%s, %d classes, dynamic batch/height/width, OpenVINO %s, fp32 weights, in '
              '%.1f s)', output, deployed.weights_path(output), model.title, model.backbone_name, model.num_classes,
-             ov.get_version().split('-')[0], time.perf_counter() - start)
+             deployed.openvino_version(), time.perf_counter() - start)
     if not args.quantize:
         return
-    import nncf
     start = time.perf_counter()
-    dataset = nncf.Dataset(images, lambda image: image[None].numpy())
-    with _quiet('nncf'):
-        quantized = nncf.quantize(ir, dataset, subset_size=len(images))
+    quantized = deployed.quantize_openvino(ir, images)
     deployed.save_ir(quantized, staged[int8_output], staged[deployed.weights_path(int8_output)],
                      {**meta, 'precision': int8_precision('NNCF', images)})
-    log.info('quantized %s (int8 by NNCF %s, calibrated on %s in %.1f s)', int8_output, nncf.__version__,
+    log.info('quantized %s (int8 by NNCF, calibrated on %s in %.1f s)', int8_output,
              utils.plural(len(images), 'image'), time.perf_counter() - start)
 
 
