@@ -79,12 +79,15 @@ def quantize_openvino(ir, images: list[torch.Tensor]):
     """`ir` quantized to int8 by NNCF (`nncf.quantize`, its defaults: MinMax ranges, fast bias correction),
     calibrated on `images` (3, h, w), normalised as the model's inputs."""
     nncf = errors.require('nncf', 'int8 OpenVINO quantization')
-    level = logging.getLogger('nncf').level
-    logging.getLogger('nncf').setLevel(logging.ERROR)
+    quiet = ('nncf', 'torch.utils.cpp_extension')  # its notices, and "No CUDA runtime is found" as it imports
+    levels = {name: logging.getLogger(name).level for name in quiet}
+    for name in quiet:
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         return nncf.quantize(ir, nncf.Dataset(images, lambda image: image[None].numpy()), subset_size=len(images))
     finally:
-        logging.getLogger('nncf').setLevel(level)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def compile_openvino(ir, precision: str | None = None):

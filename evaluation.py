@@ -112,6 +112,10 @@ def run(args, rt: runs.Runtime) -> float:
         except errors.Stopped:
             raise Interrupted(stop.signal, f'evaluation stopped by signal {stop.signal} after {batches.done} of '
                                            f'{len(batches)} images; nothing was published') from None
+    if isinstance(net, quantize.Int8Model) and net.uncompiled:
+        log.info('%s larger than the %dx%d canvas ran int8 uncompiled at their own size (padding them to a compiled '
+                 'shape would change their logits), at about fp32\'s speed; a --crop_size that covers them runs them '
+                 'compiled', utils.plural(net.uncompiled, 'input'), *net.canvas[::-1])
     if info.is_main:
         report(confusion, confusion_ms, dataset.class_names, args, path, time.time() - start, len(dataset))
         if args.json:

@@ -237,6 +237,10 @@ def predict(args, inputs: list[str], device: torch.device) -> int:
                              pace.rate(), pace.eta())
     if done == 0:
         raise nothing_read(args, skipped)
+    if isinstance(model, quantize.Int8Model) and model.uncompiled:
+        log.info('%s larger than the %dx%d canvas ran int8 uncompiled at their own size (padding them to a compiled '
+                 'shape would change their masks), at about fp32\'s speed; --slide, or a larger --crop_size, runs '
+                 'them compiled', utils.plural(model.uncompiled, 'image'), *model.canvas[::-1])
     log.info('%s segmented into %s/%s', utils.plural(done, 'image'), args.output,
              f'; {skipped} skipped (see the warnings above)' if skipped else '')
     return skipped
