@@ -11,7 +11,9 @@ with the autograd graph built, as its evaluation did), then in each configuratio
 `torch.inference_mode()`. A configuration joins tokens with `+`: a precision (`fp32`, `bf16`, `fp16` autocast,
 or `int8`: post-training static quantization for x86 CPUs through PT2E, calibrated on 4 sample images and always
 compiled, quantize.py's, as `--quantize int8` runs it), `cl` (channels-last), `compile` (torch.compile, with
-weights frozen) and `fold` (BatchNorm folded into the convolutions). Columns:
+weights frozen) and `fold` (BatchNorm folded into the convolutions). `ov` runs the model in OpenVINO, converted in
+memory as `export.py --format openvino` converts it: `ov` in OpenVINO's default precision for the CPU, `ov+fp32`,
+`ov+bf16`, or `ov+int8` (NNCF on the 4 images the PyTorch int8 configuration calibrates on). Columns:
 median latency in ms after warm-up (CUDA-synchronised), peak memory in MB (CUDA: max allocated; CPU: the
 process's peak resident set, each measurement in a fresh process), energy in J/frame from NVML's energy counter
 on NVIDIA GPUs, parameters, GFLOPs (2 x multiply-adds), the argmax agreement with fp32, and each figure's ratio
@@ -408,7 +410,10 @@ def _child(queue, fn, backbone, model_name, config, args):
 
 
 def measure(fn, backbone, model_name, config, args) -> dict:
-    if args.no_isolate or args.device.startswith('cuda'):
+    # OpenVINO runs in this process: in a child spawned by multiprocessing from this script it ran 5-6x slower
+    # (VoVNet-39 at 513: 500 ms against 88 ms here and in a forked child; cause not found), so its peak memory
+    # spans this process's.
+    if args.no_isolate or args.device.startswith('cuda') or config.openvino:
         gc.collect()  # the last measurement's model and activations
         if args.device.startswith('cuda'):
             torch.cuda.empty_cache()

@@ -215,3 +215,15 @@ def test_without_openvino_or_nncf_the_message_is_the_pip_install(checkpoint, tmp
     refused(run_cli('--checkpoint', ir, '--input', photo, '--output', 'masks', module='predict'),
             'pip install openvino')
     assert sorted(os.listdir()) == ['p.png', 'vov.xml']
+
+
+@pytest.mark.slow
+def test_the_benchmark_measures_openvino_beside_pytorch_in_one_run(checkpoint, tmp_path, run_cli):
+    status, out, err = run_cli('--backbones', 'vovnet39', '--checkpoint', checkpoint, '--size', '65', '--warmup', '1',
+                               '--iters', '2', '--configs', 'fp32,ov+fp32,ov+int8', '--json', tmp_path / 'b.json',
+                               module='benchmark')
+    assert status == 0 and 'Traceback' not in out + err, err
+    rows = {r['config']: r for r in json.load(open(tmp_path / 'b.json'))['results']}
+    assert list(rows) == ['original', 'fp32', 'ov+fp32', 'ov+int8']
+    assert rows['ov+fp32']['argmax_agreement'] == 100.0 and rows['ov+int8']['argmax_agreement'] > 80
+    assert all(r['latency_ms'] > 0 for r in rows.values())

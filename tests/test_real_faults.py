@@ -532,6 +532,8 @@ def test_a_diverging_loss_message_counts_the_labelled_pixels(synthetic_root, tmp
     (['--configs', 'fp32+bf16'], 'names 2 precisions (fp32, bf16)'),
     (['--configs', 'int8+bf16'], 'names 2 precisions'),
     (['--configs', 'cl+cl'], 'repeats cl'),
+    (['--configs', 'ov+cl'], 'OpenVINO (ov) takes a precision only (ov, ov+fp32, ov+bf16, ov+int8), not cl'),
+    (['--configs', 'ov', '--mode', 'train'], 'OpenVINO configurations (ov) measure inference'),
     (['--configs', ','], 'names no configuration'),
     (['--backbones', ','], 'names no backbone'),
     (['--backbones', ' , '], 'names no backbone'),
