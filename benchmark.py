@@ -71,6 +71,7 @@ class Config:
     fold: bool = False
     int8: bool = False
     openvino: bool = False  # run by OpenVINO (deployed.py), converted from the model in memory
+    exported: bool = False  # --checkpoint is an exported file (.onnx, .xml): measured as it is, in its runtime
     grad: bool = False  # the original's evaluation: autograd graph built
 
     @classmethod
@@ -336,10 +337,13 @@ def label(backbone: str, model_name: str) -> str:
 def measure_inference(backbone: str, model_name: str, config: Config, args) -> dict:
     device = torch.device(args.device)
     x = sample_batch(args.size, args.batch).to(device)
-    model = build(backbone, model_name, args, x)
-    params = deeplab.count_parameters(model)
-    gflops = flops(model, x) / args.batch if config.name == ORIGINAL.name else None
-    runner = inference.Runner(prepare(model, config, device, args.size),
+    if config.exported:
+        model, params, gflops = deployed.read(args.checkpoint), None, None
+    else:
+        model = build(backbone, model_name, args, x)
+        params = deeplab.count_parameters(model)
+        gflops = flops(model, x) / args.batch if config.name == ORIGINAL.name else None
+    runner = inference.Runner(model if config.exported else prepare(model, config, device, args.size),
                               inference.Execution(device, PRECISIONS.get(config.amp), config.channels_last), args.size)
     fmt = torch.channels_last if config.channels_last else torch.contiguous_format
     x = x.contiguous(memory_format=fmt)
@@ -413,7 +417,7 @@ def measure(fn, backbone, model_name, config, args) -> dict:
     # OpenVINO runs in this process: in a child spawned by multiprocessing from this script it ran 5-6x slower
     # (VoVNet-39 at 513: 500 ms against 88 ms here and in a forked child; cause not found), so its peak memory
     # spans this process's.
-    if args.no_isolate or args.device.startswith('cuda') or config.openvino:
+    if args.no_isolate or args.device.startswith('cuda') or config.openvino or config.exported:
         gc.collect()  # the last measurement's model and activations
         if args.device.startswith('cuda'):
             torch.cuda.empty_cache()
@@ -498,7 +502,18 @@ def check_args(args) -> tuple[torch.device, list[str], list[str], list[Config]]:
             errors.require('nncf', 'the OpenVINO int8 configuration (ov+int8)')
     if device.type != 'cuda' and any(c.amp == 'fp16' for c in configs):
         raise UserError('fp16 configurations need CUDA; use bf16 on the CPU.')
-    if args.checkpoint:
+    if deployed.kind(args.checkpoint):  # an exported file: measured as it is, in its runtime, on the CPU
+        net = deployed.read(args.checkpoint, what='--checkpoint')
+        if args.configs or args.mode == 'train' or device.type != 'cpu':
+            raise UserError(f'{args.checkpoint} is an exported file, measured as it is (inference on the CPU, in '
+                            f'its runtime\'s default precision): drop --configs, --mode train and --device cuda, or '
+                            f'give the PyTorch checkpoint to compare configurations.')
+        if args.backbones and backbones != [net.backbone_name] or args.model and models != [net.name]:
+            raise UserError(f'{args.checkpoint} holds a {net.title}-{net.backbone_name}: drop --backbones and '
+                            f'--model, or give that one.')
+        backbones, models = [net.backbone_name], [net.name]
+        configs = [Config(f'{net.runtime} ({net.precision})', exported=True)]
+    elif args.checkpoint:
         if len(backbones) != 1 or len(models) != 1:
             raise UserError('--checkpoint needs exactly one backbone in --backbones and one --model.')
         # A message now, not one per row later; without --model, the model the checkpoint holds.
@@ -507,7 +522,8 @@ def check_args(args) -> tuple[torch.device, list[str], list[str], list[Config]]:
     if args.json:
         files.make_output_folder(os.path.dirname(os.path.abspath(args.json)), '--json')
         files.check_name_fits(args.json, '--json')
-        files.refuse_overwrite({args.json: '--json'}, files.inputs_of(args.checkpoint, 'the checkpoint (--checkpoint)'))
+        files.refuse_overwrite({args.json: '--json'},
+                               deployed.inputs_of(args.checkpoint, 'the checkpoint (--checkpoint)'))
         if os.path.isdir(args.json):
             raise UserError(f'--json {args.json} is a folder; give a file name, e.g. {args.json}/results.json.')
     return device, backbones, models, configs
@@ -536,7 +552,7 @@ def run(args) -> list[dict]:
     key = 'latency_ms' if args.mode == 'inference' else 'step_ms'
     for backbone, model_name in itertools.product(backbones, models):
         base = {}  # the original's row, the reference of the ratios and of argmax agreement
-        for config in [ORIGINAL] + configs:
+        for config in ([] if configs[0].exported else [ORIGINAL]) + configs:
             row = measure(fn, backbone, model_name, config, args)
             results.append(row)
             if 'error' in row:
@@ -577,7 +593,7 @@ def _row(r, mode) -> str:
         return (f'{label(r["backbone"], r["model"]):<12} {r["config"]:<22} {_fmt(r.get("latency_ms"), "9.1f")} ms '
                 f'(x{_fmt(r.get("time_ratio"), ".2f")})  peak {_fmt(r.get("peak_mb"), "7.0f")} MB '
                 f'(x{_fmt(r.get("memory_ratio"), ".2f")})  {_fmt(r.get("joules_per_frame"), "6.2f")} J/frame  '
-                f'{r["params"] / 1e6:5.1f} M params  {_fmt(r.get("gflops"), "6.1f")} GFLOPs  '
+                f'{_fmt(r["params"] and r["params"] / 1e6, "5.1f")} M params  {_fmt(r.get("gflops"), "6.1f")} GFLOPs  '
                 f'argmax agreement {_fmt(r.get("argmax_agreement"), "6.2f")}%  (warm-up {r["warmup_s"]:.1f} s)')
     return (f'{label(r["backbone"], r["model"]):<12} {r["config"]:<22} {r["step_ms"]:9.1f} ms/step '
             f'(x{_fmt(r.get("time_ratio"), ".2f")})'

@@ -45,6 +45,14 @@ def weights_path(xml: str) -> str:
     return os.path.splitext(xml)[0] + '.bin'
 
 
+def inputs_of(path: str | None, what: str) -> dict[str, str]:
+    """The files a model reference reads, for refusing outputs over them: an IR's .bin with its .xml."""
+    found = files.inputs_of(path, what)
+    if found and kind(path) == 'OpenVINO IR':
+        found[weights_path(path)] = f'{what} (its weights)'
+    return found
+
+
 def metadata(model, checkpoint: str, class_names, precision: str) -> dict:
     """What evaluation and prediction need to run an exported `model` as the checkpoint it came from."""
     return {'format_version': VERSION, 'model': model.name, 'backbone': model.backbone_name,

@@ -56,7 +56,7 @@ def run(args, rt: runs.Runtime) -> float:
             example = os.path.join(args.json, 'eval.json')
             raise UserError(f'--json {args.json} is a folder; give a file name, e.g. {example}.')
         outputs.append((args.json, '--json'))
-    files.refuse_overwrite(outputs, {**dataset_inputs(dataset), **files.inputs_of(path, 'the checkpoint evaluated'),
+    files.refuse_overwrite(outputs, {**dataset_inputs(dataset), **deployed.inputs_of(path, 'the checkpoint evaluated'),
                                      **files.inputs_of(args.class_names, '--class_names')})
     if exported:
         model = net = runs.exported_model(path, args, execution.device, dataset.num_classes, args.backbone)

@@ -181,7 +181,7 @@ def predict(args, inputs: list[str], device: torch.device) -> int:
     outputs = {os.path.join(args.output, name): '--output'
                for stem in stems.values() for name in (f'{stem}.png', f'{stem}_overlay.jpg')}
     files.refuse_overwrite(outputs, {**{path: 'an input image' for path in inputs},
-                                     **files.inputs_of(args.checkpoint, 'the checkpoint (--checkpoint)')})
+                                     **deployed.inputs_of(args.checkpoint, 'the checkpoint (--checkpoint)')})
     if exported:
         model = runs.exported_model(args.checkpoint, args, device, backbone=args.backbone)
         how = f'{model.runtime}, {model.precision}'

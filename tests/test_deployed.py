@@ -185,6 +185,10 @@ def test_exported_files_that_cannot_be_run_are_messages_naming_the_file(exported
                 needle)
     refused(run_cli(*EVAL, '--checkpoint', 'vov.onnx', '--data_root', synthetic_root, '--amp', 'bf16'),
             'vov.onnx runs in ONNX Runtime in the precision it was exported in')
+    refused(run_cli(*EVAL, '--checkpoint', 'vov.xml', '--data_root', synthetic_root, '--json', 'vov.bin'),
+            'vov.bin', 'its weights')  # the IR's .bin is an input too
+    refused(run_cli('--checkpoint', 'vov.xml', '--configs', 'fp32', module='benchmark'),
+            'vov.xml is an exported file, measured as it is')
     assert not os.path.exists('masks') and not os.path.exists('data/val')
 
 
@@ -227,3 +231,14 @@ def test_the_benchmark_measures_openvino_beside_pytorch_in_one_run(checkpoint, t
     assert list(rows) == ['original', 'fp32', 'ov+fp32', 'ov+int8']
     assert rows['ov+fp32']['argmax_agreement'] == 100.0 and rows['ov+int8']['argmax_agreement'] > 80
     assert all(r['latency_ms'] > 0 for r in rows.values())
+
+
+@pytest.mark.slow
+def test_the_benchmark_measures_an_exported_file_as_it_is(exported, run_cli):
+    folder, _ = exported
+    for name, runtime in (('vov_int8.xml', 'OpenVINO'), ('vov.onnx', 'ONNX Runtime')):
+        status, out, err = run_cli('--checkpoint', folder / name, '--size', '65', '--warmup', '1', '--iters', '2',
+                                   module='benchmark')
+        assert status == 0 and 'Traceback' not in out + err, err
+        rows = [line for line in out.splitlines() if line.startswith('vovnet39')]
+        assert len(rows) == 1 and runtime in rows[0] and ' ms ' in rows[0], out
