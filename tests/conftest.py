@@ -319,9 +319,3 @@ def user_workspace(tmp_path_factory):
 
 
 
-
-def pytest_collection_modifyitems(session, config, items):
-    """The tests that run OpenVINO and ONNX Runtime models in this process go last: a signal raised in-process
-    after them (test_faults, test_engine) segfaulted the interpreter now and then (reproduced outside pytest:
-    three exported models run, then GracefulStop and raise_signal(SIGINT); cause not found, docs/deployment.md)."""
-    items.sort(key=lambda item: item.nodeid.startswith('tests/test_deployed.py'))
