@@ -28,9 +28,6 @@ from errors import UserError
 KEY = 'vovnet_deeplabv3'
 VERSION = 1
 KINDS = {'.onnx': 'ONNX', '.xml': 'OpenVINO IR'}
-# OpenVINO's inference precision on the CPU (INFERENCE_PRECISION_HINT): f32, or bf16 where the CPU has bf16 units
-# (AMX, AVX-512 BF16); an int8 IR runs its quantized layers in int8 under either.
-OPENVINO_PRECISIONS = ('f32', 'bf16')
 FIELDS = ('format_version', 'model', 'backbone', 'num_classes', 'output_stride', 'class_names', 'mean', 'std',
           'precision', 'checkpoint', 'checkpoint_sha256', 'weights_sha256')
 
@@ -325,6 +322,3 @@ class ExportedModel:
     def eval(self) -> 'ExportedModel':
         """Inference is all it does (called as a PyTorch model's eval() is)."""
         return self
-
-    def describe(self) -> str:
-        return f'{self.path} ({KINDS[os.path.splitext(self.path)[1].lower()]}, {self.runtime}, {self.precision})'
