@@ -12,7 +12,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-torch.set_num_threads(2)
+# Threads per test process: the machine's cores shared among pytest-xdist's workers (2 cores, 2 workers: one each),
+# so that a worker and the commands its tests start do not oversubscribe the cores the other worker runs on.
+WORKERS = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))
+THREADS = str(max(1, min(2, len(os.sched_getaffinity(0)) // WORKERS)))
+torch.set_num_threads(int(THREADS))
+os.environ['OMP_NUM_THREADS'] = THREADS  # the commands the tests start, as many (training's results depend on it)
 
 
 def _memory_backed_temp_root(minimum_free: int = 8 << 30) -> None:
@@ -26,6 +31,16 @@ def _memory_backed_temp_root(minimum_free: int = 8 << 30) -> None:
 
 
 _memory_backed_temp_root()
+
+# The modules in the order of their measured time, the longest first: pytest-xdist hands whole modules to its workers
+# in collection order, and the longest first lets the workers finish together (the others follow, alphabetically).
+LONGEST_FIRST = ['test_quantize', 'test_real_faults', 'test_deployed', 'test_scale', 'test_decoder', 'test_tools',
+                 'test_hub', 'test_models', 'test_readme', 'test_user_faults', 'test_imagenet', 'test_faults']
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))  # stable: each module's order is kept
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -256,7 +271,7 @@ def command(args, cwd, **env):
     `cwd`; returns the finished process (stdout and stderr as text)."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith(('HF_', 'HUGGING'))}
     environ.update(HF_HOME=os.path.join(cwd, 'hf_home'), HF_HUB_OFFLINE='1', HF_HUB_DISABLE_TELEMETRY='1',
-                   PYTHONPATH=ROOT, OMP_NUM_THREADS='2')
+                   PYTHONPATH=ROOT, OMP_NUM_THREADS=THREADS)
     environ.update({k: v for k, v in env.items() if v is not None})
     for k in [k for k, v in env.items() if v is None]:
         environ.pop(k, None)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, randomize
+from conftest import ROOT, THREADS, randomize
 from PIL import Image
 
 import checkpoints
@@ -72,7 +72,7 @@ def script(module, args, cwd, file_size=None, memory_above=None, env=None, **kwa
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
             resource.setrlimit(resource.RLIMIT_FSIZE, (file_size, file_size))
     return subprocess.run([sys.executable, '-c', code], cwd=cwd, capture_output=True, text=True, timeout=300,
-                          preexec_fn=limits, env=dict(os.environ, OMP_NUM_THREADS='2', **(env or {})), **kwargs)
+                          preexec_fn=limits, env=dict(os.environ, OMP_NUM_THREADS=THREADS, **(env or {})), **kwargs)
 
 
 def small_checkpoint(path, backbone='vovnet39', classes=21, seed=7):
