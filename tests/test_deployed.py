@@ -276,6 +276,31 @@ def test_without_openvino_or_nncf_the_message_is_the_pip_install(checkpoint, tmp
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize('name', ['vov_int8.xml', 'vov.onnx'])
+def test_ctrl_c_during_the_evaluation_of_an_exported_file_is_a_clean_stop(exported, name, synthetic_root, tmp_path):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) while main.py evaluates an exported file: the
+    stop message and exit status of a checkpoint's evaluation, nothing published (a crash was seen after several
+    exported models had run in one process; docs/deployment.md)."""
+    import signal
+
+    from test_real_faults import leftovers, start, wait_for
+    folder, _ = exported
+    data = tmp_path / 'voc'
+    shutil.copytree(synthetic_root, data)
+    val = data / 'VOC2012' / 'list' / 'val.txt'
+    val.write_text(val.read_text() * 200)  # 800 images: time to be stopped
+    process = start('main', [*EVAL, '--checkpoint', str(folder / name), '--data_root', str(data)], tmp_path)
+    staging = lambda: glob.glob(str(tmp_path / 'data' / '.val.partial-*' / '*.png'))  # noqa: E731
+    wait_for(lambda: len(staging()) >= 3, process)
+    os.killpg(process.pid, signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGINT, err
+    assert 'evaluation stopped by signal 2 after' in err and 'nothing was published' in err
+    assert 'Traceback' not in out + err
+    assert leftovers(tmp_path) == [] and not os.path.exists(tmp_path / 'data' / 'val')
+
+
+@pytest.mark.slow
 def test_the_benchmark_measures_openvino_beside_pytorch_in_one_run(checkpoint, tmp_path):
     [(status, out, err)] = run_clis([('benchmark', [
         '--backbones', 'vovnet39', '--checkpoint', checkpoint, '--size', '65', '--warmup', '1', '--iters', '2',
