@@ -15,7 +15,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # Threads per test process: the machine's cores shared among pytest-xdist's workers (2 cores, 2 workers: one each),
 # so that a worker and the commands its tests start do not oversubscribe the cores the other worker runs on.
 WORKERS = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))
-THREADS = str(max(1, min(2, len(os.sched_getaffinity(0)) // WORKERS)))
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+THREADS = str(max(1, min(2, CORES // WORKERS)))
 torch.set_num_threads(int(THREADS))
 os.environ['OMP_NUM_THREADS'] = THREADS  # the commands the tests start, as many (training's results depend on it)
 
