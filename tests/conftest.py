@@ -332,6 +332,3 @@ def user_workspace(tmp_path_factory):
     assert succeeded(saved), saved.stderr[-3000:]
     commit = publish_to_cache(str(folder / 'hf_home' / 'hub'), 'org/m', str(folder / 'hub' / 'm'))
     return folder, commit
-
-
-
