@@ -35,8 +35,10 @@ _memory_backed_temp_root()
 
 # The modules in the order of their measured time, the longest first: pytest-xdist hands whole modules to its workers
 # in collection order, and the longest first lets the workers finish together (the others follow, alphabetically).
-LONGEST_FIRST = ['test_quantize', 'test_real_faults', 'test_deployed', 'test_scale', 'test_decoder', 'test_tools',
-                 'test_hub', 'test_models', 'test_readme', 'test_user_faults', 'test_imagenet', 'test_faults']
+# test_user_faults goes first: it builds the user workspace that test_readme, later, then finds made.
+LONGEST_FIRST = ['test_user_faults', 'test_quantize', 'test_real_faults', 'test_deployed', 'test_scale',
+                 'test_decoder', 'test_tools', 'test_hub', 'test_models', 'test_readme', 'test_imagenet',
+                 'test_faults']
 
 
 def pytest_collection_modifyitems(items):
@@ -122,16 +124,19 @@ def run_process(tmp_path):
     return run
 
 
-def train_in(folder, argv) -> None:
-    """Run main.py's command line with `folder` as the working directory (for module-scoped fixtures, which
-    cannot use monkeypatch); the run must succeed."""
-    import main
+def train_in(folder, argv, module='main') -> None:
+    """Run main.py's (or `module`'s) command line with `folder` as the working directory (for module-scoped
+    fixtures, which cannot use monkeypatch); the run must succeed."""
+    import importlib
+    cli = importlib.import_module(module).cli
     cwd = os.getcwd()
     os.chdir(folder)
     try:
-        assert main.cli([str(a) for a in argv]) == 0
+        assert cli([str(a) for a in argv]) == 0
     finally:
         os.chdir(cwd)
+        for handler in list(logging.getLogger().handlers):
+            logging.getLogger().removeHandler(handler)
 
 
 @pytest.fixture
@@ -313,13 +318,9 @@ def publish_to_cache(cache: str, repo: str, folder: str) -> str:
     return commit
 
 
-@pytest.fixture(scope='session')
-def user_workspace(tmp_path_factory):
-    """A folder with the synthetic data (voc/), the checkpoint of a 1-epoch run of main.py --train (data/), its
-    evaluation's figures (data/eval.json), its hub folder (hub/m, written by hub.py save) and that folder in the
-    Hugging Face cache as org/m, each made by the README's command in a process of its own."""
+def build_user_workspace(folder) -> str:
+    """Write the user workspace (see `user_workspace`) into `folder`; returns the commit of its Hub cache entry."""
     import synthetic
-    folder = tmp_path_factory.mktemp('user')
     synthetic.generate(str(folder / 'voc'), num_train=8, num_val=4, seed=0, min_size=40, max_size=64)
     trained = command(['main.py', *USER_TRAIN, '--exp', 't', '--scratch', '--data_root', 'voc'], folder)
     assert succeeded(trained), trained.stderr[-3000:]
@@ -330,5 +331,34 @@ def user_workspace(tmp_path_factory):
     saved = command(['hub.py', 'save', '--checkpoint', USER_CKPT, '--output', 'hub/m', '--metrics', 'data/eval.json',
                      '--license', 'mit'], folder)
     assert succeeded(saved), saved.stderr[-3000:]
-    commit = publish_to_cache(str(folder / 'hf_home' / 'hub'), 'org/m', str(folder / 'hub' / 'm'))
+    return publish_to_cache(str(folder / 'hf_home' / 'hub'), 'org/m', str(folder / 'hub' / 'm'))
+
+
+@pytest.fixture(scope='session')
+def user_workspace(tmp_path_factory):
+    """A folder with the synthetic data (voc/), the checkpoint of a 1-epoch run of main.py --train (data/), its
+    evaluation's figures (data/eval.json), its hub folder (hub/m, written by hub.py save) and that folder in the
+    Hugging Face cache as org/m, each made by the README's command in a process of its own.
+
+    Made once per test run: the first pytest-xdist worker that needs it builds it beside the workers' own folders
+    (under a lock, which the others wait on), and each worker works on a copy of its own, since tests run commands
+    in it and check what they leave there."""
+    import json
+
+    from filelock import FileLock
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base) / 'user-workspace'  # the run's folder
+    with FileLock(str(shared) + '.lock'):
+        if not (shared / 'commit').is_file():
+            shutil.rmtree(shared, ignore_errors=True)
+            built = shared.with_name(shared.name + '.partial')
+            shutil.rmtree(built, ignore_errors=True)
+            built.mkdir()
+            commit = build_user_workspace(built)
+            (built / 'commit').write_text(json.dumps(commit))
+            os.rename(built, shared)
+    folder = tmp_path_factory.mktemp('user')
+    shutil.copytree(shared, folder, symlinks=True, dirs_exist_ok=True)
+    commit = json.loads((folder / 'commit').read_text())
+    os.unlink(folder / 'commit')
     return folder, commit

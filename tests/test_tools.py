@@ -361,8 +361,8 @@ def test_export_without_onnxruntime_says_it_did_not_check(small_checkpoint, tmp_
 
 
 @pytest.mark.slow
-def test_the_demo_generates_trains_evaluates_and_reports_the_evaluations_mean_iou(tmp_path, run_process):
-    """The quick start's command, in a fresh process as a user runs it (smaller)."""
+def test_the_demo_generates_trains_evaluates_and_reports_the_evaluations_mean_iou(tmp_path, run_process, run_cli):
+    """The quick start's command, in a fresh process as a user runs it (smaller); its second run in this process."""
     flags = ['--root', tmp_path / 'synthetic', '--output_dir', tmp_path / 'demo', '--train_images', '8',
              '--val_images', '4', '--epochs', '1', '--batch_size', '4', '--crop_size', '65', '--workers', '0']
     status, out, err = run_process('demo.py', *flags)
@@ -374,7 +374,7 @@ def test_the_demo_generates_trains_evaluates_and_reports_the_evaluations_mean_io
     assert os.path.isfile(tmp_path / 'demo' / 'deeplab_vovnet39_pascal_v3_demo_epoch1.pth')
     # A second run keeps the dataset it finds, and says so when other sizes were asked for.
     flags[flags.index('--val_images') + 1] = '6'
-    status, out, err = run_process('demo.py', *flags)
+    status, out, err = run_cli(*flags, module='demo')
     assert status == 0, err
     assert 'using the dataset already in' in out and '8 + 4 images' in out and 'generating' not in out
     assert 'on 4 synthetic validation images' in out
