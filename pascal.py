@@ -302,6 +302,9 @@ def build_dataset(name: str, root: str | None, split: str, transforms, num_class
         raise UserError(f'unknown dataset {name!r}; choose one of {", ".join(DATASETS)} '
                         f'(any dataset in VOC\'s list layout is read as pascal, see README).')
     root = root or DEFAULT_ROOTS[name]
+    if os.path.exists(root) and not os.path.isdir(root):
+        holding = 'VOC2012/ or list/' if name == 'pascal' else 'leftImg8bit/ and gtFine/'
+        raise UserError(f'the dataset folder {root} is a file. Point --data_root at the folder holding {holding}.')
     if not os.path.isdir(root):
         what = ('PASCAL VOC 2012 with SBD\'s SegmentationClassAug and list.zip (see README, "PASCAL VOC 2012")'
                 if name == 'pascal' else 'Cityscapes leftImg8bit and gtFine')

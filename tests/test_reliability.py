@@ -51,6 +51,16 @@ def test_missing_dataset_root(workdir, run_cli):
     assert outputs(workdir) == []
 
 
+def test_a_dataset_root_that_is_a_file_is_named_as_a_file(workdir, voc_copy, run_cli, released_checkpoint):
+    listed = os.path.join(voc(voc_copy), 'list', 'val.txt')
+    checkpoint = released_checkpoint(deeplab.vovnet39())
+    for argv in (TRAIN, [*EVAL, '--checkpoint', checkpoint]):
+        status, out, err = run_cli(*argv, '--data_root', listed, '--workers', '0')
+        assert_clean_failure((status, out, err), f'the dataset folder {listed} is a file', 'VOC2012/ or list/')
+        assert 'does not exist' not in err
+    assert outputs(workdir) == [str(checkpoint)]
+
+
 def test_missing_list_file(workdir, voc_copy, run_cli):
     os.remove(os.path.join(voc(voc_copy), 'list', 'train_aug.txt'))
     assert_clean_failure(run_cli(*TRAIN, '--data_root', voc_copy, '--workers', '0'), 'list/train_aug.txt')
