@@ -436,10 +436,6 @@ def measure(fn, backbone, model_name, config, args) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _fmt(value, spec):
-    return '-' if value is None else format(value, spec)
-
-
 def default_backbones() -> tuple[str, ...]:
     """All eight backbones, or the original six where timm, which the eSE-VoVNets need, is not installed."""
     if importlib.util.find_spec('timm') is None:
@@ -589,16 +585,25 @@ def run(args) -> list[dict]:
 
 
 def _row(r, mode) -> str:
+    """One result's line; a figure that was not measured (energy on a CPU, the ratios and agreement of a run
+    without the original's row, the parameters of an exported file) is left out rather than shown as a dash."""
+    def part(prefix, value, spec, unit, ratio=None):
+        if value is None:
+            return None
+        return f'{prefix}{format(value, spec)}{unit}' + ('' if ratio is None else f' (x{ratio:.2f})')
     if mode == 'inference':
-        return (f'{label(r["backbone"], r["model"]):<12} {r["config"]:<22} {_fmt(r.get("latency_ms"), "9.1f")} ms '
-                f'(x{_fmt(r.get("time_ratio"), ".2f")})  peak {_fmt(r.get("peak_mb"), "7.0f")} MB '
-                f'(x{_fmt(r.get("memory_ratio"), ".2f")})  {_fmt(r.get("joules_per_frame"), "6.2f")} J/frame  '
-                f'{_fmt(r["params"] and r["params"] / 1e6, "5.1f")} M params  {_fmt(r.get("gflops"), "6.1f")} GFLOPs  '
-                f'argmax agreement {_fmt(r.get("argmax_agreement"), "6.2f")}%  (warm-up {r["warmup_s"]:.1f} s)')
-    return (f'{label(r["backbone"], r["model"]):<12} {r["config"]:<22} {r["step_ms"]:9.1f} ms/step '
-            f'(x{_fmt(r.get("time_ratio"), ".2f")})'
-            f'  {r["images_per_s"]:7.2f} img/s  peak {_fmt(r.get("peak_mb"), "7.0f")} MB '
-            f'(x{_fmt(r.get("memory_ratio"), ".2f")})  (warm-up {r["warmup_s"]:.1f} s)')
+        parts = [part('', r.get('latency_ms'), '9.1f', ' ms', r.get('time_ratio')),
+                 part('peak ', r.get('peak_mb'), '7.0f', ' MB', r.get('memory_ratio')),
+                 part('', r.get('joules_per_frame'), '6.2f', ' J/frame'),
+                 part('', r['params'] and r['params'] / 1e6, '5.1f', ' M params'),
+                 part('', r.get('gflops'), '6.1f', ' GFLOPs'),
+                 part('argmax agreement ', r.get('argmax_agreement'), '6.2f', '%')]
+    else:
+        parts = [part('', r['step_ms'], '9.1f', ' ms/step', r.get('time_ratio')),
+                 part('', r['images_per_s'], '7.2f', ' img/s'),
+                 part('peak ', r.get('peak_mb'), '7.0f', ' MB', r.get('memory_ratio'))]
+    shown = '  '.join(p for p in parts if p is not None)
+    return f'{label(r["backbone"], r["model"]):<12} {r["config"]:<22} {shown}  (warm-up {r["warmup_s"]:.1f} s)'
 
 
 def cli(argv=None) -> int:

@@ -321,3 +321,5 @@ def test_the_benchmark_measures_an_exported_file_as_it_is(exported, tmp_path):
         assert status == 0 and 'Traceback' not in out + err, err
         rows = [line for line in out.splitlines() if line.startswith('vovnet39')]
         assert len(rows) == 1 and runtime in rows[0] and ' ms ' in rows[0], out
+        # no baseline, no parameter count: those figures are left out, not shown as dashes
+        assert ' ms  peak ' in rows[0] and ' -' not in rows[0].split(')', 1)[1] and '(x' not in rows[0], rows[0]
