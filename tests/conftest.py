@@ -124,9 +124,9 @@ def run_process(tmp_path):
     return run
 
 
-def train_in(folder, argv, module='main') -> None:
-    """Run main.py's (or `module`'s) command line with `folder` as the working directory (for module-scoped
-    fixtures, which cannot use monkeypatch); the run must succeed."""
+def cli_in(folder, argv, module='main') -> None:
+    """Run main.py's (or `module`'s) command line in this process with `folder` as the working directory (for
+    module-scoped fixtures, which cannot use monkeypatch); the run must succeed."""
     import importlib
     cli = importlib.import_module(module).cli
     cwd = os.getcwd()

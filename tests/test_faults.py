@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from conftest import train_in
+from conftest import cli_in
 
 import main
 
@@ -23,7 +23,7 @@ ARGS = ['--train', '--exp', 'f', '--backbone', 'vovnet39', '--scratch', '--epoch
 @pytest.fixture(scope='module')
 def uninterrupted(synthetic_root, tmp_path_factory):
     folder = tmp_path_factory.mktemp('uninterrupted')
-    train_in(folder, ARGS + ['--data_root', synthetic_root])
+    cli_in(folder, ARGS + ['--data_root', synthetic_root])
     return torch.load(folder / 'data' / f'{RUN}_epoch3.pth', weights_only=True)['state_dict']
 
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import randomize, train_in
+from conftest import cli_in, randomize
 
 import deeplab
 import errors
@@ -264,7 +264,7 @@ def ese_run(synthetic_root, tmp_path_factory):
     """ese_vovnet39b trained for one epoch from a timm state dict given with --pretrained_path."""
     folder = tmp_path_factory.mktemp('ese')
     torch.save(timm_model('ese_vovnet39b', seed=1).state_dict(), folder / 'timm.pth')
-    train_in(folder, ['--train', '--exp', 'e', '--epochs', '1', '--backbone', 'ese_vovnet39b', '--crop_size', '65',
+    cli_in(folder, ['--train', '--exp', 'e', '--epochs', '1', '--backbone', 'ese_vovnet39b', '--crop_size', '65',
                       '--batch_size', '4', '--workers', '0', '--seed', '0', '--base_lr', '0.01', '--data_root',
                       synthetic_root, '--pretrained_path', folder / 'timm.pth'])
     return folder

@@ -7,7 +7,7 @@ import pytest
 import reference
 import torch
 import torch.nn.functional as F
-from conftest import randomize, train_in
+from conftest import cli_in, randomize
 from PIL import Image
 from test_metrics import original_inter_and_union
 
@@ -27,7 +27,7 @@ TRAIN = ['--train', '--exp', 't', '--epochs', '1', '--backbone', 'vovnet39', '--
 def trained(synthetic_root, tmp_path_factory):
     """A folder in which a 1-epoch training run has written its checkpoint."""
     folder = tmp_path_factory.mktemp('run')
-    train_in(folder, TRAIN + ['--data_root', synthetic_root])
+    cli_in(folder, TRAIN + ['--data_root', synthetic_root])
     return folder
 
 

@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import randomize, train_in
+from conftest import cli_in, randomize
 from PIL import Image
 
 import deeplab
@@ -21,7 +21,7 @@ TRAIN = ['--train', '--exp', 'x', '--backbone', 'vovnet39', '--scratch', '--crop
 def run3(synthetic_root, tmp_path_factory):
     """An uninterrupted 3-epoch run with a checkpoint every epoch and validation every 2 epochs."""
     folder = tmp_path_factory.mktemp('run3')
-    train_in(folder, TRAIN + ['--epochs', '3', '--save_every', '1', '--val_every', '2', '--print_freq', '1',
+    cli_in(folder, TRAIN + ['--epochs', '3', '--save_every', '1', '--val_every', '2', '--print_freq', '1',
                               '--data_root', synthetic_root])
     return folder
 
