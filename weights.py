@@ -21,6 +21,7 @@ import torch
 
 import checkpoints
 import deeplab
+import deployed
 import files
 import imagenet
 import published
@@ -38,7 +39,24 @@ def read(reference: str, what: str = 'checkpoint') -> dict:
     `config` and `revision`). `what` names the reference in messages ('--init', 'the checkpoint to resume')."""
     if published.is_reference(reference):
         return published.read(reference)
+    exported, ir = deployed.kind(reference), os.path.splitext(reference)[0] + '.xml'
+    if exported or (reference.lower().endswith('.bin') and os.path.isfile(ir) and not _zip(reference)):
+        which = (f'an exported model ({exported})' if exported else
+                 f'the weights file of the exported model {ir} (OpenVINO IR)')
+        raise UserError(f'{what} {reference} is {which}, which runs but does not rebuild a PyTorch model. To '
+                        f'evaluate, predict with or benchmark it, give {"it" if exported else ir} to main.py, '
+                        f'predict.py or benchmark.py --checkpoint; to train from it, export or publish it, give the '
+                        f'checkpoint it was exported from (its metadata names it).')
     return checkpoints.load(reference, what)
+
+
+def _zip(path: str) -> bool:
+    """Whether `path` is a zip file, as torch.save writes (a checkpoint may be named .bin)."""
+    try:
+        with open(path, 'rb') as f:
+            return f.read(4) == b'PK\x03\x04'
+    except OSError:
+        return False
 
 
 def is_published(reference: str | None) -> bool:

@@ -240,10 +240,19 @@ deployed.save_ir(deployed.to_openvino(five, 65, 65), 'five.xml', 'five.bin',
                    ['vov.bin', 'its weights']))  # the IR's .bin is an input too
     checks.append(('benchmark', ['--checkpoint', 'vov.xml', '--configs', 'fp32'],
                    ['vov.xml is an exported file, measured as it is']))
+    # What needs a PyTorch model (export, publishing, training from it) names the exported file as such.
+    rebuild = 'give the checkpoint it was exported from'
+    checks.append(('export', ['--checkpoint', 'vov.xml', '--output', 'again.onnx'],
+                   ['checkpoint vov.xml is an exported model (OpenVINO IR)', rebuild]))
+    checks.append(('hub', ['save', '--checkpoint', 'vov.bin', '--output', 'published'],
+                   ['vov.bin is the weights file of the exported model vov.xml', 'give vov.xml to main.py', rebuild]))
+    checks.append(('main', ['--train', '--exp', 'd', '--epochs', '1', '--backbone', 'vovnet39', '--init', 'vov.onnx',
+                            '--data_root', synthetic_root], ['--init vov.onnx is an exported model (ONNX)', rebuild]))
     results = run_clis([(module, argv) for module, argv, _ in checks], tmp_path)
     for (_, _, needles), result in zip(checks, results):
         refused(result, *needles)
     assert not os.path.exists('masks') and not os.path.exists('data/val')
+    assert not os.path.exists('again.onnx') and not os.path.exists('published') and not os.path.exists('data')
 
 
 def test_export_refuses_outputs_over_its_inputs_and_names_that_contradict_the_format(checkpoint, tmp_path,
