@@ -309,7 +309,8 @@ def train(args, rt: runs.Runtime) -> None:
         state.last_checkpoint = path
 
     metrics = files.MetricsWriter(log_folder(args), info.is_main, resume=resume is not None)
-    progress = utils.Progress(args.epochs, iterations, args.batch_size, args.print_freq, state.iteration, metrics)
+    progress = utils.Progress(args.epochs, iterations, per_process * info.world_size, args.print_freq,
+                              state.iteration, metrics, epoch_images=sampler.per_process * info.world_size)
     try:
         with errors.GracefulStop() as stop:
             # Reading the losses synchronises the host with the device: on GPUs, at the logging rhythm only.

@@ -291,11 +291,15 @@ class Pace:
 class Progress:
     """A training line every `print_freq` iterations and at the end of each epoch (epoch, iteration, lr, loss and
     its epoch's mean, images/s, time left), and the same numbers in the metrics log. `step` takes the run's
-    iteration (1-based, over all epochs), as `engine.Monitor` passes it."""
+    iteration (1-based, over all epochs), as `engine.Monitor` passes it.
+
+    `batch_size` is the images of a step over all processes, `epoch_images` those of an epoch (default: every step
+    a full batch): an epoch's last step holds the rest, which images/s counts as it is."""
 
     def __init__(self, epochs: int, iterations: int, batch_size: int, print_freq: int, first_iteration: int,
-                 metrics):
+                 metrics, epoch_images: int | None = None):
         self.epochs, self.iterations, self.batch_size, self.print_freq = epochs, iterations, batch_size, print_freq
+        self.last_batch = batch_size if epoch_images is None else epoch_images - (iterations - 1) * batch_size
         self.max_iterations, self.metrics = epochs * iterations, metrics
         self.start, self.first_iteration = time.time(), first_iteration
         self.steady_images, self.steady_seconds, self.windows = 0, 0.0, 0
@@ -307,7 +311,7 @@ class Progress:
     def step(self, iteration: int, lr: float, loss: float) -> None:
         epoch, batch_index = divmod(iteration - 1, self.iterations)
         self.losses.append(loss)
-        self.window_images += self.batch_size
+        self.window_images += self.batch_size if batch_index + 1 < self.iterations else self.last_batch
         if iteration % self.print_freq and batch_index + 1 != self.iterations:
             return
         now = time.time()
