@@ -16,6 +16,7 @@ is one reader, called from `read`.
 import logging
 import os
 import re
+import zipfile
 
 import torch
 
@@ -40,7 +41,8 @@ def read(reference: str, what: str = 'checkpoint') -> dict:
     if published.is_reference(reference):
         return published.read(reference)
     exported, ir = deployed.kind(reference), os.path.splitext(reference)[0] + '.xml'
-    if exported or (reference.lower().endswith('.bin') and os.path.isfile(ir) and not _zip(reference)):
+    if exported or (reference.lower().endswith('.bin') and os.path.isfile(ir)
+                    and not zipfile.is_zipfile(reference)):  # torch.save writes zips; a checkpoint may be .bin
         which = (f'an exported model ({exported})' if exported else
                  f'the weights file of the exported model {ir} (OpenVINO IR)')
         raise UserError(f'{what} {reference} is {which}, which runs but does not rebuild a PyTorch model. To '
@@ -48,15 +50,6 @@ def read(reference: str, what: str = 'checkpoint') -> dict:
                         f'predict.py or benchmark.py --checkpoint; to train from it, export or publish it, give the '
                         f'checkpoint it was exported from (its metadata names it).')
     return checkpoints.load(reference, what)
-
-
-def _zip(path: str) -> bool:
-    """Whether `path` is a zip file, as torch.save writes (a checkpoint may be named .bin)."""
-    try:
-        with open(path, 'rb') as f:
-            return f.read(4) == b'PK\x03\x04'
-    except OSError:
-        return False
 
 
 def is_published(reference: str | None) -> bool:

@@ -96,6 +96,13 @@ def voc_copy(synthetic_root, tmp_path):
     return root
 
 
+def drop_log_handlers() -> None:
+    """Remove the handlers a script's command line added: they write to streams (a test's captured ones) that are
+    closed after it."""
+    for handler in list(logging.getLogger().handlers):
+        logging.getLogger().removeHandler(handler)
+
+
 @pytest.fixture
 def run_cli(capsys):
     """Run main.py's command line in this process; returns (exit status, stdout, stderr)."""
@@ -106,9 +113,8 @@ def run_cli(capsys):
             status = cli([str(a) for a in argv])
         except SystemExit as e:  # argparse's usage errors
             status = e.code
-        finally:  # the script's log handlers write to this call's captured streams, which pytest closes later
-            for handler in list(logging.getLogger().handlers):
-                logging.getLogger().removeHandler(handler)
+        finally:
+            drop_log_handlers()
         out, err = capsys.readouterr()
         return status, out, err
     return run
@@ -135,8 +141,7 @@ def cli_in(folder, argv, module='main') -> None:
         assert cli([str(a) for a in argv]) == 0
     finally:
         os.chdir(cwd)
-        for handler in list(logging.getLogger().handlers):
-            logging.getLogger().removeHandler(handler)
+        drop_log_handlers()
 
 
 @pytest.fixture

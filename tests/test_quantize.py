@@ -317,29 +317,26 @@ def test_images_per_second_counts_the_images_of_an_epochs_shorter_last_batch(mon
     clock = iter([0.0, 0.0, 1.0, 2.0])  # start, epoch, then a window of 2 steps ending at 1 s and 1 more at 2 s
     monkeypatch.setattr(utils, 'time', types.SimpleNamespace(time=lambda: next(clock)))
 
-    class Rates:
-        rows = []
+    rows = []
 
+    class Rates:
         def write(self, iteration, **row):
-            self.rows.append(row['images_per_s'])
+            rows.append(row['images_per_s'])
     progress = utils.Progress(epochs=1, iterations=3, batch_size=4, print_freq=2, first_iteration=0,
                               metrics=Rates(), epoch_images=10)
     for iteration in range(1, 4):
         progress.step(iteration, 0.1, 1.0)
-    assert Rates.rows == [8.0, 2.0]  # 4 + 4 images in the first second, the last 2 in the next
+    assert rows == [8.0, 2.0]  # 4 + 4 images in the first second, the last 2 in the next
     # main.py tells it: 8 images at --batch_size 64 are one step of 8, not of 64.
     monkeypatch.undo()
-    made = []
-    monkeypatch.setattr(utils, 'Progress', lambda *a, **k: made.append((a, k)) or utils_progress(*a, **k))
+    made, real = [], utils.Progress
+    monkeypatch.setattr(utils, 'Progress', lambda *a, **k: made.append((a, k)) or real(*a, **k))
     monkeypatch.chdir(tmp_path)
     status, _, err = run_cli('--train', '--exp', 'b', '--epochs', '1', '--backbone', 'vovnet39', '--scratch',
                              '--crop_size', '65', '--batch_size', '64', '--workers', '0', '--data_root', synthetic_root)
     assert status == 0, err
     (args, kwargs), = made
     assert args[1:3] == (1, 64) and kwargs['epoch_images'] == 8
-
-
-utils_progress = utils.Progress
 
 
 def test_training_on_a_gpu_loads_data_with_the_cpus_of_each_process_but_one(monkeypatch):
