@@ -11,6 +11,7 @@ import checkpoints
 import deeplab
 import engine
 import errors
+import utils
 
 TRAIN = ['--train', '--exp', 'r', '--epochs', '1', '--backbone', 'vovnet39', '--scratch', '--crop_size', '65',
          '--batch_size', '4', '--seed', '0']
@@ -506,3 +507,15 @@ def test_the_demo_names_the_flag_that_makes_its_training_set_too_small(workdir, 
                      module='demo')
     assert_clean_failure(result, 'the training set has 1 image', '--train_images', '--root')
     assert outputs(workdir / 'out') == []
+
+
+def test_the_first_non_finite_tensor_is_found_whatever_its_sum():
+    big = torch.full((4,), 3e38)  # finite values whose sum overflows to infinity: not a reason to refuse
+    half = torch.full((3,), 60000.0, dtype=torch.float16)  # the same in float16
+    for bad in (float('nan'), float('inf'), -float('inf')):
+        tensor = torch.ones(5)
+        tensor[3] = bad
+        assert utils.first_non_finite({'a': torch.ones(2), 'b': big, 'c': half, 'd': tensor, 'e': tensor}) == 'd'
+    cancelling = torch.tensor([float('inf'), -float('inf'), 1.0])  # a sum of NaN
+    assert utils.first_non_finite({'big': big, 'half': half, 'x': cancelling}) == 'x'
+    assert utils.first_non_finite({'big': big, 'half': half, 'n': torch.tensor(7), 'empty': torch.zeros(0)}) is None
