@@ -62,7 +62,7 @@ def run(args, rt: runs.Runtime) -> float:
         model = net = runs.exported_model(path, args, execution.device, dataset.num_classes, args.backbone)
         execution = inference.Execution(execution.device)  # the runtime's precision, NCHW
     else:
-        model = model_for(args, dataset.num_classes, checkpoint)
+        model = model_for(args, dataset.num_classes, checkpoint, filled=True)
         weights.load_weights(model, checkpoint['state_dict'], path)
         model = execution.prepare(model)
         net = int8_model(args, model, execution.device) if args.quantize else torch.compile(model) if args.compile \

@@ -34,11 +34,12 @@ def eval_loader(dataset, args, info: utils.DistInfo, device: torch.device):
     return loader_of(dataset, 1, pascal.ShardSampler(len(dataset), info.rank, info.world_size), args, device)
 
 
-def model_for(args, num_classes: int, checkpoint: dict | None = None, resume: bool = False) -> deeplab.DeepLabV3:
-    """The model of this run, with random weights: the flags' backbone and options, the dataset's classes,
-    --output_stride. From a checkpoint, what it recorded, with the flags' options over it when resuming (a
-    mismatch is then load_weights' message) and under it when evaluating, but for a --backbone and a --model given,
-    which it must then hold."""
+def model_for(args, num_classes: int, checkpoint: dict | None = None, resume: bool = False,
+              filled: bool = False) -> deeplab.DeepLabV3:
+    """The model of this run, with random weights (`filled`: uninitialised, for load_weights to fill with all of a
+    checkpoint's): the flags' backbone and options, the dataset's classes, --output_stride. From a checkpoint, what
+    it recorded, with the flags' options over it when resuming (a mismatch is then load_weights' message) and under
+    it when evaluating, but for a --backbone and a --model given, which it must then hold."""
     chosen = getattr(args, 'model', None)
     flags = dict(model=chosen or 'deeplabv3', backbone=args.backbone, num_groups=args.groups,
                  weight_std=args.weight_std, beta=args.beta)
@@ -48,8 +49,8 @@ def model_for(args, num_classes: int, checkpoint: dict | None = None, resume: bo
     recorded = weights.recorded_args(checkpoint)
     if resume:
         return deeplab.build_model(**{**recorded, **flags, **fixed})
-    return deeplab.build_model(**{**flags, **recorded, 'backbone': args.backbone,
-                                  **({'model': chosen} if chosen else {}), **fixed})
+    return (weights.empty if filled else deeplab.build_model)(
+        **{**flags, **recorded, 'backbone': args.backbone, **({'model': chosen} if chosen else {}), **fixed})
 
 
 def exported_model(path: str, args, device: torch.device, num_classes: int | None = None,
