@@ -5,6 +5,7 @@ running processes, batches without a labelled pixel, and an environment torchrun
 
 Each asserts the exit status, the file or flag named, no traceback, and the file system afterwards."""
 import glob
+import io
 import json
 import os
 import resource
@@ -75,11 +76,20 @@ def script(module, args, cwd, file_size=None, memory_above=None, env=None, **kwa
                           preexec_fn=limits, env=dict(os.environ, OMP_NUM_THREADS=THREADS, **(env or {})), **kwargs)
 
 
+_CHECKPOINTS: dict[tuple, bytes] = {}  # the bytes of each small checkpoint made, written again for each test
+
+
 def small_checkpoint(path, backbone='vovnet39', classes=21, seed=7):
-    model = randomize(deeplab.build_model(backbone, num_classes=classes), seed=seed)
-    with torch.no_grad():
-        model.aspp.conv3.bias.copy_(torch.linspace(-1, 1, classes))
-    torch.save({'epoch': 1, 'state_dict': model.state_dict()}, path)
+    key = backbone, classes, seed
+    if key not in _CHECKPOINTS:
+        model = randomize(deeplab.build_model(backbone, num_classes=classes), seed=seed)
+        with torch.no_grad():
+            model.aspp.conv3.bias.copy_(torch.linspace(-1, 1, classes))
+        buffer = io.BytesIO()
+        torch.save({'epoch': 1, 'state_dict': model.state_dict()}, buffer)
+        _CHECKPOINTS[key] = buffer.getvalue()
+    with open(path, 'wb') as f:
+        f.write(_CHECKPOINTS[key])
     return path
 
 
