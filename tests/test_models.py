@@ -247,9 +247,12 @@ def test_released_checkpoint_loads_and_gives_the_same_logits(backbone, released_
 def test_every_tensor_of_a_model_is_in_its_state_dict_so_a_checkpoint_fills_an_uninitialised_one(model):
     """weights.empty builds a model without initial weights for load_weights to fill: a buffer left out of the
     state dict (persistent=False) would keep uninitialised memory."""
-    for backbone in deeplab.SPECS:
+    variants = [(backbone, {}) for backbone in deeplab.SPECS] + [
+        ('resnet50', {'num_groups': 32}), ('resnet50', {'weight_std': True, 'num_groups': 32}),
+        ('resnet101', {'beta': True}), ('vovnet39', {'num_groups': 32})]
+    for backbone, options in variants:
         with torch.device('meta'):
-            built = deeplab.build_model(backbone, model=model)
+            built = deeplab.build_model(backbone, model=model, **options)
         held = set(built.state_dict())
         assert [n for n, _ in built.named_buffers() if n not in held] == [], backbone
         assert [n for n, _ in built.named_parameters() if n not in held] == [], backbone
