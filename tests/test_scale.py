@@ -309,7 +309,7 @@ def test_channels_last_and_bf16_logits_agree_with_fp32():
 
 
 @pytest.mark.slow
-def test_benchmark_smoke(tmp_path):
+def test_benchmark_smoke(tmp_path, run_cli):
     result = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmark.py'), '--backbones', 'vovnet39',
                              '--device', 'cpu', '--size', '65', '--warmup', '1', '--iters', '2', '--configs',
                              'fp32+cl,bf16+cl+fold', '--json', tmp_path / 'b.json'],
@@ -321,12 +321,12 @@ def test_benchmark_smoke(tmp_path):
     import json
     data = json.load(open(tmp_path / 'b.json'))
     assert data['results'][0]['time_ratio'] == 1.0 and data['results'][1]['argmax_agreement'] > 99
-    train = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmark.py'), '--mode', 'train', '--backbones',
-                            'vovnet39', '--device', 'cpu', '--crop', '65', '--batch', '2', '--warmup', '1',
-                            '--iters', '1', '--configs', 'fp32+cl', '--no_isolate'],
-                           capture_output=True, text=True, timeout=300)
-    assert train.returncode == 0, train.stderr[-3000:]
-    assert re.search(r'vovnet39\s+fp32\+cl\s+[\d.]+ ms/step \(x[\d.]+\)\s+[\d.]+ img/s', train.stdout)
+    # the training benchmark in this process: the command ran as a fresh process above
+    status, out, err = run_cli('--mode', 'train', '--backbones', 'vovnet39', '--device', 'cpu', '--crop', '65',
+                               '--batch', '2', '--warmup', '1', '--iters', '1', '--configs', 'fp32+cl', '--no_isolate',
+                               module='benchmark')
+    assert status == 0, err[-3000:]
+    assert re.search(r'vovnet39\s+fp32\+cl\s+[\d.]+ ms/step \(x[\d.]+\)\s+[\d.]+ img/s', out)
 
 
 @pytest.mark.parametrize('flags,message', [
