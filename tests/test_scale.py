@@ -1,5 +1,7 @@
 """torchrun/DDP on CPU (gloo), mixed precision, channels-last, the fused optimizer, and the benchmark's smoke test."""
 import copy
+import functools
+import io
 import json
 import os
 import re
@@ -329,6 +331,14 @@ def test_benchmark_smoke(tmp_path, run_cli):
     assert re.search(r'vovnet39\s+fp32\+cl\s+[\d.]+ ms/step \(x[\d.]+\)\s+[\d.]+ img/s', out)
 
 
+@functools.cache
+def vovnet39_checkpoint() -> bytes:
+    """A VoVNet-39 checkpoint's bytes, made once for the benchmark's refusals."""
+    buffer = io.BytesIO()
+    torch.save({'state_dict': deeplab.vovnet39().state_dict()}, buffer)
+    return buffer.getvalue()
+
+
 @pytest.mark.parametrize('flags,message', [
     (['--configs', 'fp32,fp33'], "--configs: unknown token 'fp33'"),
     (['--device', 'tpu'], '--device tpu is not a device'),
@@ -342,7 +352,8 @@ def test_benchmark_smoke(tmp_path, run_cli):
 def test_benchmark_refuses_what_would_fail_before_measuring_anything(flags, message, tmp_path, monkeypatch, run_cli):
     monkeypatch.chdir(tmp_path)
     (tmp_path / 'a_file').write_text('')
-    torch.save({'state_dict': deeplab.vovnet39().state_dict()}, 'vov.pth')
+    with open('vov.pth', 'wb') as f:
+        f.write(vovnet39_checkpoint())
     status, out, err = run_cli('--device', 'cpu', '--size', '65', '--iters', '1', '--backbones', 'vovnet39', *flags,
                                module='benchmark')
     assert status == 1 and message in err and 'Traceback' not in err, err
