@@ -45,6 +45,9 @@ def test_torchrun_two_processes_train_and_evaluate_like_one(synthetic_root, tmp_
 
     evaluation = torchrun(2, COMMON + ['--data_root', synthetic_root, '--no-save_predictions'], tmp_path)
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+    # its progress printed once, from rank 0 (moved here from test_inference, whose own torchrun evaluation it was)
+    assert re.findall(r'^evaluating  image (\d+)/2 ', evaluation.stdout, re.M) == ['1', '2']  # rank 0's share
+    assert 'evaluating  image' not in evaluation.stderr
     distributed = re.findall(r'^Mean IoU: (\d+\.\d\d)$', evaluation.stdout, re.M)
     monkeypatch.chdir(tmp_path)
     status, out, err = run_cli(*COMMON, '--data_root', synthetic_root)
