@@ -11,7 +11,6 @@ import pytest
 import torch
 from conftest import USER_CKPT, USER_SMALL, USER_TRAIN, randomize
 from PIL import Image
-from test_real_faults import script
 from torch import nn
 
 import checkpoints
@@ -249,18 +248,20 @@ def test_an_int8_export_that_onnx_runtime_would_reject_is_refused_before_any_wor
 
 
 @pytest.mark.slow
-def test_an_int8_export_that_fails_writing_leaves_neither_file(user_workspace, tmp_path, mount):
+def test_an_int8_export_that_fails_writing_leaves_neither_file(user_workspace, tmp_path, mount, run_cli,
+                                                                monkeypatch):
     """A disk with room for the fp32 file (118 MB) but not for the int8 one beside it: the int8 step fails for
     real (ENOSPC) and the fp32 file, written first, is not left behind either."""
     folder, _ = user_workspace
     disk = mount('disk', '125m')
     if disk is None:
         pytest.skip('this process may not mount a tmpfs (not root)')
-    result = script('export', ['--checkpoint', folder / USER_CKPT, '--output', disk / 'm.onnx', '--quantize', 'int8',
+    monkeypatch.chdir(folder)
+    status, out, err = run_cli('--checkpoint', folder / USER_CKPT, '--output', disk / 'm.onnx', '--quantize', 'int8',
                                '--calibration_input', folder / 'voc' / 'VOC2012' / 'JPEGImages', '--calibration', '2',
-                               '--height', '65', '--width', '65'], folder)
-    assert result.returncode == 1 and 'Traceback' not in result.stdout + result.stderr, result.stderr[-2000:]
-    assert 'No space left on device' in result.stderr and '--output' in result.stderr
+                               '--height', '65', '--width', '65', module='export')
+    assert status == 1 and 'Traceback' not in out + err, err[-2000:]
+    assert 'No space left on device' in err and '--output' in err
     assert os.listdir(disk) == []
 
 
