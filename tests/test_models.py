@@ -257,7 +257,9 @@ def test_every_tensor_of_a_model_is_in_its_state_dict_so_a_checkpoint_fills_an_u
         assert [n for n, _ in built.named_buffers() if n not in held] == [], backbone
         assert [n for n, _ in built.named_parameters() if n not in held] == [], backbone
     source = randomize(deeplab.vovnet39(num_classes=3, model=model), seed=2).eval()
+    stream = torch.get_rng_state()
     empty = weights.empty(backbone='vovnet39', num_classes=3, model=model)
+    assert torch.equal(torch.get_rng_state(), stream)  # no initial weights drawn: the random stream is untouched
     weights.load_weights(empty, source.state_dict(), 'source.pth')
     x = torch.randn(1, 3, 65, 65)
     with torch.no_grad():
