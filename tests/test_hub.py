@@ -191,14 +191,11 @@ def test_evaluation_figures_go_into_the_card_and_a_published_model_evaluates_pre
     photos = tmp_path / 'photos'
     photos.mkdir()
     Image.fromarray(np.full((50, 60, 3), 90, np.uint8)).save(photos / 'p.png')
-    status, _, err = run_cli('--checkpoint', 'hf://me/vov', '--input', photos, '--output', 'masks', module='predict')
-    assert status == 0 and os.path.isfile('masks/p.png'), err
-    status, out, err = run_cli('--checkpoint', 'published', '--output', 'm.onnx', '--height', '65', '--width', '65',
-                               module='export')
-    assert status == 0 and os.path.isfile('m.onnx'), err
-    status, out, err = run_cli('--checkpoint', 'hf://me/vov', '--height', '65', '--width', '65', '--no_check',
-                               module='export')
+    status, _, err = run_cli('--checkpoint', 'published', '--input', photos, '--output', 'masks', module='predict')
+    assert status == 0 and os.path.isfile('masks/p.png'), err  # the folder itself, as hub.py save wrote it
+    status, out, err = run_cli('--checkpoint', 'hf://me/vov', '--height', '65', '--width', '65', module='export')
     assert status == 0 and os.path.isfile('vov.onnx'), err  # named after the repository, here
+    assert 'argmax agreement 100.0000%' in out + err, out + err  # checked against PyTorch
     status, out, err = run_cli('--backbones', 'vovnet39', '--checkpoint', 'hf://me/vov', '--size', '65', '--warmup',
                                '0', '--iters', '1', '--configs', 'fp32', '--no_isolate', module='benchmark')
     assert status == 0, err
