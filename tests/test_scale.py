@@ -1,4 +1,5 @@
 """torchrun/DDP on CPU (gloo), mixed precision, channels-last, the fused optimizer, and the benchmark's smoke test."""
+import contextlib
 import copy
 import functools
 import io
@@ -27,6 +28,17 @@ def torchrun(nproc, args, cwd, script=MAIN):
     return subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone',
                            f'--nproc_per_node={nproc}', script] + [str(a) for a in args],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """This process's PyTorch on one thread for a while, as torchrun's workers run here."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.slow
@@ -59,12 +71,13 @@ def test_torchrun_two_processes_train_and_evaluate_like_one(synthetic_root, tmp_
 
 
 @pytest.mark.slow
-def test_two_processes_compute_the_loss_and_update_of_one_over_the_whole_batch(synthetic_root, tmp_path):
+def test_two_processes_compute_the_loss_and_update_of_one_over_the_whole_batch(synthetic_root, tmp_path,
+                                                                               monkeypatch, run_cli):
     # GroupNorm everywhere (ResNet --groups), so that nothing but the loss depends on how the batch is split:
-    # then 2 processes x 2 images must train as 1 x 4. Averaging each process's own mean loss instead weighs
-    # pixels by how many labelled pixels their process has (rel. difference 3e-4 here, against 5e-9 now). Both
-    # runs use one thread per process (torchrun's workers here do): the thread count alone changes the weights
-    # by 1e-6 on some CPUs and 3e-5 on others (AMD EPYC Zen 5: 1 vs 2 threads, this run).
+    # then 2 processes x 2 images must train as 1 x 4 (main.py without torchrun, in this process). Averaging each
+    # process's own mean loss instead weighs pixels by how many labelled pixels their process has (rel. difference
+    # 3e-4 here, against 5e-9 now). Both runs use one thread per process (torchrun's workers here do): the thread
+    # count alone changes the weights by 1e-6 on some CPUs and 3e-5 on others (AMD EPYC Zen 5: 1 vs 2 threads).
     args = ['--train', '--scratch', '--exp', 'split', '--backbone', 'resnet50', '--groups', '32', '--epochs', '1',
             '--crop_size', '65', '--workers', '0', '--batch_size', '4', '--seed', '0', '--base_lr', '0.007',
             '--print_freq', '1', '--data_root', synthetic_root]
@@ -72,8 +85,14 @@ def test_two_processes_compute_the_loss_and_update_of_one_over_the_whole_batch(s
     for nproc in (1, 2):
         folder = tmp_path / str(nproc)
         folder.mkdir()
-        result = torchrun(nproc, args, folder)
-        assert result.returncode == 0, result.stderr[-3000:]
+        if nproc == 1:
+            monkeypatch.chdir(folder)
+            with one_thread():
+                status, _, err = run_cli(*args)
+            assert status == 0, err
+        else:
+            result = torchrun(nproc, args, folder)
+            assert result.returncode == 0, result.stderr[-3000:]
         weights = torch.load(folder / 'data' / 'deeplab_resnet50_pascal_v3_split_epoch1.pth',
                              weights_only=True)['state_dict']
         lines = (folder / 'data' / 'logs' / 'deeplab_resnet50_pascal_v3_split' / 'metrics.jsonl').read_text()
