@@ -235,7 +235,7 @@ def test_released_checkpoint_loads_and_gives_the_same_logits(backbone, released_
     assert checkpoint['epoch'] == 50
     assert all(k.startswith('module.') for k in checkpoint['state_dict'])
     assert any(k.endswith('num_batches_tracked') for k in checkpoint['state_dict'])
-    model = deeplab.build_model(backbone).eval()
+    model = weights.empty(backbone=backbone).eval()  # as weights.model_from_checkpoint builds it to load
     weights.load_weights(model, checkpoint['state_dict'], str(path))
     x = torch.randn(1, 3, 65, 65)
     with torch.no_grad():
