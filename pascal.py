@@ -514,12 +514,11 @@ class Batches:
         """Shut the workers down now. A worker killed by the signal that stopped the loop (SIGTERM to the process
         group: `kill -- -PGID`, a scheduler's cancel) makes PyTorch's SIGCHLD handler raise while they are joined;
         the loop has ended already, so that is no error of its own (left to `__del__`, it printed a traceback)."""
-        iterator, self._iterator = self._iterator, None
-        shutdown = getattr(iterator, '_shutdown_workers', None)  # absent without workers
-        if shutdown is None:
-            return
         try:
-            shutdown()
-        except RuntimeError as e:
+            iterator, self._iterator = self._iterator, None
+            shutdown = getattr(iterator, '_shutdown_workers', None)  # absent without workers
+            if shutdown is not None:
+                shutdown()
+        except RuntimeError as e:  # raised by the handler wherever it runs, not by shutdown() only
             if 'DataLoader worker (pid' not in str(e):
                 raise

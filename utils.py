@@ -350,6 +350,9 @@ def exit_status(run: Callable[[], object], out_of_memory_advice: str | None = No
         try:
             run()
         except (RuntimeError, MemoryError) as e:
+            stop = _stop_behind(e)
+            if stop is not None:
+                raise stop from None
             if out_of_memory_advice is None or not out_of_memory(e):
                 raise
             raise UserError(f'out of memory ({first_line(e)}): {out_of_memory_advice}.') from None
@@ -365,6 +368,18 @@ def exit_status(run: Callable[[], object], out_of_memory_advice: str | None = No
         print('interrupted', file=sys.stderr)
         return 128 + signal.SIGINT
     return 0
+
+
+def _stop_behind(e: BaseException) -> Interrupted | None:
+    """The interruption a data-loading worker's death was raised over: a signal to the process group stops the
+    run and kills its workers, and PyTorch's SIGCHLD handler may raise that death anywhere while the stop unwinds
+    (seen while the loader was being closed)."""
+    if 'DataLoader worker (pid' not in str(e):
+        return None
+    context = e.__context__
+    while context is not None and not isinstance(context, Interrupted):
+        context = context.__context__
+    return context
 
 
 def _reports() -> bool:

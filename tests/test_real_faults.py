@@ -26,7 +26,9 @@ from PIL import Image
 import checkpoints
 import deeplab
 import engine
+import errors
 import pascal
+import utils
 
 pytestmark = pytest.mark.slow  # faults produced for real: processes, signals, mounts
 
@@ -467,6 +469,25 @@ def test_a_worker_killed_while_the_loop_shuts_its_workers_down_is_no_error(monke
     worker = batches._iterator._workers[0]
     batches.close()
     assert worker.exitcode == -signal.SIGTERM and unraisable == []  # killed during the join, and nothing printed
+
+
+def test_a_workers_death_raised_while_a_stop_unwinds_is_still_the_stop(capsys):
+    """PyTorch's SIGCHLD handler raises a data-loading worker's death wherever the main process is: a signal to the
+    process group stops the run and kills the worker, and the handler may run while the stop unwinds (seen in a
+    real run: in Batches.close, before it joined the workers). The run ends as the stop, not with a traceback."""
+    def stopped_then_worker_died():
+        try:
+            raise errors.Interrupted(signal.SIGTERM, 'evaluation stopped by signal 15 after 3 of 800 images; '
+                                                     'nothing was published')
+        finally:
+            raise RuntimeError('DataLoader worker (pid 4242) is killed by signal: Terminated. ')
+    assert utils.exit_status(stopped_then_worker_died) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err == 'evaluation stopped by signal 15 after 3 of 800 images; nothing was published\n'
+
+    def worker_died():  # without a stop it is the failure it is
+        raise RuntimeError('DataLoader worker (pid 4242) is killed by signal: Killed. ')
+    with pytest.raises(RuntimeError, match='is killed by signal'):
+        utils.exit_status(worker_died)
 
 
 def test_a_signal_during_prediction_leaves_whole_files_only(tmp_path):
