@@ -152,12 +152,19 @@ def raise_for_loader(e: BaseException, iterator, out_of_memory_advice: str) -> N
     raise_if_worker_died(e, iterator)
 
 
+def worker_died(e: BaseException) -> bool:
+    """Whether `e` is PyTorch's report of a data-loading worker's death ("DataLoader worker (pid ...) exited
+    unexpectedly", "... is killed by signal", raised by the loader or its SIGCHLD handler), not an exception the
+    worker raised ("Caught ... in DataLoader worker process")."""
+    return isinstance(e, RuntimeError) and 'DataLoader worker (pid' in str(e)
+
+
 def raise_if_worker_died(e: BaseException, iterator=None) -> None:
     """Turn PyTorch's "DataLoader worker (pid ...) exited unexpectedly" into a message with the cause: the signal or
     status the worker ended with (`iterator`, the loader's, knows its workers)."""
+    if not worker_died(e):
+        return
     text = str(e)
-    if not isinstance(e, RuntimeError) or 'DataLoader worker (pid' not in text:  # not an exception the worker
-        return                                                                  # raised ("Caught ... in ...")
     causes = []
     for worker in getattr(iterator, '_workers', []):
         code = worker.exitcode

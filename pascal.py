@@ -520,5 +520,5 @@ class Batches:
             if shutdown is not None:
                 shutdown()
         except RuntimeError as e:  # raised by the handler wherever it runs, not by shutdown() only
-            if 'DataLoader worker (pid' not in str(e):
+            if not errors.worker_died(e):
                 raise

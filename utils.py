@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from errors import Interrupted, UserError, first_line, out_of_memory
+from errors import Interrupted, UserError, first_line, out_of_memory, worker_died
 
 IGNORE_INDEX = 255
 # What the models, the data and the published models' configs all read: ImageNet's input normalisation, the
@@ -374,7 +374,7 @@ def _stop_behind(e: BaseException) -> Interrupted | None:
     """The interruption a data-loading worker's death was raised over: a signal to the process group stops the
     run and kills its workers, and PyTorch's SIGCHLD handler may raise that death anywhere while the stop unwinds
     (seen while the loader was being closed)."""
-    if 'DataLoader worker (pid' not in str(e):
+    if not worker_died(e):
         return None
     context = e.__context__
     while context is not None and not isinstance(context, Interrupted):
