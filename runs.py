@@ -49,7 +49,7 @@ def model_for(args, num_classes: int, checkpoint: dict | None = None, resume: bo
     recorded = weights.recorded_args(checkpoint)
     if resume:
         return deeplab.build_model(**{**recorded, **flags, **fixed})
-    return (weights.empty if filled else deeplab.build_model)(
+    return (deeplab.empty if filled else deeplab.build_model)(
         **{**flags, **recorded, 'backbone': args.backbone, **({'model': chosen} if chosen else {}), **fixed})
 
 

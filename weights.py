@@ -27,7 +27,7 @@ import imagenet
 import published
 import utils
 from checkpoints import strip_prefixes
-from deeplab import MODELS, SPECS, DeepLabV3, build_model, describe
+from deeplab import MODELS, SPECS, DeepLabV3, build_model, describe, empty
 from errors import UserError, few, short_error
 
 log = logging.getLogger(__name__)
@@ -136,29 +136,6 @@ def load_weights(model: DeepLabV3, state_dict: dict[str, torch.Tensor], source: 
                     'pass the --groups it was trained with.')
         raise UserError(f'{source} does not fit the model: {len(missing)} missing keys {few(missing)}, '
                         f'{len(unexpected)} unexpected keys {few(unexpected)}.{hint}')
-
-
-class _NoInit(torch.overrides.TorchFunctionMode):
-    """Initialisation left out: torch.nn.init's functions and the tensors' random fills return their tensor as it is
-    (memory from torch.empty), each a no-op."""
-
-    DRAWS = {torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.bernoulli_, torch.Tensor.random_,
-             torch.Tensor.exponential_, torch.Tensor.log_normal_, torch.Tensor.cauchy_, torch.Tensor.geometric_}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in self.DRAWS or getattr(func, '__module__', None) == 'torch.nn.init':
-            return args[0] if args else kwargs['tensor']
-        return func(*args, **(kwargs or {}))
-
-
-def empty(**args) -> DeepLabV3:
-    """`build_model(**args)` without drawing the initial weights that a checkpoint's then replace (its tensors keep
-    the uninitialised memory they were made with): 0.009 s instead of 0.196 s for VoVNet-39, 0.024 s instead of
-    0.567 s for ResNet-101 (medians of 5, one thread). Only for a model that `load_weights` then fills: it refuses
-    a state dict missing any tensor, and the models keep no buffer outside their state dict. (Not the meta device
-    and `to_empty`: in a fresh process their first use imported torch._dynamo and sympy, 1.1 s.)"""
-    with _NoInit():
-        return build_model(**args)
 
 
 def recorded_args(checkpoint: dict) -> dict:

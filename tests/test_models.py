@@ -235,7 +235,7 @@ def test_released_checkpoint_loads_and_gives_the_same_logits(backbone, released_
     assert checkpoint['epoch'] == 50
     assert all(k.startswith('module.') for k in checkpoint['state_dict'])
     assert any(k.endswith('num_batches_tracked') for k in checkpoint['state_dict'])
-    model = weights.empty(backbone=backbone).eval()  # as weights.model_from_checkpoint builds it to load
+    model = deeplab.empty(backbone=backbone).eval()  # as weights.model_from_checkpoint builds it to load
     weights.load_weights(model, checkpoint['state_dict'], str(path))
     x = torch.randn(1, 3, 65, 65)
     with torch.no_grad():
@@ -245,7 +245,7 @@ def test_released_checkpoint_loads_and_gives_the_same_logits(backbone, released_
 @pytest.mark.parametrize('model', deeplab.MODELS)
 @pytest.mark.slow
 def test_every_tensor_of_a_model_is_in_its_state_dict_so_a_checkpoint_fills_an_uninitialised_one(model):
-    """weights.empty builds a model without initial weights for load_weights to fill: a buffer left out of the
+    """deeplab.empty builds a model without initial weights for load_weights to fill: a buffer left out of the
     state dict (persistent=False) would keep uninitialised memory."""
     variants = [(backbone, {}) for backbone in deeplab.SPECS] + [
         ('resnet50', {'num_groups': 32}), ('resnet50', {'weight_std': True, 'num_groups': 32}),
@@ -258,7 +258,7 @@ def test_every_tensor_of_a_model_is_in_its_state_dict_so_a_checkpoint_fills_an_u
         assert [n for n, _ in built.named_parameters() if n not in held] == [], backbone
     source = randomize(deeplab.vovnet39(num_classes=3, model=model), seed=2).eval()
     stream = torch.get_rng_state()
-    empty = weights.empty(backbone='vovnet39', num_classes=3, model=model)
+    empty = deeplab.empty(backbone='vovnet39', num_classes=3, model=model)
     assert torch.equal(torch.get_rng_state(), stream)  # no initial weights drawn: the random stream is untouched
     weights.load_weights(empty, source.state_dict(), 'source.pth')
     x = torch.randn(1, 3, 65, 65)
