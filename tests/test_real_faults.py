@@ -78,6 +78,39 @@ def script(module, args, cwd, file_size=None, memory_above=None, env=None, **kwa
                           preexec_fn=limits, env=dict(os.environ, OMP_NUM_THREADS=THREADS, **(env or {})), **kwargs)
 
 
+def scripts(calls, cwd, memory_above):
+    """Run command lines (module, args) one after the other in one new Python process under script()'s memory
+    limit (set once, after importing every module): (exit status, stdout, stderr) of each, as run_cli gives them.
+    For failures whose process boundary is the limit, not a fresh interpreter for each command."""
+    code = textwrap.dedent(f'''
+        import contextlib, io, json, logging, resource, sys
+        sys.path.insert(0, {ROOT!r})
+        import torch, torch._dynamo  # as script() does
+        calls = {[(m, [str(a) for a in args]) for m, args in calls]!r}
+        modules = [__import__(m) for m, _ in calls]
+        size = int(next(l for l in open('/proc/self/status') if l.startswith('VmSize')).split()[1]) << 10
+        limit = size + ({memory_above!r} << 20)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        results = []
+        for module, (_, argv) in zip(modules, calls):
+            out, err = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                try:
+                    status = module.cli(argv)
+                except SystemExit as e:
+                    status = e.code
+                finally:
+                    for handler in list(logging.getLogger().handlers):
+                        logging.getLogger().removeHandler(handler)
+            results.append([status, out.getvalue(), err.getvalue()])
+        print(json.dumps(results))
+    ''')
+    result = subprocess.run([sys.executable, '-c', code], cwd=cwd, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS=THREADS))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [tuple(r) for r in json.loads(result.stdout.splitlines()[-1])]
+
+
 _CHECKPOINTS: dict[tuple, bytes] = {}  # the bytes of each small checkpoint made, written again for each test
 
 
@@ -373,15 +406,15 @@ def test_large_photos_are_predicted_in_windows_within_a_memory_limit_that_whole_
         tmp_path / 'in' / 'big.jpg')
     args = ['--checkpoint', ckpt, '--input', tmp_path / 'in', '--crop_size', '257', '--amp', 'off']  # fp32
     # Above what importing took, on 2 cores of an AMD EPYC (Zen 4): windows need 310-330 MB, the whole photo 867.
-    windows = script('predict', args + ['--output', tmp_path / 'w', '--window_above', '1'], tmp_path,
-                     memory_above=560)
-    assert windows.returncode == 0, windows.stderr[-3000:]
-    assert '(1300x1100, windows)' in windows.stdout
+    windows, whole, huge = scripts([('predict', args + ['--output', tmp_path / 'w', '--window_above', '1']),
+                                    ('predict', args + ['--output', tmp_path / 'o', '--whole']),
+                                    ('predict', args + ['--output', tmp_path / 'c', '--crop_size', '60000'])],
+                                   tmp_path, memory_above=560)
+    assert windows[0] == 0, windows[2][-3000:]
+    assert '(1300x1100, windows)' in windows[1]
     assert Image.open(tmp_path / 'w' / 'big.png').size == (1300, 1100)
-    whole = script('predict', args + ['--output', tmp_path / 'o', '--whole'], tmp_path, memory_above=560)
     assert_clean_failure(whole, 'out of memory predicting', 'big.jpg (1300x1100)', 'in windows')
     assert leftovers(tmp_path / 'o') == [] and not os.path.exists(tmp_path / 'o' / 'big.png')
-    huge = script('predict', args + ['--output', tmp_path / 'c', '--crop_size', '60000'], tmp_path, memory_above=560)
     assert_clean_failure(huge, 'out of memory predicting', 'lower --batch_size or --crop_size')
 
 
@@ -390,17 +423,18 @@ def test_out_of_memory_in_evaluation_and_training_is_a_message_naming_what_to_lo
                                                                                    tmp_path):
     small_checkpoint(tmp_path / 'ckpt.pth')
     base = ['--backbone', 'vovnet39', '--workers', workers, '--data_root', synthetic_root]
-    # Padding an image to a 20000 x 20000 canvas (4.8 GB), in this process or its data-loading worker.
-    evaluation = script('main', ['--exp', 'f', '--epochs', '1', '--crop_size', '20000', '--checkpoint', 'ckpt.pth']
-                        + base, tmp_path, memory_above=900)
-    assert_clean_failure(evaluation, 'out of memory preparing', '--crop_size that fits in memory')
-    assert leftovers(tmp_path) == [] and not os.path.exists(tmp_path / 'data' / 'val')
     train = ['--train', '--exp', 'f', '--epochs', '1', '--scratch', '--seed', '0'] + base
-    training = script('main', train + ['--crop_size', '20000', '--batch_size', '4'], tmp_path, memory_above=900)
-    assert_clean_failure(training, 'out of memory preparing a batch', 'lower --batch_size or --crop_size')
+    calls = [  # padding an image to a 20000 x 20000 canvas (4.8 GB), in this process or its data-loading worker
+        ('main', ['--exp', 'f', '--epochs', '1', '--crop_size', '20000', '--checkpoint', 'ckpt.pth'] + base),
+        ('main', train + ['--crop_size', '20000', '--batch_size', '4'])]
     if workers == '0':  # a training step whose activations do not fit: 8 crops of 1025 x 1025
-        step = script('main', train + ['--crop_size', '1025', '--batch_size', '8'], tmp_path, memory_above=900)
-        assert_clean_failure(step, 'out of memory in a training step', 'Lower --batch_size or --crop_size')
+        calls.append(('main', train + ['--crop_size', '1025', '--batch_size', '8']))
+    evaluation, training, *step = scripts(calls, tmp_path, memory_above=900)
+    assert_clean_failure(evaluation, 'out of memory preparing', '--crop_size that fits in memory')
+    assert_clean_failure(training, 'out of memory preparing a batch', 'lower --batch_size or --crop_size')
+    for result in step:
+        assert_clean_failure(result, 'out of memory in a training step', 'Lower --batch_size or --crop_size')
+    assert leftovers(tmp_path) == [] and not os.path.exists(tmp_path / 'data' / 'val')
     assert not glob.glob(str(tmp_path / 'data' / '*.pth'))
 
 
