@@ -112,16 +112,16 @@ def test_without_seed_every_process_shards_the_same_random_permutation(tmp_path)
     script.write_text('import json, pascal, runs, utils\n'
                       'info, _ = utils.init_distributed("cpu")\n'
                       'seed = runs.initial_seed(None)\n'
-                      'shard = list(pascal.TrainSampler(10, 1, seed, info.rank, info.world_size))\n'
+                      'shard = list(pascal.TrainSampler(11, 1, seed, info.rank, info.world_size))\n'
                       'with open(f"rank{info.rank}.json", "w") as f:\n'
                       '    json.dump({"seed": seed, "shard": shard}, f)\n'
                       'utils.cleanup_distributed()\n')
-    result = torchrun(3, [], tmp_path, script=str(script))
+    result = torchrun(2, [], tmp_path, script=str(script))
     assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f'rank{r}.json').read_text()) for r in range(3)]
+    ranks = [json.loads((tmp_path / f'rank{r}.json').read_text()) for r in range(2)]
     assert len({r['seed'] for r in ranks}) == 1
     seen = [i for r in ranks for i in r['shard']]
-    assert len(seen) == 12 and set(seen) == set(range(10))  # all ten, padded to 3 x 4 as DistributedSampler does
+    assert len(seen) == 12 and set(seen) == set(range(11))  # all eleven, padded to 2 x 6 as DistributedSampler does
 
 
 def test_distributed_evaluation_sees_every_image_exactly_once():
