@@ -437,6 +437,7 @@ def empty(**args) -> DeepLabV3:
     with _NoInit():
         return build_model(**args)
 
+
 # The original's API: one builder per backbone, e.g. deeplab.vovnet39(num_classes=21). Options: num_classes=21,
 # output_stride=16, num_groups=None, weight_std=False, beta=False (the last two ResNet only). The models are built
 # here with random weights; `weights.vovnet39(pretrained=True)` (the same builders in the weights layer) loads the
