@@ -1,4 +1,5 @@
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -289,6 +290,42 @@ def command(args, cwd, **env):
     script = args[0] if args[0] == '-c' else os.path.join(ROOT, args[0])
     return subprocess.run([sys.executable, script, *map(str, args[1:])], cwd=cwd, env=environ, capture_output=True,
                           text=True, timeout=600)
+
+
+RUNNER = """
+import contextlib, io, json, logging, sys
+calls, results = json.load(open(sys.argv[1])), []
+for module, argv, setup in calls:
+    if setup:
+        exec(setup)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status = __import__(module).cli(argv)
+        except SystemExit as e:
+            status = e.code
+        finally:
+            for handler in list(logging.getLogger().handlers):
+                logging.getLogger().removeHandler(handler)
+    results.append([status, out.getvalue(), err.getvalue()])
+json.dump(results, open(sys.argv[2], 'w'))
+"""
+
+
+def run_clis(calls, cwd) -> list[tuple[int, str, str]]:
+    """Run (module, argv[, python run first]) command lines one after the other in one fresh process, in `cwd`;
+    returns (exit status, stdout, stderr) of each, as run_cli does. For command lines whose process boundary is
+    not what a test checks, where one process each would only repeat the imports."""
+    cwd = str(cwd)
+    with open(os.path.join(cwd, '.calls.json'), 'w') as f:
+        json.dump([(c[0], [str(a) for a in c[1]], c[2] if len(c) > 2 else None) for c in calls], f)
+    result = command(['-c', RUNNER, '.calls.json', '.results.json'], cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(os.path.join(cwd, '.results.json')) as f:
+        results = [tuple(r) for r in json.load(f)]
+    os.unlink(os.path.join(cwd, '.calls.json'))
+    os.unlink(os.path.join(cwd, '.results.json'))
+    return results
 
 
 def succeeded(result) -> bool:

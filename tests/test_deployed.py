@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, cli_in, command, succeeded
+from conftest import ROOT, cli_in, command, run_clis, succeeded
 from PIL import Image
 
 pytest.importorskip('openvino')
@@ -19,42 +19,8 @@ EVAL = ['--exp', 'd', '--epochs', '1', '--backbone', 'vovnet39', '--crop_size', 
 
 # Exported models run in fresh processes, never in pytest's: after OpenVINO and ONNX Runtime models had run in one
 # process, that process segfaulted now and then later on (a signal raised in it, or a later test; seen in CI and
-# reproduced outside pytest; docs/deployment.md). Each test's command lines run in one process of their own.
-RUNNER = """
-import contextlib, io, json, logging, sys
-calls, results = json.load(open(sys.argv[1])), []
-for module, argv, setup in calls:
-    if setup:
-        exec(setup)
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            status = __import__(module).cli(argv)
-        except SystemExit as e:
-            status = e.code
-        finally:
-            for handler in list(logging.getLogger().handlers):
-                logging.getLogger().removeHandler(handler)
-    results.append([status, out.getvalue(), err.getvalue()])
-json.dump(results, open(sys.argv[2], 'w'))
-"""
-
-
-def run_clis(calls, cwd) -> list[tuple[int, str, str]]:
-    """Run (module, argv[, python run first]) command lines one after the other in one fresh process, in `cwd`;
-    returns (exit status, stdout, stderr) of each, as run_cli does."""
-    cwd = str(cwd)
-    with open(os.path.join(cwd, '.calls.json'), 'w') as f:
-        json.dump([(c[0], [str(a) for a in c[1]], c[2] if len(c) > 2 else None) for c in calls], f)
-    result = command(['-c', RUNNER, '.calls.json', '.results.json'], cwd)
-    assert result.returncode == 0, result.stderr[-3000:]
-    with open(os.path.join(cwd, '.results.json')) as f:
-        results = [tuple(r) for r in json.load(f)]
-    os.unlink(os.path.join(cwd, '.calls.json'))
-    os.unlink(os.path.join(cwd, '.results.json'))
-    return results
-
-
+# reproduced outside pytest; docs/deployment.md). Each test's command lines run in one process of their own
+# (conftest.run_clis).
 def masks(folder) -> dict[str, np.ndarray]:
     return {os.path.basename(f): np.asarray(Image.open(f)) for f in sorted(glob.glob(os.path.join(folder, '*.png')))}
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, THREADS, randomize
+from conftest import ROOT, THREADS, randomize, run_clis
 from PIL import Image
 
 import checkpoints
@@ -80,35 +80,14 @@ def script(module, args, cwd, file_size=None, memory_above=None, env=None, **kwa
 
 def scripts(calls, cwd, memory_above):
     """Run command lines (module, args) one after the other in one new Python process under script()'s memory
-    limit (set once, after importing every module): (exit status, stdout, stderr) of each, as run_cli gives them.
-    For failures whose process boundary is the limit, not a fresh interpreter for each command."""
-    code = textwrap.dedent(f'''
-        import contextlib, io, json, logging, resource, sys
-        sys.path.insert(0, {ROOT!r})
-        import torch, torch._dynamo  # as script() does
-        calls = {[(m, [str(a) for a in args]) for m, args in calls]!r}
-        modules = [__import__(m) for m, _ in calls]
+    limit (set once, after importing torch, dynamo and the modules): (exit status, stdout, stderr) of each, as
+    run_cli gives them. For failures that the limit makes, not a fresh interpreter for each command."""
+    limit = textwrap.dedent(f'''
+        import resource, torch, torch._dynamo, {', '.join(sorted({m for m, _ in calls}))}
         size = int(next(l for l in open('/proc/self/status') if l.startswith('VmSize')).split()[1]) << 10
-        limit = size + ({memory_above!r} << 20)
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-        results = []
-        for module, (_, argv) in zip(modules, calls):
-            out, err = io.StringIO(), io.StringIO()
-            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-                try:
-                    status = module.cli(argv)
-                except SystemExit as e:
-                    status = e.code
-                finally:
-                    for handler in list(logging.getLogger().handlers):
-                        logging.getLogger().removeHandler(handler)
-            results.append([status, out.getvalue(), err.getvalue()])
-        print(json.dumps(results))
+        resource.setrlimit(resource.RLIMIT_AS, (size + ({memory_above} << 20),) * 2)
     ''')
-    result = subprocess.run([sys.executable, '-c', code], cwd=cwd, capture_output=True, text=True, timeout=300,
-                            env=dict(os.environ, OMP_NUM_THREADS=THREADS))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return [tuple(r) for r in json.loads(result.stdout.splitlines()[-1])]
+    return run_clis([(module, args, limit if i == 0 else None) for i, (module, args) in enumerate(calls)], cwd)
 
 
 _CHECKPOINTS: dict[tuple, bytes] = {}  # the bytes of each small checkpoint made, written again for each test
