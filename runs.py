@@ -47,10 +47,10 @@ def model_for(args, num_classes: int, checkpoint: dict | None = None, resume: bo
     if checkpoint is None:
         return deeplab.build_model(**flags, **fixed)
     recorded = weights.recorded_args(checkpoint)
+    build = deeplab.empty if filled else deeplab.build_model
     if resume:
-        return deeplab.build_model(**{**recorded, **flags, **fixed})
-    return (deeplab.empty if filled else deeplab.build_model)(
-        **{**flags, **recorded, 'backbone': args.backbone, **({'model': chosen} if chosen else {}), **fixed})
+        return build(**{**recorded, **flags, **fixed})
+    return build(**{**flags, **recorded, 'backbone': args.backbone, **({'model': chosen} if chosen else {}), **fixed})
 
 
 def exported_model(path: str, args, device: torch.device, num_classes: int | None = None,

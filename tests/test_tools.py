@@ -48,15 +48,45 @@ def test_checkpoints_every_save_every_epochs_and_the_best_one(run3):
 @pytest.mark.slow
 def test_resuming_from_an_intermediate_epoch_gives_the_uninterrupted_weights(run3, synthetic_root, tmp_path,
                                                                              monkeypatch, run_cli):
+    import main
     monkeypatch.chdir(tmp_path)
+    built = []  # the model's initial draws left out (the checkpoint holds its random state)
+    real = main.model_for
+    monkeypatch.setattr(main, 'model_for', lambda *a, **k: built.append(k['filled']) or real(*a, **k))
     status, out, err = run_cli(*TRAIN, '--epochs', '3', '--data_root', synthetic_root, '--val_every', '2',
                                '--resume', run3 / 'data' / 'deeplab_vovnet39_pascal_v3_x_epoch1.pth')
     assert status == 0, err
-    assert 'resuming from' in out and 'at epoch 2, iteration 2' in out
+    assert 'resuming from' in out and 'at epoch 2, iteration 2' in out and built == [True]
     assert_same_weights(state_of('data/deeplab_vovnet39_pascal_v3_x_epoch3.pth'),
                         state_of(run3 / 'data' / 'deeplab_vovnet39_pascal_v3_x_epoch3.pth'))
     resumed = torch.load('data/deeplab_vovnet39_pascal_v3_x_epoch3.pth', weights_only=True)
     assert resumed['iteration'] == 6 and resumed['epoch'] == 3
+
+
+@pytest.mark.slow
+def test_a_resumed_model_is_built_without_the_initial_draws_its_checkpoint_replaces(run3, synthetic_root, tmp_path,
+                                                                                 monkeypatch, run_cli):
+    """A checkpoint with its random state replaces every weight and the state the initial draws leave: they are
+    left out. A file without that state (an older one) is resumed on the weights drawn as before."""
+    import main
+    monkeypatch.chdir(tmp_path)
+    built = []
+    real = main.model_for
+    monkeypatch.setattr(main, 'model_for', lambda *a, **k: built.append(k['filled']) or real(*a, **k))
+    older = torch.load(run3 / 'data' / 'deeplab_vovnet39_pascal_v3_x_epoch2.pth', weights_only=True)
+    del older['rng']
+    torch.save(older, 'older.pth')
+    status, out, err = run_cli(*TRAIN, '--epochs', '3', '--data_root', synthetic_root, '--resume', 'older.pth')
+    assert status == 0, err
+    assert 'at epoch 3, iteration 4' in out and built == [False]
+    # the model main.py builds with the file's random state: nothing drawn, every tensor then loaded
+    args = main.get_args_parser().parse_args([*TRAIN, '--epochs', '3'])
+    stream = torch.get_rng_state()
+    model = real(args, 21, older, resume=True, filled=True)
+    assert torch.equal(torch.get_rng_state(), stream)
+    weights.load_weights(model, older['state_dict'], 'older.pth')
+    real(args, 21, older, resume=True, filled=False)
+    assert not torch.equal(torch.get_rng_state(), stream)
 
 
 @pytest.mark.slow
