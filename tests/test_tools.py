@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import cli_in, randomize
+from conftest import cli_in, randomize, run_clis
 from PIL import Image
 
 import deeplab
@@ -215,8 +215,9 @@ def test_output_stride_8_trains_and_evaluates(synthetic_root, tmp_path, monkeypa
 
 
 @pytest.mark.slow
-def test_a_custom_dataset_with_its_own_classes(voc_copy, tmp_path, monkeypatch, run_process):
-    """The README's custom-dataset commands, as fresh processes."""
+def test_a_custom_dataset_with_its_own_classes(voc_copy, tmp_path, monkeypatch):
+    """The custom-dataset commands of docs/usage.md (training, then evaluation) in a fresh process, one after the
+    other (conftest.run_clis): nothing imported beforehand, one import of the library for both."""
     masks = voc_copy / 'VOC2012' / 'SegmentationClassAug'
     for name in os.listdir(masks):
         m = np.asarray(Image.open(masks / name))
@@ -226,10 +227,10 @@ def test_a_custom_dataset_with_its_own_classes(voc_copy, tmp_path, monkeypatch, 
     monkeypatch.chdir(tmp_path)
     common = ['--exp', 'mine', '--backbone', 'vovnet39', '--epochs', '1', '--crop_size', '65', '--workers', '0',
               '--data_root', voc_copy, '--num_classes', '4', '--class_names', names]
-    status, _, err = run_process('main.py', '--train', '--scratch', '--batch_size', '4', *common)
+    train = ('main', ['--train', '--scratch', '--batch_size', '4', *common])
+    (status, _, err), (evaluated, out, errors) = run_clis([train, ('main', common)], tmp_path)
     assert status == 0, err
-    status, out, err = run_process('main.py', *common)
-    assert status == 0, err
+    assert evaluated == 0, errors
     assert all(f'IoU {n}: ' in out for n in ('sky', 'road', 'car', 'tree')) and 'IoU aeroplane' not in out
 
 
