@@ -66,6 +66,26 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
+_INITIAL: dict = {}
+
+
+def initial_model(backbone: str = 'vovnet39', **args) -> torch.nn.Module:
+    """`deeplab.build_model(backbone, **args)` for a test that needs a model of random weights, not the drawing
+    of them: the builder's initial weights are drawn once per test process for these arguments (seed 0; the random
+    stream is left as it was) and copied into an uninitialised model (deeplab.empty) on every call. 0.07 s instead
+    of 0.26 s for VoVNet-39, 0.16 s instead of 0.62 s for ResNet-101; each call's model is its own. Tests of the
+    builders and of the initialisation call the builders."""
+    import deeplab
+    key = (backbone, tuple(sorted(args.items())))
+    if key not in _INITIAL:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            _INITIAL[key] = deeplab.build_model(backbone, **args).state_dict()
+    model = deeplab.empty(backbone=backbone, **args)
+    model.load_state_dict(_INITIAL[key])
+    return model
+
+
 @pytest.fixture
 def released_checkpoint(tmp_path):
     """Write a checkpoint in the released format: {'epoch', 'state_dict' with `module.`, 'optimizer'}."""

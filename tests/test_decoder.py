@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import randomize
+from conftest import initial_model, randomize
 from PIL import Image
 from torch import nn
 
@@ -80,7 +80,7 @@ def test_deeplabv3_is_unchanged_by_the_model_option():
 
 
 def test_the_decoder_trains_in_the_heads_group_at_lr_times_last_mult():
-    model = deeplab.build_model('vovnet39', model='deeplabv3plus')
+    model = initial_model(model='deeplabv3plus')
     optimizer = engine.make_optimizer(model, 0.01)
     head = {id(p) for p in optimizer.param_groups[1]['params']}
     assert head == {id(p) for m in (model.aspp, model.decoder) for p in m.parameters()}
@@ -100,7 +100,7 @@ def test_groupnorm_in_the_decoder_where_the_aspp_has_it_and_syncbatchnorm_conver
     assert all(type(_module(vov, n)) is nn.BatchNorm2d for n in NORMS)  # as its ASPP: BatchNorm
     assert isinstance(vov.stage2.OSA2_1.concat[1], nn.GroupNorm)
     for backbone in ('vovnet39', 'ese_vovnet39b'):
-        synced = deeplab.convert_sync_batchnorm(deeplab.build_model(backbone, model='deeplabv3plus'))
+        synced = deeplab.convert_sync_batchnorm(initial_model(backbone, model='deeplabv3plus'))
         assert all(isinstance(_module(synced, n), nn.SyncBatchNorm) for n in NORMS)
 
 
@@ -113,7 +113,7 @@ def test_weight_standardisation_spares_the_decoders_classifier_only():
 
 @pytest.mark.slow
 def test_imagenet_weights_fill_the_backbone_and_leave_the_decoder_as_initialised(tmp_path):
-    source = randomize(deeplab.vovnet39(), seed=8)
+    source = randomize(initial_model(), seed=8)
     path = tmp_path / 'vovnet39_imagenet.pth'
     torch.save({k: v for k, v in source.state_dict().items() if not k.startswith('aspp.')}, path)
     torch.manual_seed(1)
@@ -125,7 +125,7 @@ def test_imagenet_weights_fill_the_backbone_and_leave_the_decoder_as_initialised
         assert torch.equal(tensor, random_init.decoder.state_dict()[name]), name
     # A DeepLabV3+ state dict offered as ImageNet weights is a trained model: refused, pointing to --init (it
     # would have kept its backbone and dropped its decoder without a word).
-    plus = randomize(deeplab.build_model('vovnet39', model='deeplabv3plus'), seed=9)
+    plus = randomize(initial_model(model='deeplabv3plus'), seed=9)
     torch.save(plus.state_dict(), tmp_path / 'plus.pth')
     with pytest.raises(errors.UserError, match=r'whole trained segmentation model \(its aspp and decoder tensors\)'
                                                r'.*--init'):
@@ -133,7 +133,7 @@ def test_imagenet_weights_fill_the_backbone_and_leave_the_decoder_as_initialised
 
 
 def test_weights_of_one_model_are_refused_by_the_other_with_the_flag_to_pass():
-    v3, plus = deeplab.vovnet39(), deeplab.build_model('vovnet39', model='deeplabv3plus')
+    v3, plus = initial_model(), initial_model(model='deeplabv3plus')
     with pytest.raises(errors.UserError, match=r'v3\.pth holds a DeepLabV3 model \(it has no decoder\), but a '
                                                r'DeepLabV3\+ was asked for: pass --model deeplabv3'):
         weights.load_weights(plus, v3.state_dict(), 'v3.pth')
@@ -143,7 +143,7 @@ def test_weights_of_one_model_are_refused_by_the_other_with_the_flag_to_pass():
 
 
 def test_recorded_model_rebuilds_and_an_unknown_one_is_refused(tmp_path):
-    plus = randomize(deeplab.build_model('vovnet39', num_classes=4, model='deeplabv3plus'), seed=2)
+    plus = randomize(initial_model(num_classes=4, model='deeplabv3plus'), seed=2)
     path = tmp_path / 'plus.pth'
     torch.save({'state_dict': plus.state_dict()}, path)  # no record: the keys tell
     rebuilt = weights.model_from_checkpoint(str(path)).eval()
@@ -177,7 +177,7 @@ def test_deeplabv3plus_trains_resumes_evaluates_predicts_and_exports(synthetic_r
                                             output_stride=16, num_groups=None, weight_std=False, beta=False)
     assert any(k.startswith('decoder.') for k in checkpoint['state_dict'])
     head = checkpoint['optimizer']['param_groups'][1]
-    plus = deeplab.build_model('vovnet39', model='deeplabv3plus')
+    plus = initial_model(model='deeplabv3plus')
     assert len(head['params']) == len(list(plus.aspp.parameters())) + len(list(plus.decoder.parameters()))
 
     # Resumed with the same command: the second epoch; without --model, refused with the flag to add.
@@ -231,7 +231,7 @@ def test_deeplabv3plus_trains_resumes_evaluates_predicts_and_exports(synthetic_r
 def test_a_deeplabv3_checkpoint_asked_to_load_as_deeplabv3plus_is_refused(tmp_path, monkeypatch, run_cli,
                                                                          synthetic_root):
     monkeypatch.chdir(tmp_path)
-    torch.save({'state_dict': deeplab.vovnet39().state_dict()}, 'v3.pth')
+    torch.save({'state_dict': initial_model().state_dict()}, 'v3.pth')
     os.makedirs('photos')
     Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save('photos/a.png')
     status, _, err = run_cli('--exp', 'e', '--backbone', 'vovnet39', '--model', 'deeplabv3plus', '--checkpoint',
@@ -257,8 +257,8 @@ def test_benchmark_measures_each_backbone_with_and_without_the_decoder_in_one_ru
     results = json.load(open(tmp_path / 'b.json'))['results']
     assert [r['model'] for r in results] == ['deeplabv3'] * 2 + ['deeplabv3plus'] * 2
     assert results[2]['params'] - results[0]['params'] == sum(
-        p.numel() for p in deeplab.build_model('vovnet39', model='deeplabv3plus').decoder.parameters()) - sum(
-        p.numel() for p in deeplab.vovnet39().aspp.conv3.parameters())
+        p.numel() for p in initial_model(model='deeplabv3plus').decoder.parameters()) - sum(
+        p.numel() for p in initial_model().aspp.conv3.parameters())
     assert results[2]['gflops'] > results[0]['gflops']
     status, _, err = run_cli('--model', 'deeplabv3,v4', module='benchmark')
     assert status == 1 and "--model 'deeplabv3,v4'" in err
@@ -273,7 +273,7 @@ def test_torchrun_trains_deeplabv3plus_with_every_parameter_in_the_gradient(synt
     assert result.returncode == 0, result.stderr[-3000:]  # DDP fails on a parameter left out of the loss
     assert '(2 per process x 2)' in result.stdout
     checkpoint = torch.load(tmp_path / 'data' / 'deeplab_vovnet39_pascal_v3plus_ddp_epoch1.pth', weights_only=True)
-    model = deeplab.build_model('vovnet39', model='deeplabv3plus')
+    model = initial_model(model='deeplabv3plus')
     model.load_state_dict(checkpoint['state_dict'])  # strict
     assert int(checkpoint['state_dict']['decoder.project.1.num_batches_tracked']) == 2  # 2 steps, each process's
 

@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import randomize
+from conftest import initial_model, randomize
 from PIL import Image
 
 import deeplab
@@ -99,7 +99,7 @@ def logits(model, seed=0):
                                             pytest.param('vovnet39', 'deeplabv3plus', marks=pytest.mark.slow)])
 def test_save_then_load_gives_bit_identical_logits_from_a_folder_and_from_the_hub(backbone, model, tmp_path,
                                                                                   fake_hub):
-    source = randomize(deeplab.build_model(backbone, num_classes=6, model=model), seed=4)
+    source = randomize(initial_model(backbone, num_classes=6, model=model), seed=4)
     folder = save(tmp_path, source, class_names=[f'c{i}' for i in range(6)])
     assert sorted(os.listdir(folder)) == ['README.md', 'config.json', 'model.safetensors']
     assert open(folder / 'model.safetensors', 'rb').read(8) != b'PK\x03\x04'  # no zip, no pickle
@@ -139,7 +139,7 @@ def test_revisions_resolve_through_the_cache_and_offline_mode_reads_it(tmp_path,
 
 
 def test_a_released_checkpoint_converts_with_the_originals_reported_figure_labelled_as_reported(tmp_path):
-    model = randomize(deeplab.vovnet39(), seed=3)
+    model = randomize(initial_model(), seed=3)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.007)
     path = tmp_path / RELEASED
     torch.save({'epoch': 50, 'state_dict': {f'module.{k}': v for k, v in model.state_dict().items()},
@@ -204,7 +204,7 @@ def test_evaluation_figures_go_into_the_card_and_a_published_model_evaluates_pre
     assert status == 0, err
 
     # Fine-tuning from it on a dataset with other classes: the classifier starts afresh, and the log says so.
-    fine = randomize(deeplab.build_model('vovnet39', num_classes=5), seed=6)
+    fine = randomize(initial_model(num_classes=5), seed=6)
     fake_hub('me/five', save(tmp_path, fine, 'five.pth'))
     status, out, err = run_cli('--train', '--exp', 'f', '--epochs', '1', '--batch_size', '4', '--init', 'hf://me/five',
                                *common)
@@ -219,7 +219,7 @@ def test_evaluation_figures_go_into_the_card_and_a_published_model_evaluates_pre
 
 
 def test_fine_tuning_keeps_every_weight_but_a_classifier_of_another_size(tmp_path):
-    trained = randomize(deeplab.build_model('vovnet39', num_classes=5, model='deeplabv3plus'), seed=7)
+    trained = randomize(initial_model(num_classes=5, model='deeplabv3plus'), seed=7)
     checkpoint = {'state_dict': trained.state_dict()}
     torch.manual_seed(0)
     model = deeplab.build_model('vovnet39', num_classes=3, model='deeplabv3plus')
@@ -235,14 +235,14 @@ def test_fine_tuning_keeps_every_weight_but_a_classifier_of_another_size(tmp_pat
     weights.fine_tune_from(same, checkpoint, 'five.pth')
     assert torch.equal(same.decoder.classifier.weight, trained.decoder.classifier.weight)
     with pytest.raises(errors.UserError, match='pass --model deeplabv3plus'):
-        weights.fine_tune_from(deeplab.build_model('vovnet39', num_classes=5), checkpoint, 'five.pth')
+        weights.fine_tune_from(initial_model(num_classes=5), checkpoint, 'five.pth')
     with pytest.raises(errors.UserError, match='pass --backbone vovnet39'):
-        weights.fine_tune_from(deeplab.build_model('resnet50', model='deeplabv3plus'), checkpoint, 'five.pth')
+        weights.fine_tune_from(initial_model('resnet50', model='deeplabv3plus'), checkpoint, 'five.pth')
 
 
 def test_push_uploads_the_three_files_through_hfapi_with_the_cards_commands_naming_the_repo(tmp_path, monkeypatch,
                                                                                               run_cli):
-    folder = save(tmp_path, deeplab.build_model('vovnet39', num_classes=4))
+    folder = save(tmp_path, initial_model(num_classes=4))
     calls = []
 
     def create_repo(self, repo_id, **kwargs):
@@ -314,7 +314,7 @@ def _damage(folder, how):
 ])
 def test_a_damaged_model_folder_is_a_message_and_exit_status_1_with_nothing_written(how, needles, tmp_path,
                                                                                     run_cli):
-    folder = save(tmp_path, deeplab.build_model('vovnet39', num_classes=4))
+    folder = save(tmp_path, initial_model(num_classes=4))
     _damage(folder, how)
     Image.fromarray(np.zeros((30, 30, 3), np.uint8)).save(tmp_path / 'p.png')
     commands = [('predict', ['--input', tmp_path / 'p.png', '--output', tmp_path / 'masks'])]
@@ -330,7 +330,7 @@ def test_a_damaged_model_folder_is_a_message_and_exit_status_1_with_nothing_writ
 
 @pytest.mark.slow
 def test_hub_references_that_do_not_resolve_are_messages(tmp_path, fake_hub, run_cli):
-    folder = save(tmp_path, deeplab.build_model('vovnet39', num_classes=4))
+    folder = save(tmp_path, initial_model(num_classes=4))
     fake_hub('org/m', folder)
     partial = tmp_path / 'partial'
     partial.mkdir()
@@ -347,7 +347,7 @@ def test_hub_references_that_do_not_resolve_are_messages(tmp_path, fake_hub, run
 
 
 def test_without_huggingface_hub_the_hub_is_a_one_line_pip_install(tmp_path, monkeypatch, run_cli):
-    folder = save(tmp_path, deeplab.build_model('vovnet39', num_classes=4))
+    folder = save(tmp_path, initial_model(num_classes=4))
     monkeypatch.setitem(__import__('sys').modules, 'huggingface_hub', None)
     with pytest.raises(errors.UserError, match=r'needs huggingface_hub, which is not installed: pip install '
                                                r'huggingface_hub'):

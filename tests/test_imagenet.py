@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import cli_in, randomize
+from conftest import cli_in, initial_model, randomize
 
 import deeplab
 import errors
@@ -113,7 +113,7 @@ def test_the_originals_file_wins_over_pytorchcv(pytorchcv_serves, tmp_path, monk
         raise AssertionError('pytorchcv was asked although the original file exists')
     monkeypatch.setattr(model_store, 'get_model_file', must_not_be_called)
     monkeypatch.chdir(tmp_path)
-    source = randomize(deeplab.vovnet39(), seed=8)
+    source = randomize(initial_model(), seed=8)
     os.makedirs('data/pretrained')
     torch.save({k: v for k, v in source.state_dict().items() if not k.startswith('aspp.')},
                'data/pretrained/vovnet39_statedict_norm.pth')

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize
+from conftest import initial_model, randomize
 
 import deeplab
 import inference
@@ -194,7 +194,7 @@ def test_evaluation_and_prediction_print_progress_with_speed_and_time_left(synth
                                                                            run_cli):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / 'ckpt.pth'
-    torch.save({'state_dict': randomize(deeplab.vovnet39(), seed=3).state_dict()}, path)
+    torch.save({'state_dict': randomize(initial_model(), seed=3).state_dict()}, path)
     status, out, err = run_cli('--exp', 'p', '--backbone', 'vovnet39', '--crop_size', '65', '--workers', '0',
                                '--checkpoint', path, '--data_root', synthetic_root)
     assert status == 0, err
@@ -218,7 +218,7 @@ def test_auto_precision_is_bf16_channels_last_where_the_cpu_has_bf16_units(bf16_
     monkeypatch.setattr(inference, 'cpu_has_bf16', lambda: bf16_units)
     assert inference.fast_amp(torch.device('cpu')) == ('bf16' if bf16_units else 'off')
     path = tmp_path / 'ckpt.pth'
-    torch.save({'state_dict': deeplab.vovnet39().state_dict()}, path)
+    torch.save({'state_dict': initial_model().state_dict()}, path)
     images = synthetic_root / 'VOC2012' / 'JPEGImages'
     status, out, err = run_cli('--checkpoint', path, '--input', images / 'synthetic_val_00000.jpg', '--output',
                                tmp_path / 'out', '--crop_size', '65', module='predict')
@@ -240,7 +240,7 @@ def test_auto_precision_is_bf16_channels_last_where_the_cpu_has_bf16_units(bf16_
 def test_export_falls_back_to_the_torchscript_exporter_for_older_opsets(tmp_path, run_cli):
     ort = pytest.importorskip('onnxruntime')
     path = tmp_path / 'ckpt.pth'
-    torch.save({'state_dict': deeplab.vovnet39(num_classes=4).state_dict()}, path)
+    torch.save({'state_dict': initial_model(num_classes=4).state_dict()}, path)
     status, _, err = run_cli('--checkpoint', path, '--output', tmp_path / 'm.onnx', '--opset', '17', module='export')
     assert status == 1 and '--exporter torchscript' in err and not os.path.exists(tmp_path / 'm.onnx')
     status, out, err = run_cli('--checkpoint', path, '--output', tmp_path / 'm.onnx', '--opset', '17', '--exporter',

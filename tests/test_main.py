@@ -7,12 +7,11 @@ import pytest
 import reference
 import torch
 import torch.nn.functional as F
-from conftest import cli_in, randomize
+from conftest import cli_in, initial_model, randomize
 from PIL import Image
 from test_metrics import original_inter_and_union
 
 import checkpoints
-import deeplab
 import pascal
 import runs
 import utils
@@ -40,7 +39,7 @@ def test_training_writes_the_checkpoint_under_the_original_name_at_the_last_epoc
                                             weight_std=False, beta=False)
     assert not any(k.startswith('module.') for k in checkpoint['state_dict'])
     assert len(checkpoint['optimizer']['param_groups']) == 2
-    model = deeplab.vovnet39()
+    model = initial_model()
     weights.load_weights(model, checkpoint['state_dict'], str(path))
     assert sorted(os.listdir(trained / 'data')) == ['deeplab_vovnet39_pascal_v3_t_epoch1.pth', 'logs']
 
@@ -94,7 +93,7 @@ def test_seed_evaluation_command_on_a_released_checkpoint_follows_the_original_p
         synthetic_root, tmp_path, monkeypatch, run_cli, released_checkpoint):
     seed_folder(tmp_path, synthetic_root, monkeypatch)
     torch.manual_seed(0)
-    model = randomize(deeplab.vovnet39(), seed=5).eval()
+    model = randomize(initial_model(), seed=5).eval()
     with torch.no_grad():  # spread the classifier's biases so that the random model predicts several classes
         model.aspp.conv3.bias.copy_(torch.linspace(-1, 1, 21))
     path = released_checkpoint(model, name='data/deeplab_vovnet39_pascal_v3_bn_lr7e-3_epoch50.pth')

@@ -4,7 +4,7 @@ import os
 import pytest
 import reference
 import torch
-from conftest import randomize
+from conftest import initial_model, randomize
 from torch import nn
 
 import checkpoints
@@ -40,7 +40,7 @@ def test_keys_shapes_and_parameter_count_match_the_released_checkpoints(backbone
 @pytest.mark.slow
 def test_logits_equal_an_independent_functional_forward_of_the_original(backbone):
     torch.manual_seed(0)
-    model = randomize(deeplab.build_model(backbone)).eval()
+    model = randomize(initial_model(backbone)).eval()
     x = torch.randn(1, 3, 71, 66)
     with torch.no_grad():
         ours = model(x)
@@ -50,7 +50,7 @@ def test_logits_equal_an_independent_functional_forward_of_the_original(backbone
 
 
 def test_the_aspp_bn_quirk_changes_the_logits_so_the_reference_check_can_see_it():
-    model = randomize(deeplab.vovnet39()).eval()
+    model = randomize(initial_model()).eval()
     x = torch.randn(1, 3, 65, 65)
     with torch.no_grad():
         before = model(x)
@@ -124,7 +124,7 @@ def test_resnet_layer4_first_block_undilated_rest_dilated_by_2():
 
 
 def test_vovnet_stage_sizes_at_513():
-    backbone = deeplab.vovnet39()
+    backbone = initial_model()
     x = torch.zeros(1, 3, 513, 513)
     sizes = {}
     with torch.no_grad():
@@ -229,7 +229,7 @@ def test_unknown_backbone_and_bad_output_stride_are_clear_errors():
 @pytest.mark.parametrize('backbone', deeplab.BACKBONES)
 @pytest.mark.slow
 def test_released_checkpoint_loads_and_gives_the_same_logits(backbone, released_checkpoint):
-    source = randomize(deeplab.build_model(backbone), seed=1).eval()
+    source = randomize(initial_model(backbone), seed=1).eval()
     path = released_checkpoint(source)
     checkpoint = checkpoints.load(str(path))
     assert checkpoint['epoch'] == 50
@@ -256,7 +256,7 @@ def test_every_tensor_of_a_model_is_in_its_state_dict_so_a_checkpoint_fills_an_u
         held = set(built.state_dict())
         assert [n for n, _ in built.named_buffers() if n not in held] == [], backbone
         assert [n for n, _ in built.named_parameters() if n not in held] == [], backbone
-    source = randomize(deeplab.vovnet39(num_classes=3, model=model), seed=2).eval()
+    source = randomize(initial_model(num_classes=3, model=model), seed=2).eval()
     stream = torch.get_rng_state()
     empty = deeplab.empty(backbone='vovnet39', num_classes=3, model=model)
     assert torch.equal(torch.get_rng_state(), stream)  # no initial weights drawn: the random stream is untouched
@@ -267,7 +267,7 @@ def test_every_tensor_of_a_model_is_in_its_state_dict_so_a_checkpoint_fills_an_u
 
 
 def test_a_bare_state_dict_loads_too(tmp_path):
-    source = randomize(deeplab.vovnet39(num_classes=3), seed=2)
+    source = randomize(initial_model(num_classes=3), seed=2)
     torch.save(source.state_dict(), tmp_path / 'bare.pth')
     model = deeplab.vovnet39(num_classes=3)
     weights.load_weights(model, checkpoints.load(str(tmp_path / 'bare.pth'))['state_dict'], 'bare.pth')
@@ -277,7 +277,7 @@ def test_a_bare_state_dict_loads_too(tmp_path):
 @pytest.mark.slow
 def test_a_checkpoint_is_rebuilt_at_the_output_stride_it_was_trained_with(tmp_path, released_checkpoint):
     x = torch.randn(1, 3, 65, 65)
-    source = randomize(deeplab.vovnet39(output_stride=8), seed=4).eval()
+    source = randomize(initial_model(output_stride=8), seed=4).eval()
     torch.save({'state_dict': source.state_dict(), 'model_args': {'backbone': 'vovnet39', 'output_stride': 8}},
                tmp_path / 'os8.pth')
     model = weights.model_from_checkpoint(str(tmp_path / 'os8.pth'))
@@ -285,7 +285,7 @@ def test_a_checkpoint_is_rebuilt_at_the_output_stride_it_was_trained_with(tmp_pa
     with torch.no_grad():
         assert torch.equal(model.eval()(x), source(x))
     assert weights.model_from_checkpoint(str(tmp_path / 'os8.pth'), output_stride=16).output_stride == 16
-    released = released_checkpoint(randomize(deeplab.vovnet39(), seed=5))  # records no stride: the original's 16
+    released = released_checkpoint(randomize(initial_model(), seed=5))  # records no stride: the original's 16
     assert weights.model_from_checkpoint(str(released)).output_stride == 16
 
 
@@ -297,33 +297,33 @@ def released_state(model):
                                          ('densenet161', 'densenet201'), ('resnet101', 'resnet50')])
 @pytest.mark.slow
 def test_a_checkpoint_of_another_backbone_is_refused_with_what_it_holds(held, wanted):
-    model = deeplab.build_model(wanted)
+    model = initial_model(wanted)
     with pytest.raises(errors.UserError) as e:
-        weights.load_weights(model, released_state(deeplab.build_model(held)), 'x.pth')
+        weights.load_weights(model, released_state(initial_model(held)), 'x.pth')
     assert f'x.pth holds a DeepLabV3-{held} with 21 classes' in str(e.value)
     assert f'--backbone {held}' in str(e.value)
 
 
 def test_a_checkpoint_with_another_class_count_is_refused():
     with pytest.raises(errors.UserError, match='19 classes.*21 classes'):
-        weights.load_weights(deeplab.vovnet39(), released_state(deeplab.vovnet39(num_classes=19)), 'x.pth')
+        weights.load_weights(initial_model(), released_state(initial_model(num_classes=19)), 'x.pth')
 
 
 def test_a_group_norm_checkpoint_offered_to_a_batchnorm_model_says_so():
     with pytest.raises(errors.UserError, match='--groups'):
-        weights.load_weights(deeplab.vovnet39(), released_state(deeplab.vovnet39(num_groups=16)), 'x.pth')
+        weights.load_weights(initial_model(), released_state(initial_model(num_groups=16)), 'x.pth')
 
 
 def test_weights_that_are_not_a_deeplab_state_dict_are_refused():
     with pytest.raises(errors.UserError, match='holds no DeepLabV3 weights'):
-        weights.load_weights(deeplab.vovnet39(), {'conv.weight': torch.zeros(1)}, 'x.pth')
+        weights.load_weights(initial_model(), {'conv.weight': torch.zeros(1)}, 'x.pth')
 
 
 # --- ImageNet initialisation
 
 
 def imagenet_vovnet_state(seed=3, prefix='', classifier=True):
-    model = randomize(deeplab.vovnet39(), seed=seed)
+    model = randomize(initial_model(), seed=seed)
     state = {f'{prefix}{k}': v for k, v in model.state_dict().items() if not k.startswith('aspp.')}
     if classifier:
         state[f'{prefix}classifier.weight'] = torch.randn(1000, 1024)
@@ -369,7 +369,7 @@ def test_imagenet_weights_that_do_not_fit_are_reported_not_merged_silently(tmp_p
     weights.vovnet39(pretrained=True, pretrained_path=str(tmp_path / 'w.pth'))
     assert '1 backbone tensors are not in' in caplog.text and 'stem.stem_1/conv.weight' in caplog.text
     assert '1 tensors of' in caplog.text and 'extra.weight' in caplog.text
-    torch.save(deeplab.resnet50().state_dict(), tmp_path / 'r.pth')
+    torch.save(initial_model('resnet50').state_dict(), tmp_path / 'r.pth')
     with pytest.raises(errors.UserError, match='none of the weights of vovnet39'):
         weights.vovnet39(pretrained=True, pretrained_path=str(tmp_path / 'r.pth'))
 

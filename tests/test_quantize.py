@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize
+from conftest import initial_model, randomize
 from PIL import Image
 from torch import nn
 
-import deeplab
 import engine
 import inference
 import quantize
@@ -27,7 +26,7 @@ EVAL = ['--exp', 'q', '--epochs', '1', '--backbone', 'vovnet39', '--crop_size', 
 def checkpoint(tmp_path_factory):
     """A VoVNet-39 with random weights whose class maps vary over the image (not one class everywhere)."""
     path = tmp_path_factory.mktemp('q') / 'vov.pth'
-    model = randomize(deeplab.vovnet39(num_classes=21), seed=7)
+    model = randomize(initial_model(num_classes=21), seed=7)
     with torch.no_grad():
         model.aspp.conv3.bias.copy_(torch.linspace(-1, 1, 21))
     torch.save({'epoch': 1, 'state_dict': model.state_dict()}, path)

@@ -20,11 +20,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, THREADS, randomize, run_clis
+from conftest import ROOT, THREADS, initial_model, randomize, run_clis
 from PIL import Image
 
 import checkpoints
-import deeplab
 import engine
 import errors
 import pascal
@@ -96,7 +95,7 @@ _CHECKPOINTS: dict[tuple, bytes] = {}  # the bytes of each small checkpoint made
 def small_checkpoint(path, backbone='vovnet39', classes=21, seed=7):
     key = backbone, classes, seed
     if key not in _CHECKPOINTS:
-        model = randomize(deeplab.build_model(backbone, num_classes=classes), seed=seed)
+        model = randomize(initial_model(backbone, num_classes=classes), seed=seed)
         with torch.no_grad():
             model.aspp.conv3.bias.copy_(torch.linspace(-1, 1, classes))
         buffer = io.BytesIO()

@@ -5,10 +5,10 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from conftest import initial_model
 from PIL import Image
 
 import checkpoints
-import deeplab
 import engine
 import errors
 import utils
@@ -54,7 +54,7 @@ def test_missing_dataset_root(workdir, run_cli):
 
 def test_a_dataset_root_that_is_a_file_is_named_as_a_file(workdir, voc_copy, run_cli, released_checkpoint):
     listed = os.path.join(voc(voc_copy), 'list', 'val.txt')
-    checkpoint = released_checkpoint(deeplab.vovnet39())
+    checkpoint = released_checkpoint(initial_model())
     for argv in (TRAIN, [*EVAL, '--checkpoint', checkpoint]):
         status, out, err = run_cli(*argv, '--data_root', listed, '--workers', '0')
         assert_clean_failure((status, out, err), f'the dataset folder {listed} is a file', 'VOC2012/ or list/')
@@ -117,7 +117,7 @@ def test_a_mask_of_another_size_than_its_image_is_named_with_both_sizes(workdir,
     path = os.path.join(voc(voc_copy), 'SegmentationClassAug', 'synthetic_val_00001.png')
     image = Image.open(path.replace('SegmentationClassAug', 'JPEGImages').replace('.png', '.jpg'))
     Image.open(path).resize((image.size[0] + 3, image.size[1])).save(path)
-    torch.save(deeplab.vovnet39().state_dict(), workdir / 'w.pth')
+    torch.save(initial_model().state_dict(), workdir / 'w.pth')
     assert_clean_failure(run_cli(*EVAL, '--data_root', voc_copy, '--checkpoint', workdir / 'w.pth'),
                          f'the mask {path} is {image.size[0] + 3}x{image.size[1]} but its image')
     assert outputs(workdir) == [str(workdir / 'w.pth')]  # no predictions, not even of the images before it
@@ -178,7 +178,7 @@ def test_a_missing_checkpoint_lists_the_ones_that_exist(workdir, synthetic_root,
 
 
 def saved_checkpoint(model=None):
-    model = model or deeplab.vovnet39()
+    model = model or initial_model()
     path = 'data/deeplab_vovnet39_pascal_v3_r_epoch1.pth'
     os.makedirs('data', exist_ok=True)
     torch.save({'epoch': 1, 'state_dict': {f'module.{k}': v for k, v in model.state_dict().items()}}, path)
@@ -208,8 +208,9 @@ def test_a_file_that_is_not_a_checkpoint(workdir, synthetic_root, run_cli):
     assert_clean_failure(run_cli(*EVAL, '--data_root', synthetic_root), 'holds a list, not model weights')
 
 
-@pytest.mark.parametrize('other,needle', [(lambda: deeplab.resnet50(), 'holds a DeepLabV3-resnet50 with 21 classes'),
-                                          (lambda: deeplab.vovnet39(num_classes=5), 'with 5 classes')])
+@pytest.mark.parametrize('other,needle', [(lambda: initial_model('resnet50'),
+                                           'holds a DeepLabV3-resnet50 with 21 classes'),
+                                          (lambda: initial_model(num_classes=5), 'with 5 classes')])
 @pytest.mark.slow
 def test_a_checkpoint_of_another_backbone_or_class_count(workdir, synthetic_root, run_cli, other, needle):
     path = saved_checkpoint(other())
@@ -227,7 +228,7 @@ class Payload:
 def test_a_pickle_that_needs_code_is_never_executed(workdir, synthetic_root, run_cli):
     os.makedirs('data')
     path = 'data/deeplab_vovnet39_pascal_v3_r_epoch1.pth'
-    torch.save({'state_dict': deeplab.vovnet39().state_dict(), 'extra': Payload()}, path, pickle_module=pickle)
+    torch.save({'state_dict': initial_model().state_dict(), 'extra': Payload()}, path, pickle_module=pickle)
     assert_clean_failure(run_cli(*EVAL, '--data_root', synthetic_root), path, 'weights_only=True')
     assert not os.path.exists('PWNED')
 
@@ -366,7 +367,7 @@ def test_a_dataloader_worker_that_dies_is_reported_with_its_cause(workdir, synth
 @pytest.mark.slow
 def test_finite_but_impossible_weights_are_refused_naming_the_file_and_tensor(workdir, synthetic_root, run_cli,
                                                                                damage, needles):
-    model = deeplab.vovnet39()
+    model = initial_model()
     state = model.state_dict()
     bn = next(k for k in state if k.endswith('running_var'))
     if damage == 'negative_variance':
@@ -400,7 +401,7 @@ def test_recorded_model_arguments_that_cannot_build_a_model_are_refused(workdir,
                                                                         model_args, needle):
     os.makedirs('data')
     path = 'data/deeplab_vovnet39_pascal_v3_r_epoch1.pth'
-    torch.save({'epoch': 1, 'state_dict': deeplab.vovnet39().state_dict(), 'model_args': model_args}, path)
+    torch.save({'epoch': 1, 'state_dict': initial_model().state_dict(), 'model_args': model_args}, path)
     assert_clean_failure(run_cli(*EVAL, '--data_root', synthetic_root), path, needle, 'damaged')
     assert_clean_failure(run_cli('--checkpoint', path, '--output', 'm.onnx', module='export'), path, needle)
 
@@ -414,7 +415,7 @@ def test_recorded_model_arguments_that_cannot_build_a_model_are_refused(workdir,
 @pytest.mark.slow
 def test_flags_that_contradict_each_other_are_refused_naming_both(workdir, synthetic_root, run_cli, flags, first,
                                                                   second):
-    torch.save(deeplab.vovnet39().state_dict(), 'imagenet.pth')  # a file that would fit: still refused
+    torch.save(initial_model().state_dict(), 'imagenet.pth')  # a file that would fit: still refused
     result = run_cli(*TRAIN, '--data_root', synthetic_root, *flags)
     assert_clean_failure(result, f'{first} and {second} contradict each other')
     assert outputs('data') == []
@@ -483,7 +484,7 @@ def test_masks_whose_flattened_names_still_collide_are_refused_naming_both(workd
 def test_flags_that_would_need_far_more_memory_than_the_machine_has_are_refused_before_any_work(
         workdir, synthetic_root, run_cli, module, flags, needle):
     # Linux grants such allocations and kills the process when it uses them, without a word: refused up front.
-    torch.save({'state_dict': deeplab.vovnet39().state_dict()}, 'ck.pth')
+    torch.save({'state_dict': initial_model().state_dict()}, 'ck.pth')
     os.makedirs('in')
     Image.new('RGB', (40, 30)).save('in/a.png')
     result = run_cli(*flags, '--data_root', synthetic_root, module=module) if module == 'main' else \

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 import torch
+from conftest import initial_model
 
-import deeplab
 import engine
 import main
 import pascal
@@ -52,7 +52,7 @@ def test_torchrun_two_processes_train_and_evaluate_like_one(synthetic_root, tmp_
     checkpoint = torch.load(tmp_path / 'data' / 'deeplab_vovnet39_pascal_v3_ddp_epoch1.pth', weights_only=True)
     assert not any(k.startswith('module.') for k in checkpoint['state_dict'])
     assert not any('SyncBatchNorm' in type(v).__name__ for v in checkpoint['state_dict'].values())
-    model = deeplab.vovnet39()
+    model = initial_model()
     model.load_state_dict(checkpoint['state_dict'])  # a plain model, strict
 
     evaluation = torchrun(2, COMMON + ['--data_root', synthetic_root, '--no-save_predictions'], tmp_path)
@@ -249,7 +249,7 @@ def test_sgd_under_the_fp16_gradient_scaler_skips_overflowing_steps_as_the_loop_
 
 
 def test_main_fuses_sgd_also_under_the_fp16_gradient_scaler_which_then_reads_nothing_on_the_host(monkeypatch):
-    model = deeplab.build_model('vovnet39', num_classes=3)
+    model = initial_model(num_classes=3)
     for amp in ('off', 'bf16', 'fp16'):
         args = main.get_args_parser().parse_args(['--exp', 'x', '--amp', amp])
         optimizer = engine.make_optimizer(model, args.base_lr, args.freeze_bn)
@@ -308,7 +308,7 @@ def test_compile_trains_and_evaluates_as_eager(synthetic_root, tmp_path, monkeyp
     assert len(losses['eager']) == 2 and losses['eager'][0] != losses['eager'][1]
     assert losses['compiled'] == pytest.approx(losses['eager'], rel=1e-5)
     assert keys['compiled'] == keys['eager']  # no _orig_mod. prefix
-    deeplab.vovnet39().load_state_dict(checkpoint['state_dict'])
+    initial_model().load_state_dict(checkpoint['state_dict'])
 
     ious = []
     for flags in ([], ['--compile']):
@@ -321,7 +321,7 @@ def test_compile_trains_and_evaluates_as_eager(synthetic_root, tmp_path, monkeyp
 
 
 def test_channels_last_and_bf16_logits_agree_with_fp32():
-    model = deeplab.vovnet39().eval()
+    model = initial_model().eval()
     x = torch.randn(1, 3, 65, 65)
     with torch.inference_mode():
         ref = model(x)
@@ -357,7 +357,7 @@ def test_benchmark_smoke(tmp_path, run_cli):
 def vovnet39_checkpoint() -> bytes:
     """A VoVNet-39 checkpoint's bytes, made once for the benchmark's refusals."""
     buffer = io.BytesIO()
-    torch.save({'state_dict': deeplab.vovnet39().state_dict()}, buffer)
+    torch.save({'state_dict': initial_model().state_dict()}, buffer)
     return buffer.getvalue()
 
 

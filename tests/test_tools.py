@@ -6,10 +6,9 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import cli_in, randomize, run_clis
+from conftest import cli_in, initial_model, randomize, run_clis
 from PIL import Image
 
-import deeplab
 import files
 import weights
 
@@ -256,7 +255,7 @@ def write_inputs(folder):
 def small_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp('ckpt') / 'vov.pth'
     torch.manual_seed(0)
-    model = randomize(deeplab.vovnet39(num_classes=21), seed=7)
+    model = randomize(initial_model(num_classes=21), seed=7)
     with torch.no_grad():
         model.aspp.conv3.bias.copy_(torch.linspace(-1, 1, 21))
     torch.save({'epoch': 50, 'state_dict': {f'module.{k}': v for k, v in model.state_dict().items()}}, path)

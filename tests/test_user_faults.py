@@ -9,12 +9,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import USER_CKPT, USER_SMALL, USER_TRAIN, randomize
+from conftest import USER_CKPT, USER_SMALL, USER_TRAIN, initial_model, randomize
 from PIL import Image
 from torch import nn
 
 import checkpoints
-import deeplab
 import errors
 import inference
 import quantize
@@ -118,7 +117,7 @@ def test_a_card_names_the_users_dataset_and_the_precision_it_was_measured_in(eva
 
 def test_a_five_class_custom_dataset_is_not_called_voc(tmp_path, run_cli):
     names = ['sky', 'road', 'car', 'tree', 'person']
-    model = randomize(deeplab.build_model('vovnet39', num_classes=5), seed=2)
+    model = randomize(initial_model(num_classes=5), seed=2)
     torch.save({'state_dict': model.state_dict(), 'model_args': model.model_args, 'epoch': 3, 'class_names': names,
                 'dataset': 'pascal', 'args': {'dataset': 'pascal', 'data_root': 'streets'}}, tmp_path / 'c.pth')
     status, _, err = run_cli('save', '--checkpoint', tmp_path / 'c.pth', '--output', tmp_path / 'out', module='hub')
@@ -147,7 +146,7 @@ def test_a_trained_model_given_as_imagenet_weights_points_to_init(user_workspace
 def model_folder(tmp_path_factory):
     """A folder written by hub.py save from a small random model."""
     base = tmp_path_factory.mktemp('fields')
-    model = randomize(deeplab.build_model('vovnet39', num_classes=3), seed=1)
+    model = randomize(initial_model(num_classes=3), seed=1)
     torch.save({'state_dict': model.state_dict(), 'model_args': model.model_args}, base / 'c.pth')
     import hub
     hub.save(str(base / 'c.pth'), str(base / 'm'))
@@ -201,7 +200,7 @@ def test_a_folder_where_config_json_should_be_a_file_is_a_message(model_folder, 
     ('class_names', ['a', 'b'], '2 class names for its 3 classes'), ('best_miou', 'high', "best_miou = 'high'"),
 ])
 def test_each_checkpoint_field_is_checked_naming_the_file_and_the_field(tmp_path, field, value, phrase):
-    model = deeplab.build_model('vovnet39', num_classes=3)
+    model = initial_model(num_classes=3)
     path = tmp_path / 'c.pth'
     torch.save({'state_dict': model.state_dict(), 'model_args': model.model_args, field: value}, path)
     with pytest.raises(errors.UserError) as e:
@@ -210,8 +209,8 @@ def test_each_checkpoint_field_is_checked_naming_the_file_and_the_field(tmp_path
 
 
 def test_stray_decoder_tensors_in_a_deeplabv3_checkpoint_are_named_without_groups_advice(tmp_path):
-    v3 = deeplab.build_model('vovnet39', num_classes=3)
-    v3plus = deeplab.build_model('vovnet39', num_classes=3, model='deeplabv3plus')
+    v3 = initial_model(num_classes=3)
+    v3plus = initial_model(num_classes=3, model='deeplabv3plus')
     state = {**v3.state_dict(), **{k: v for k, v in v3plus.state_dict().items() if k.startswith('decoder.project')}}
     torch.save({'state_dict': state, 'model_args': v3.model_args}, tmp_path / 'c.pth')
     with pytest.raises(errors.UserError) as e:
