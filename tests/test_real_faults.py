@@ -396,22 +396,22 @@ def test_large_photos_are_predicted_in_windows_within_a_memory_limit_that_whole_
     assert_clean_failure(huge, 'out of memory predicting', 'lower --batch_size or --crop_size')
 
 
-@pytest.mark.parametrize('workers', ['0', '1'])
-def test_out_of_memory_in_evaluation_and_training_is_a_message_naming_what_to_lower(workers, synthetic_root,
-                                                                                   tmp_path):
+def test_out_of_memory_in_evaluation_and_training_is_a_message_naming_what_to_lower(synthetic_root, tmp_path):
     small_checkpoint(tmp_path / 'ckpt.pth')
-    base = ['--backbone', 'vovnet39', '--workers', workers, '--data_root', synthetic_root]
-    train = ['--train', '--exp', 'f', '--epochs', '1', '--scratch', '--seed', '0'] + base
-    calls = [  # padding an image to a 20000 x 20000 canvas (4.8 GB), in this process or its data-loading worker
-        ('main', ['--exp', 'f', '--epochs', '1', '--crop_size', '20000', '--checkpoint', 'ckpt.pth'] + base),
-        ('main', train + ['--crop_size', '20000', '--batch_size', '4'])]
-    if workers == '0':  # a training step whose activations do not fit: 8 crops of 1025 x 1025
-        calls.append(('main', train + ['--crop_size', '1025', '--batch_size', '8']))
-    evaluation, training, *step = scripts(calls, tmp_path, memory_above=900)
-    assert_clean_failure(evaluation, 'out of memory preparing', '--crop_size that fits in memory')
-    assert_clean_failure(training, 'out of memory preparing a batch', 'lower --batch_size or --crop_size')
-    for result in step:
-        assert_clean_failure(result, 'out of memory in a training step', 'Lower --batch_size or --crop_size')
+    train = ['--train', '--exp', 'f', '--epochs', '1', '--scratch', '--seed', '0']
+    flags = lambda workers: ['--backbone', 'vovnet39', '--workers', workers, '--data_root', synthetic_root]  # noqa: E731
+    calls = []
+    for workers in ('0', '1'):  # padding an image to a 20000 x 20000 canvas (4.8 GB), here or in a loading worker
+        calls += [('main', ['--exp', 'f', '--epochs', '1', '--crop_size', '20000', '--checkpoint', 'ckpt.pth',
+                            *flags(workers)]),
+                  ('main', [*train, *flags(workers), '--crop_size', '20000', '--batch_size', '4'])]
+    # a training step whose activations do not fit: 8 crops of 1025 x 1025
+    calls.append(('main', [*train, *flags('0'), '--crop_size', '1025', '--batch_size', '8']))
+    *preparing, step = scripts(calls, tmp_path, memory_above=900)
+    for evaluation, training in (preparing[:2], preparing[2:]):
+        assert_clean_failure(evaluation, 'out of memory preparing', '--crop_size that fits in memory')
+        assert_clean_failure(training, 'out of memory preparing a batch', 'lower --batch_size or --crop_size')
+    assert_clean_failure(step, 'out of memory in a training step', 'Lower --batch_size or --crop_size')
     assert leftovers(tmp_path) == [] and not os.path.exists(tmp_path / 'data' / 'val')
     assert not glob.glob(str(tmp_path / 'data' / '*.pth'))
 
