@@ -74,7 +74,8 @@ def initial_model(backbone: str = 'vovnet39', **args) -> torch.nn.Module:
     of them: the builder's initial weights are drawn once per test process for these arguments (seed 0; the random
     stream is left as it was) and copied into an uninitialised model (deeplab.empty) on every call. 0.07 s instead
     of 0.26 s for VoVNet-39, 0.16 s instead of 0.62 s for ResNet-101; each call's model is its own. Tests of the
-    builders and of the initialisation call the builders."""
+    builders and of the initialisation, and tests whose model must differ from another one they make with the same
+    arguments (initial_model's would share its weights), call the builders."""
     import deeplab
     key = (backbone, tuple(sorted(args.items())))
     if key not in _INITIAL:
