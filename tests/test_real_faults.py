@@ -400,15 +400,14 @@ def test_out_of_memory_in_evaluation_and_training_is_a_message_naming_what_to_lo
     small_checkpoint(tmp_path / 'ckpt.pth')
     train = ['--train', '--exp', 'f', '--epochs', '1', '--scratch', '--seed', '0']
     flags = lambda workers: ['--backbone', 'vovnet39', '--workers', workers, '--data_root', synthetic_root]  # noqa: E731
-    calls = []
-    for workers in ('0', '1'):  # padding an image to a 20000 x 20000 canvas (4.8 GB), here or in a loading worker
-        calls += [('main', ['--exp', 'f', '--epochs', '1', '--crop_size', '20000', '--checkpoint', 'ckpt.pth',
-                            *flags(workers)]),
-                  ('main', [*train, *flags(workers), '--crop_size', '20000', '--batch_size', '4'])]
-    # a training step whose activations do not fit: 8 crops of 1025 x 1025
-    calls.append(('main', [*train, *flags('0'), '--crop_size', '1025', '--batch_size', '8']))
-    *preparing, step = scripts(calls, tmp_path, memory_above=900)
-    for evaluation, training in (preparing[:2], preparing[2:]):
+    padding = lambda workers: [  # noqa: E731  an image padded to a 20000 x 20000 canvas (4.8 GB)
+        ('main', ['--exp', 'f', '--epochs', '1', '--crop_size', '20000', '--checkpoint', 'ckpt.pth', *flags(workers)]),
+        ('main', [*train, *flags(workers), '--crop_size', '20000', '--batch_size', '4'])]
+    # a training step whose activations do not fit (8 crops of 1025 x 1025) runs first, on the whole margin: what
+    # the failed commands leave mapped (~490 MB after the padding ones here) could make its batch fail first
+    step = ('main', [*train, *flags('0'), '--crop_size', '1025', '--batch_size', '8'])
+    step, *padded = scripts([step, *padding('0'), *padding('1')], tmp_path, memory_above=900)
+    for evaluation, training in (padded[:2], padded[2:]):
         assert_clean_failure(evaluation, 'out of memory preparing', '--crop_size that fits in memory')
         assert_clean_failure(training, 'out of memory preparing a batch', 'lower --batch_size or --crop_size')
     assert_clean_failure(step, 'out of memory in a training step', 'Lower --batch_size or --crop_size')
