@@ -149,13 +149,18 @@ class Int8Model(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Contiguous: a window is a strided slice of its padded image, whose strides (the image's width) would
-        # otherwise be one more compilation per image size.
-        x = x.contiguous()
-        if all(n <= c for n, c in zip(x.shape[-2:], self.canvas)):
-            return self.compiled(x)
-        self.uncompiled += 1
-        return self.reference(x)
+        # In inference mode, on an inference tensor, whatever the caller's mode and tensor: grad mode and a tensor's
+        # dispatch keys are part of what a compilation fits, and a tensor made outside inference mode (a caller's
+        # own, under no_grad) would otherwise be one more compilation than warm_up's. Contiguous: a window is a
+        # strided slice of its padded image, whose strides (the image's width) would be one more per image size.
+        with torch.inference_mode():
+            x = x.contiguous()
+            if not x.is_inference():
+                x = x.clone()
+            if all(n <= c for n, c in zip(x.shape[-2:], self.canvas)):
+                return self.compiled(x)
+            self.uncompiled += 1
+            return self.reference(x)
 
 
 class _Logits(nn.Module):

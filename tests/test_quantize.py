@@ -63,14 +63,19 @@ class TwiceCalled(nn.Module):
 
 @pytest.mark.slow
 def test_a_module_called_twice_and_a_ceil_mode_pool_quantize_and_keep_their_shapes():
+    from torch._dynamo.utils import counters
     torch.manual_seed(0)
     model = TwiceCalled().eval()
     images = [torch.randn(3, 66, 66) for _ in range(4)]
     net = quantize.int8(model, images)
     assert quantize.warm_up(net, (1, 3, 66, 66)) > 0
-    x = torch.randn(1, 3, 66, 66)
+    compiled = counters['stats']['unique_graphs']
+    x = torch.randn(1, 3, 66, 66)  # made outside inference mode, unlike warm_up's input
     with torch.inference_mode():
         expected, got = model(x), net(x)
+    with torch.no_grad():
+        assert torch.equal(net(x), got)
+    assert counters['stats']['unique_graphs'] == compiled  # warm_up's compilation runs them both
     # 66 pools to 33 in ceil mode; Inductor's int8 pool would give 32
     assert got.shape == expected.shape == (1, 4, 33, 33)
     assert torch.allclose(got, expected, atol=0.1 * expected.abs().max())
