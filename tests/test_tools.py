@@ -44,14 +44,19 @@ def test_checkpoints_every_save_every_epochs_and_the_best_one(run3):
     assert best['epoch'] in (2, 3) and best['best_miou'] is not None
 
 
+def builds(monkeypatch) -> list[bool]:
+    """main.py's model builds from here on, each as `filled` (built without its initial draws) or not."""
+    import main
+    built, real = [], main.model_for
+    monkeypatch.setattr(main, 'model_for', lambda *a, **k: built.append(k['filled']) or real(*a, **k))
+    return built
+
+
 @pytest.mark.slow
 def test_resuming_from_an_intermediate_epoch_gives_the_uninterrupted_weights(run3, synthetic_root, tmp_path,
                                                                              monkeypatch, run_cli):
-    import main
     monkeypatch.chdir(tmp_path)
-    built = []  # the model's initial draws left out (the checkpoint holds its random state)
-    real = main.model_for
-    monkeypatch.setattr(main, 'model_for', lambda *a, **k: built.append(k['filled']) or real(*a, **k))
+    built = builds(monkeypatch)  # the model's initial draws left out (the checkpoint holds its random state)
     status, out, err = run_cli(*TRAIN, '--epochs', '3', '--data_root', synthetic_root, '--val_every', '2',
                                '--resume', run3 / 'data' / 'deeplab_vovnet39_pascal_v3_x_epoch1.pth')
     assert status == 0, err
@@ -69,9 +74,8 @@ def test_a_resumed_model_is_built_without_the_initial_draws_its_checkpoint_repla
     left out. A file without that state (an older one) is resumed on the weights drawn as before."""
     import main
     monkeypatch.chdir(tmp_path)
-    built = []
     real = main.model_for
-    monkeypatch.setattr(main, 'model_for', lambda *a, **k: built.append(k['filled']) or real(*a, **k))
+    built = builds(monkeypatch)
     older = torch.load(run3 / 'data' / 'deeplab_vovnet39_pascal_v3_x_epoch2.pth', weights_only=True)
     del older['rng']
     torch.save(older, 'older.pth')
