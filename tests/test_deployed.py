@@ -4,6 +4,7 @@ and the files and flags they refuse."""
 import glob
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -45,39 +46,62 @@ def checkpoint(tmp_path_factory, synthetic_root):
 
 @pytest.fixture(scope='module')
 def exported(checkpoint, synthetic_root):
-    """The checkpoint exported by the README's commands: an IR and its int8 counterpart as a user runs it (a fresh
-    process), and an ONNX file in this process (exporting runs no exported model here; test_tools runs that command
-    as a process)."""
+    """The checkpoint exported by the README's commands as a user runs them (fresh processes): an IR and its int8
+    counterpart, and an ONNX file, each checked against PyTorch by export.py itself. Returns the folder and the
+    two commands' outputs."""
     folder = checkpoint.parent
     images = os.path.join(synthetic_root, 'VOC2012', 'JPEGImages')
     ir = command(['export.py', '--checkpoint', 'vov.pth', '--format', 'openvino', '--height', '65', '--width', '65',
                   '--quantize', 'int8', '--calibration_input', images, '--calibration', '8'], str(folder))
     assert succeeded(ir), ir.stderr[-3000:]
-    cli_in(folder, ['--checkpoint', 'vov.pth', '--height', '65', '--width', '65', '--no_check'], module='export')
-    return folder, ir.stdout
+    onnx = command(['export.py', '--checkpoint', 'vov.pth', '--output', 'vov.onnx', '--height', '65', '--width', '65'],
+                   str(folder))
+    assert succeeded(onnx), onnx.stderr[-3000:]
+    return folder, ir.stdout, onnx.stdout
+
+
+READ_BACK = """
+import json, numpy as np, torch, deployed, weights
+found = {}
+for name in ('vov.xml', 'vov_int8.xml', 'vov.onnx'):
+    model = deployed.read(name)
+    shape = list(model(torch.randn(2, 3, 70, 90)).shape)
+    found[name] = [model.name, model.backbone_name, model.num_classes, model.output_stride, model.meta, shape]
+# the ONNX file against the checkpoint's PyTorch model at other heights and widths than the export's
+import onnxruntime as ort
+model = weights.model_from_checkpoint('vov.pth').eval()
+session = ort.InferenceSession('vov.onnx', providers=['CPUExecutionProvider'])
+sizes = []
+for h, w in ((65, 65), (80, 97), (129, 70)):
+    x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(h))
+    with torch.no_grad():
+        expected = model(x).numpy()
+    got = session.run(['logits'], {'image': x.numpy()})[0]
+    sizes.append([list(got.shape), bool(np.array_equal(got.argmax(1), expected.argmax(1)))])
+print(json.dumps({'files': found, 'onnx_sizes': sizes}))
+"""
+
+
+@pytest.fixture(scope='module')
+def read_back(exported):
+    """What the exported files give when read back by deployed.read, and the ONNX file's argmax against the
+    checkpoint's PyTorch model at three sizes: one fresh process (exported models never run in pytest's)."""
+    folder = exported[0]
+    result = command(['-c', READ_BACK], str(folder))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.splitlines()[-1])
 
 
 @pytest.mark.slow
-def test_the_ir_export_writes_both_files_with_the_metadata_and_checks_them(exported):
-    folder, out = exported
+def test_the_ir_export_writes_both_files_with_the_metadata_and_checks_them(exported, read_back):
+    folder, out, _ = exported
     assert sorted(os.listdir(folder)) == ['vov.bin', 'vov.onnx', 'vov.pth', 'vov.xml', 'vov_int8.bin',
                                           'vov_int8.xml']
     assert 'OpenVINO' in out and 'vs PyTorch on a 97x96 input' in out and 'argmax agreement 100.0000%' in out
     int8 = next(line for line in out.splitlines() if line.startswith('vov_int8.xml:'))
     assert 80 < float(int8.split('fp32 ')[1].split('%')[0]) <= 100
     assert os.path.getsize(folder / 'vov_int8.bin') < os.path.getsize(folder / 'vov.bin') / 3  # int8 weights
-    check = """
-import json, torch, deployed
-found = {}
-for name in ('vov.xml', 'vov_int8.xml', 'vov.onnx'):
-    model = deployed.read(name)
-    shape = list(model(torch.randn(2, 3, 70, 90)).shape)
-    found[name] = [model.name, model.backbone_name, model.num_classes, model.output_stride, model.meta, shape]
-print(json.dumps(found))
-"""
-    result = command(['-c', check], str(folder))
-    assert result.returncode == 0, result.stderr[-3000:]
-    found = json.loads(result.stdout.splitlines()[-1])
+    found = read_back['files']
     for name, precision in (('vov.xml', 'fp32'), ('vov_int8.xml', 'int8 (NNCF, 8 calibration images)'),
                             ('vov.onnx', 'fp32')):
         model, backbone, classes, stride, meta, shape = found[name]
@@ -88,8 +112,21 @@ print(json.dumps(found))
 
 
 @pytest.mark.slow
+def test_onnx_export_matches_pytorch_argmax_on_every_pixel(exported, read_back):
+    """The README's ONNX export command, in a fresh process (moved here from test_tools, which exported a
+    checkpoint of its own: this module's ONNX file is that command's)."""
+    folder, _, out = exported
+    assert re.search(r'argmax agreement 100\.0000%', out), out
+    for (h, w), (shape, argmax_equal) in zip(((65, 65), (80, 97), (129, 70)), read_back['onnx_sizes']):
+        assert shape == [2, 21, h, w]  # dynamic height and width
+        assert argmax_equal, (h, w)
+    assert sorted(os.listdir(folder)) == ['vov.bin', 'vov.onnx', 'vov.pth', 'vov.xml', 'vov_int8.bin',
+                                          'vov_int8.xml']  # no temporary left
+
+
+@pytest.mark.slow
 def test_each_exported_file_evaluates_to_the_checkpoints_figures(exported, synthetic_root, tmp_path, monkeypatch):
-    folder, _ = exported
+    folder, _, _ = exported
     monkeypatch.chdir(tmp_path)
     runs = (('vov.pth', ['--amp', 'off']), ('vov.xml', ['--amp', 'off']), ('vov.onnx', []), ('vov_int8.xml', []),
             ('vov.xml#again', ['--amp', 'off']))
@@ -117,7 +154,7 @@ def test_each_exported_file_evaluates_to_the_checkpoints_figures(exported, synth
 
 @pytest.mark.slow
 def test_prediction_with_the_ir_gives_the_checkpoints_masks(exported, tmp_path):
-    folder, _ = exported
+    folder, _, _ = exported
     photos = tmp_path / 'photos'
     photos.mkdir()
     rng = np.random.default_rng(0)
@@ -146,7 +183,7 @@ def refused(result, *needles):
 @pytest.mark.slow
 def test_exported_files_that_cannot_be_run_are_messages_naming_the_file(exported, synthetic_root, tmp_path,
                                                                         monkeypatch):
-    folder, _ = exported
+    folder, _, _ = exported
     monkeypatch.chdir(tmp_path)
     for name in ('vov.xml', 'vov.bin', 'vov_int8.bin', 'vov.onnx'):
         shutil.copy(folder / name, name)
@@ -259,7 +296,7 @@ def test_ctrl_c_during_the_evaluation_of_an_exported_file_is_a_clean_stop(export
     import signal
 
     from test_real_faults import leftovers, start, wait_for
-    folder, _ = exported
+    folder, _, _ = exported
     data = tmp_path / 'voc'
     shutil.copytree(synthetic_root, data)
     val = data / 'VOC2012' / 'list' / 'val.txt'
@@ -289,7 +326,7 @@ def test_the_benchmark_measures_openvino_beside_pytorch_in_one_run(checkpoint, t
 
 @pytest.mark.slow
 def test_the_benchmark_measures_an_exported_file_as_it_is(exported, tmp_path):
-    folder, _ = exported
+    folder, _, _ = exported
     runs = (('vov_int8.xml', 'OpenVINO'), ('vov.onnx', 'ONNX Runtime'))
     calls = [('benchmark', ['--checkpoint', folder / name, '--size', '65', '--warmup', '1', '--iters', '2'])
              for name, _ in runs]
