@@ -5,9 +5,12 @@ import os
 import shutil
 import subprocess
 import sys
+from typing import TYPE_CHECKING
 
 import pytest
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -18,8 +21,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 WORKERS = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
 THREADS = str(max(1, min(2, CORES // WORKERS)))
-torch.set_num_threads(int(THREADS))
 os.environ['OMP_NUM_THREADS'] = THREADS  # the commands the tests start, as many (training's results depend on it)
+
+
+def pytest_configure(config):
+    """torch in the processes that run tests only: pytest-xdist's controller, which starts the workers after loading
+    this file, runs none, and importing torch there (1.3 s) delayed every worker's start."""
+    if hasattr(config, 'workerinput') or not config.getoption('numprocesses', None):
+        import torch
+        torch.set_num_threads(int(THREADS))
 
 
 def _memory_backed_temp_root(minimum_free: int = 8 << 30) -> None:
@@ -54,12 +64,15 @@ def _keep_freed_memory() -> None:
 
 _keep_freed_memory()
 
-# The modules in the order of their measured time, the longest first: pytest-xdist hands whole modules to its workers
-# in collection order, and the longest first lets the workers finish together (the others follow, alphabetically).
-# test_user_faults goes first: it builds the user workspace that test_readme, later, then finds made.
-LONGEST_FIRST = ['test_user_faults', 'test_quantize', 'test_real_faults', 'test_deployed', 'test_scale',
-                 'test_decoder', 'test_tools', 'test_hub', 'test_models', 'test_readme', 'test_imagenet',
-                 'test_faults']
+# The modules in the order of their measured time, the longest first (seconds on 2 cores of an AMD EPYC Zen 4, in
+# a whole run: 129, 83, 73, 59, 47, 46, 45, 45, 40, 39, 20, 17, 14, 10): pytest-xdist hands whole modules to its
+# workers in this order, each worker taking the next when it is almost done, and the longest first lets the workers
+# finish together (the others follow, alphabetically). test_user_faults (38 s) goes first: it builds the user
+# workspace (conftest.user_workspace, ~10 s) that test_readme, later, then finds made, where test_readme started
+# beside it would wait for it.
+LONGEST_FIRST = ['test_user_faults', 'test_quantize', 'test_scale', 'test_deployed', 'test_real_faults',
+                 'test_imagenet', 'test_decoder', 'test_models', 'test_faults', 'test_tools', 'test_hub',
+                 'test_readme', 'test_reliability', 'test_main', 'test_inference']
 
 
 def pytest_collection_modifyitems(items):
@@ -67,9 +80,10 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))  # stable: each module's order is kept
 
 
-def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+def randomize(model: 'torch.nn.Module', seed: int = 0) -> 'torch.nn.Module':
     """Random weights and running statistics everywhere, as a trained checkpoint would have. The ASPP's
     running variances are small, so that its BN eps (0.0003 vs 1e-5) visibly changes the logits."""
+    import torch
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, m in model.named_modules():
@@ -89,13 +103,15 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 _INITIAL: dict = {}
 
 
-def initial_model(backbone: str = 'vovnet39', **args) -> torch.nn.Module:
+def initial_model(backbone: str = 'vovnet39', **args) -> 'torch.nn.Module':
     """`deeplab.build_model(backbone, **args)` for a test that needs a model of random weights, not the drawing
     of them: the builder's initial weights are drawn once per test process for these arguments (seed 0; the random
     stream is left as it was) and copied into an uninitialised model (deeplab.empty) on every call. 0.07 s instead
     of 0.26 s for VoVNet-39, 0.16 s instead of 0.62 s for ResNet-101; each call's model is its own. Tests of the
     builders and of the initialisation, and tests whose model must differ from another one they make with the same
     arguments (initial_model's would share its weights), call the builders."""
+    import torch
+
     import deeplab
     key = (backbone, tuple(sorted(args.items())))
     if key not in _INITIAL:
@@ -110,6 +126,8 @@ def initial_model(backbone: str = 'vovnet39', **args) -> torch.nn.Module:
 @pytest.fixture
 def released_checkpoint(tmp_path):
     """Write a checkpoint in the released format: {'epoch', 'state_dict' with `module.`, 'optimizer'}."""
+    import torch
+
     def write(model, name='released.pth', epoch=50):
         state = {f'module.{k}': v.clone() for k, v in model.state_dict().items()}
         optimizer = torch.optim.SGD([{'params': [p for n, p in model.named_parameters() if not n.startswith('aspp')]},
@@ -249,6 +267,7 @@ def pytorchcv_serves(monkeypatch, offline, tmp_path):
     import hashlib
     import zipfile
 
+    import torch
     from pytorchcv.models.common import model_store
 
     def serve(state_dict):
