@@ -56,21 +56,27 @@ def fake_hub(monkeypatch, tmp_path):
         hf_raise_for_status(httpx2.Response(404, headers={**error, 'X-Error-Message': 'not found'}, request=request))
 
     def head(url, *args, **kwargs):
-        commit, data = lookup(url)
-        return file_download.HfFileMetadata(commit_hash=commit, etag=hashlib.sha256(data).hexdigest(), location=url,
-                                            size=len(data), xet_file_data=None)
+        commit, (data, etag) = lookup(url)
+        return file_download.HfFileMetadata(commit_hash=commit, etag=etag, location=url, size=len(data),
+                                            xet_file_data=None)
 
     def get(url, temp_file, *args, **kwargs):
         downloads.append(url)
-        temp_file.write(lookup(url)[1])
+        temp_file.write(lookup(url)[1][0])
 
     monkeypatch.setattr(file_download, 'get_hf_file_metadata', head)
     monkeypatch.setattr(file_download, 'http_get', get)
 
     def serve(repo, folder, tag=None):
-        content = {name: open(os.path.join(folder, name), 'rb').read() for name in os.listdir(folder)}
+        # Each file with its ETag (the sha256 the Hub gives an LFS file), hashed once here rather than at every HEAD;
+        # the commit hashes the names and contents, not their repr (a second per 100 MB).
+        content, commit = {}, hashlib.sha1(repo.encode())
+        for name in sorted(os.listdir(folder)):
+            data = open(os.path.join(folder, name), 'rb').read()
+            content[name] = data, hashlib.sha256(data).hexdigest()
+            commit.update(b'%d %s %d ' % (len(name), name.encode(), len(data)) + data)
+        commit = commit.hexdigest()
         entry = repos.setdefault(repo, {'refs': {}, 'commits': {}})
-        commit = hashlib.sha1(repr(sorted(content.items())).encode() + repo.encode()).hexdigest()
         entry['commits'][commit] = content
         entry['refs']['main'] = commit
         if tag:
