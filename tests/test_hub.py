@@ -62,7 +62,8 @@ def fake_hub(monkeypatch, tmp_path):
 
     def get(url, temp_file, *args, **kwargs):
         downloads.append(url)
-        temp_file.write(lookup(url)[1][0])
+        _, (data, _) = lookup(url)
+        temp_file.write(data)
 
     monkeypatch.setattr(file_download, 'get_hf_file_metadata', head)
     monkeypatch.setattr(file_download, 'http_get', get)
@@ -74,7 +75,8 @@ def fake_hub(monkeypatch, tmp_path):
         for name in sorted(os.listdir(folder)):
             data = open(os.path.join(folder, name), 'rb').read()
             content[name] = data, hashlib.sha256(data).hexdigest()
-            commit.update(b'%d %s %d ' % (len(name), name.encode(), len(data)) + data)
+            commit.update(b'%d %s %d ' % (len(name), name.encode(), len(data)))
+            commit.update(data)
         commit = commit.hexdigest()
         entry = repos.setdefault(repo, {'refs': {}, 'commits': {}})
         entry['commits'][commit] = content
